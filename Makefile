@@ -1,0 +1,36 @@
+# Every target sets up what it needs: a fresh machine runs `make demo` or `make test` directly.
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test lint bench redis-server clean
+
+$(INSTALLED): requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Tests and the demo start private redis-server processes; install it if it is missing.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		echo "redis-server missing: installing Debian's package"; \
+		apt-get update -qq && apt-get install -y -qq redis-server; }
+
+demo: $(INSTALLED) redis-server
+	$(PY) -m worker demo
+
+test: $(INSTALLED) redis-server lint
+	$(PY) -m pytest
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(INSTALLED) redis-server
+	$(PY) -m bench.job
+
+clean:
+	rm -rf $(VENV) .demo spool outputs

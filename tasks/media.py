@@ -1,0 +1,108 @@
+"""The CPU stages: encode, thumbnail, upload, callback. Nothing here imports torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from media import spool
+from media.checks import check_file
+from media.encode import encode_mp4, write_png
+from media.storage import make_storage
+from media.thumbnail import make_thumbnail, middle_frame
+from tasks.app import app
+from tasks.base import NETWORK_RETRY, StageTask
+from worker.callback import completed_body, failed_body, post_callback
+from worker.errors import TransientError
+from worker.jobs import BUCKET, FPS
+from worker.records import get_records
+from worker.settings import get_settings
+
+CONTENT_TYPES = {"mp4": "video/mp4", "png": "image/png", "webp": "image/webp"}
+
+
+def _frames(job_id: str):
+    record = get_records().get(job_id)
+    return record, spool.read_frames(Path(record.value("generation")["frames_path"]))
+
+
+@app.task(base=StageTask, bind=True, name="wan.encode", stage="encode")
+def encode(self: StageTask, job_id: str) -> None:
+    """H.264 MP4 for videos, PNG for images; checked before anything is uploaded."""
+    record, frames = _frames(job_id)
+    job = record.job
+    out = spool.job_dir(get_settings().spool_dir, job_id) / f"0.{job.extension}"
+    if job.type.is_video:
+        encode_mp4(frames, out, fps=FPS)
+    else:
+        write_png(frames[0], out)
+    get_records().update(
+        job_id,
+        output={
+            "path": str(out.resolve()),
+            "file_size_bytes": check_file(out, job.extension),
+            "duration_seconds": round(len(frames) / FPS, 2),
+            "fps": FPS,
+        },
+    )
+
+
+@app.task(base=StageTask, bind=True, name="wan.thumbnail", stage="thumbnail")
+def thumbnail(self: StageTask, job_id: str) -> None:
+    """The 256 px WEBP of the middle frame, read from the raw frames (no video decode)."""
+    _, frames = _frames(job_id)
+    out = make_thumbnail(
+        middle_frame(frames), spool.job_dir(get_settings().spool_dir, job_id) / "0.thumb.webp"
+    )
+    check_file(out, "webp")
+    get_records().update(job_id, thumbnail={"path": str(out.resolve())})
+
+
+@app.task(
+    base=StageTask,
+    bind=True,
+    name="wan.upload",
+    stage="upload",
+    autoretry_for=(TransientError,),
+    **NETWORK_RETRY,
+)
+def upload(self: StageTask, job_id: str) -> None:
+    """Both files to storage at paths derived from the job (upsert), then the spool is freed."""
+    settings = get_settings()
+    records = get_records()
+    record = records.get(job_id)
+    if record.value("uploaded"):  # a redelivery after the spool was already freed
+        return
+    job = record.job
+    storage = make_storage(settings)
+    storage.upload(
+        BUCKET,
+        job.asset_key,
+        Path(record.value("output")["path"]),
+        content_type=CONTENT_TYPES[job.extension],
+    )
+    storage.upload(
+        BUCKET,
+        job.thumbnail_key,
+        Path(record.value("thumbnail")["path"]),
+        content_type=CONTENT_TYPES["webp"],
+    )
+    records.update(job_id, uploaded=True)
+    spool.remove_job(settings.spool_dir, job_id)
+
+
+@app.task(
+    base=StageTask,
+    bind=True,
+    name="wan.callback",
+    stage="callback",
+    reports_failure=False,
+    autoretry_for=(TransientError,),
+    **NETWORK_RETRY,
+)
+def callback(self: StageTask, job_id: str, status: str = "completed") -> None:
+    """The final signed callback, retried hard; its status is written to the record once sent."""
+    records = get_records()
+    record = records.get(job_id)
+    body = completed_body(record) if status == "completed" else failed_body(record)
+    post_callback(get_settings(), body)
+    records.write(job_id, status=status, final_callback=status)

@@ -1,0 +1,110 @@
+"""Shared fixtures: a private Redis, the tiny WAN model, the local platform and the stack.
+
+Everything is real: redis-server on a free port, Celery workers as subprocesses, the
+tiny model loaded with `from_pretrained`, supabase-py and httpx talking HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from worker.local_platform import LocalPlatform
+from worker.stack import LocalStack, RedisServer
+
+SERVICE_KEY = "test-service-key"
+CALLBACK_SECRET = "test-callback-secret"
+PLATFORM_QUEUE = "wan_queue"
+#: Long enough for a job on a loaded 2-core machine, short enough to fail a hung test.
+JOB_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny_models import make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")
+
+
+@pytest.fixture(scope="session")
+def platform() -> Iterator[LocalPlatform]:
+    with LocalPlatform(service_key=SERVICE_KEY, callback_secret=CALLBACK_SECRET) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def stack_env(
+    redis_server: RedisServer, tiny_wan: Path, platform: LocalPlatform,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, str]:  # fmt: skip
+    root = tmp_path_factory.mktemp("stack")
+    return {
+        "REDIS_URL": redis_server.url,
+        "PLATFORM_QUEUE": PLATFORM_QUEUE,
+        "WAN_MODEL_PATH": str(tiny_wan),
+        "DEVICE": "cpu",
+        "STORAGE_BACKEND": "supabase",
+        "SUPABASE_URL": platform.url,
+        "SUPABASE_SERVICE_KEY": SERVICE_KEY,
+        "JOB_CALLBACK_SECRET": CALLBACK_SECRET,
+        "SPOOL_DIR": str(root / "spool"),
+        "OUTPUT_DIR": str(root / "outputs"),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(
+    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    local = LocalStack(stack_env, log_dir=tmp_path_factory.mktemp("logs"))
+    try:
+        yield local.start()
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def platform_list(redis_server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(redis_server.url)
+
+
+def new_job(job_type: str = "video_fast", **fields: Any) -> dict[str, Any]:
+    """A small, fast job in the newer names; fields override or add top-level keys."""
+    frames = 9 if job_type.startswith("video") else 1
+    job = {
+        "id": str(uuid.uuid4()),
+        "type": job_type,
+        "prompt": "a red fox runs in the snow",
+        "user_id": "user-1",
+        "config": {
+            "resolution": "256x256",
+            "frame_num": frames,
+            "num_inference_steps": 2,
+            "seed": 7,
+        },
+    }
+    return job | fields
+
+
+def push(client: redis.Redis, job: dict[str, Any] | str, *, shape: str = "object") -> None:
+    """Append a job exactly as the platform's queue-job function does (RPUSH)."""
+    if isinstance(job, str):
+        client.rpush(PLATFORM_QUEUE, job)
+    elif shape == "object":
+        client.rpush(PLATFORM_QUEUE, json.dumps(job))
+    else:
+        client.rpush(PLATFORM_QUEUE, json.dumps([json.dumps(job)]))

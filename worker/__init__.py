@@ -1,0 +1,1 @@
+"""The WAN worker: settings, jobs, generation, the bridge and the command line."""

@@ -1,0 +1,68 @@
+"""`python -m worker ...`: the bridge, the settings, the tiny models and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from worker.settings import get_settings
+
+
+def _config(_: argparse.Namespace) -> None:
+    table = Table("setting", "environment variable", "value", title="effective settings")
+    for name, value in get_settings().masked().items():
+        table.add_row(name, name.upper(), value)
+    Console().print(table)
+
+
+def _bridge(_: argparse.Namespace) -> None:
+    from worker.bridge import main
+
+    main()
+
+
+def _make_tiny(args: argparse.Namespace) -> None:
+    from worker.tiny_models import NOISE_WARNING, make_tiny_wan
+
+    path = make_tiny_wan(args.dir)
+    print(f"tiny WAN pipeline saved to {path}: {NOISE_WARNING}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from worker.demo import run_demo
+
+    sys.exit(run_demo(full=args.full))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = argparse.ArgumentParser(prog="python -m worker")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    commands.add_parser("config", help="print the effective settings, secrets masked").set_defaults(
+        run=_config
+    )
+    commands.add_parser("bridge", help="move platform jobs into Celery").set_defaults(run=_bridge)
+    models = commands.add_parser("models", help="model tools").add_subparsers(required=True)
+    tiny = models.add_parser("make-tiny", help="build the tiny random-weight WAN model offline")
+    tiny.add_argument("dir", type=Path)
+    tiny.set_defaults(run=_make_tiny)
+    demo = commands.add_parser("demo", help="run one job of each kind end to end, locally")
+    demo.add_argument(
+        "--full",
+        action="store_true",
+        help="use the job types' full defaults (81 frames, 25 steps) even on a CPU",
+    )
+    demo.set_defaults(run=_demo)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The signed callback to the platform (CONTRACT.md section 4): bodies, signature, delivery."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from worker.errors import JobError, TransientError, error_for_status
+from worker.jobs import WAN_TASK
+from worker.records import JobRecord
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def completed_body(record: JobRecord) -> dict[str, Any]:
+    """The success body: one asset with its real size, seed and shape, and the job's metadata."""
+    job = record.job
+    generation = record.value("generation")
+    output = record.value("output")
+    enhancement = record.value("enhancement") or {}
+    timings = record.stage_seconds()
+    asset_metadata = {
+        "file_size_bytes": output["file_size_bytes"],
+        "format": job.extension,
+        "seed": generation["seed"],
+        "asset_index": 0,
+        "width": generation["width"],
+        "height": generation["height"],
+        "frame_num": generation["frame_num"],
+    }
+    if job.type.is_video:
+        asset_metadata |= {"duration_seconds": output["duration_seconds"], "fps": output["fps"]}
+    metadata = {
+        "generation_time": timings.get("generate"),
+        "job_type": job.type.value,
+        "content_type": job.content_type,
+        "frame_num": generation["frame_num"],
+        "frames_requested": job.frames_requested,
+        "wan_task": WAN_TASK,
+        "reference_mode": job.reference_mode,
+        "stage_seconds": timings,
+        **enhancement,
+    }
+    return {
+        "job_id": job.id,
+        "status": "completed",
+        "error_message": None,
+        "assets": [
+            {
+                "type": job.content_type,
+                "url": job.asset_key,
+                "thumbnail_url": job.thumbnail_key,
+                "metadata": asset_metadata,
+            }
+        ],
+        "metadata": metadata,
+    }
+
+
+def failed_body(record: JobRecord) -> dict[str, Any]:
+    """The failure body: the human error text, the exception class and where it happened."""
+    fields = record.fields
+    return {
+        "job_id": record.job_id,
+        "status": "failed",
+        "error_message": fields.get("error", "unknown error"),
+        "assets": [],
+        "metadata": {
+            "error_type": fields.get("error_type", "Exception"),
+            "error_stage": fields.get("error_stage"),
+            "job_type": fields.get("job_type"),
+            "wan_task": WAN_TASK,
+            "timestamp": datetime.now(UTC).isoformat(),
+        },
+    }
+
+
+def processing_body(job_id: str) -> dict[str, Any]:
+    return {"job_id": job_id, "status": "processing", "error_message": None, "assets": []}
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The `X-Callback-Signature` value: HMAC-SHA256 over exactly the bytes sent."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def post_callback(settings: Settings, body: dict[str, Any]) -> None:
+    """POST one signed callback; TransientError on what is worth retrying, DeliveryRejected else."""
+    if not settings.callback_url:
+        log.warning(
+            "job=%s no CALLBACK_URL or SUPABASE_URL set: callback %s not sent",
+            body["job_id"],
+            body["status"],
+        )
+        return
+    content = json.dumps(body, separators=(",", ":")).encode()
+    headers = {"Content-Type": "application/json"}
+    if settings.supabase_service_key:
+        headers["Authorization"] = f"Bearer {settings.supabase_service_key.get_secret_value()}"
+    if settings.job_callback_secret:
+        headers["X-Callback-Signature"] = sign(
+            settings.job_callback_secret.get_secret_value(), content
+        )
+    what = f"callback {body['status']} for job {body['job_id']}"
+    try:
+        response = httpx.post(
+            settings.callback_url,
+            content=content,
+            headers=headers,
+            timeout=settings.callback_timeout_s,
+        )
+    except httpx.TransportError as e:  # timeouts and connection errors
+        raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
+    if response.is_error:
+        raise error_for_status(response.status_code, what)
+    log.info(
+        "job=%s callback %s delivered (HTTP %s)",
+        body["job_id"],
+        body["status"],
+        response.status_code,
+    )
+
+
+def notify_processing(settings: Settings, job_id: str) -> None:
+    """Best effort: a lost `processing` callback must not stop the generation."""
+    try:
+        post_callback(settings, processing_body(job_id))
+    except JobError as e:
+        log.warning("job=%s processing callback not delivered: %s", job_id, e)

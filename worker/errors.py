@@ -1,0 +1,42 @@
+"""A small error tree, sorted by how the system reacts to each error."""
+
+from __future__ import annotations
+
+
+class JobError(Exception):
+    """Base of the project's own errors."""
+
+
+class TransientError(JobError):
+    """Network trouble, 429 or 5xx: retried with backoff."""
+
+
+class InvalidJob(JobError):
+    """Bad input: the job fails at once with a message naming the field; never retried."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnsupportedMode(JobError):
+    """The job asks for a mode this worker cannot run: it fails, naming what is missing."""
+
+
+class ModelNotConfigured(JobError):
+    """A model path setting is unset or points nowhere."""
+
+
+class MediaCheckFailed(JobError):
+    """A produced file is not what it claims to be: never uploaded."""
+
+
+class DeliveryRejected(JobError):
+    """The platform refused a request for good (a 4xx other than 429)."""
+
+
+def error_for_status(status: int, what: str) -> JobError:
+    """The reaction to an HTTP error answer: 429 and 5xx are retried, other codes are final."""
+    if status == 429 or status >= 500:
+        return TransientError(f"{what}: HTTP {status}, will retry")
+    return DeliveryRejected(f"{what}: HTTP {status}, not retried")

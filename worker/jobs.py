@@ -1,0 +1,371 @@
+"""The job model: the platform's two body shapes and two generations of names in, one typed job out.
+
+CONTRACT.md sections 1, 2 and 5 are the specification. Every check names the field the
+platform sent and the limit it broke, so a `failed` callback tells the user what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from worker.errors import InvalidJob
+
+#: Job ids and user ids become parts of Redis keys and storage paths: only these characters.
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+#: Supabase Storage bucket the platform reads results from.
+BUCKET = "workspace-temp"
+#: Frames per second of every video.
+FPS = 16
+#: The model every job type uses, as the platform names it in callbacks.
+WAN_TASK = "t2v-1.3B"
+
+FRAMES_MIN, FRAMES_MAX = 1, 121
+SIZE_MIN_PX, SIZE_MAX_PX, SIZE_STEP_PX = 256, 1280, 16
+STEPS_MIN, STEPS_MAX = 1, 100
+GUIDANCE_MIN, GUIDANCE_MAX = 0.0, 20.0
+SHIFT_MIN, SHIFT_MAX = 0.0, 20.0
+PROMPT_MAX_CHARS = 2_000
+SEED_MAX = 2**32 - 1
+DEFAULT_WIDTH_PX, DEFAULT_HEIGHT_PX = 480, 832
+DEFAULT_SHIFT = 5.0
+
+ReferenceMode = Literal["none", "single", "start", "end", "both"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Steps and guidance of a quality level."""
+
+    steps: int
+    guidance: float
+
+
+PRESETS: dict[str, Preset] = {
+    "fast": Preset(steps=25, guidance=6.5),
+    "balanced": Preset(steps=35, guidance=7.0),
+    "high": Preset(steps=50, guidance=7.5),
+}
+
+
+class JobType(StrEnum):
+    """The eight job types the platform sends (CONTRACT.md section 2)."""
+
+    image_fast = "image_fast"
+    image_high = "image_high"
+    video_fast = "video_fast"
+    video_high = "video_high"
+    image7b_fast_enhanced = "image7b_fast_enhanced"
+    image7b_high_enhanced = "image7b_high_enhanced"
+    video7b_fast_enhanced = "video7b_fast_enhanced"
+    video7b_high_enhanced = "video7b_high_enhanced"
+
+    @property
+    def is_video(self) -> bool:
+        return self.value.startswith("video")
+
+    @property
+    def enhanced(self) -> bool:
+        return self.value.endswith("_enhanced")
+
+    @property
+    def preset(self) -> Preset:
+        return PRESETS["high" if "_high" in self.value else "fast"]
+
+    @property
+    def default_frames(self) -> int:
+        """What the platform asks for: 83 for video (81 after normalisation), 1 for images."""
+        return 83 if self.is_video else 1
+
+
+class Job(BaseModel):
+    """One validated job, everything the stages need; stored in the job record as JSON."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    user_id: str
+    type: JobType
+    prompt: str
+    negative_prompt: str = ""
+    seed: int | None = None
+    steps: int
+    guidance: float
+    shift: float = DEFAULT_SHIFT
+    width: int = DEFAULT_WIDTH_PX
+    height: int = DEFAULT_HEIGHT_PX
+    frames: int
+    frames_requested: int
+    enhance: bool
+    reference_mode: ReferenceMode = "none"
+    reference_urls: dict[str, str] = {}
+    denoise_strength: float | None = None
+    video_id: str | None = None
+    image_id: str | None = None
+    metadata: dict[str, Any] = {}
+
+    @property
+    def content_type(self) -> Literal["video", "image"]:
+        return "video" if self.type.is_video else "image"
+
+    @property
+    def extension(self) -> str:
+        return "mp4" if self.type.is_video else "png"
+
+    @property
+    def asset_key(self) -> str:
+        """Storage path of the result, from the job alone: a retry overwrites, never duplicates."""
+        return f"{self.user_id}/{self.id}/0.{self.extension}"
+
+    @property
+    def thumbnail_key(self) -> str:
+        return f"{self.user_id}/{self.id}/0.thumb.webp"
+
+
+def decode_body(raw: bytes | str) -> dict[str, Any]:
+    """Accept both body shapes of the platform list: an object, or `["<object as JSON>"]`."""
+    try:
+        body = json.loads(raw)
+        if isinstance(body, list) and len(body) == 1 and isinstance(body[0], str):
+            body = json.loads(body[0])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidJob("body", f"not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise InvalidJob("body", "expected a JSON object or a one-element array holding one")
+    return body
+
+
+def job_id_of(body: dict[str, Any]) -> str | None:
+    """The job id if the body carries a usable one, so even a bad job can be answered."""
+    job_id = body.get("id") or body.get("job_id")
+    if isinstance(job_id, str) and SAFE_ID.match(job_id):
+        return job_id
+    return None
+
+
+def parse_job(body: dict[str, Any]) -> Job:
+    """Validate one decoded body into a Job; raise InvalidJob naming the field and the limit."""
+    config = _object(body, "config")
+    metadata = _object(body, "metadata")
+
+    job_id = body.get("id") or body.get("job_id")
+    if not job_id:
+        raise InvalidJob("id", "is required")
+    _check_safe_id("id", job_id)
+    user_id = body.get("user_id")
+    if not user_id:
+        raise InvalidJob("user_id", "is required")
+    _check_safe_id("user_id", user_id)
+
+    job_type = _job_type(body)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidJob("prompt", "is required and must be non-empty text")
+    if len(prompt) > PROMPT_MAX_CHARS:
+        raise InvalidJob(
+            "prompt", f"{len(prompt)} characters is over the limit of {PROMPT_MAX_CHARS}"
+        )
+    negative_prompt = body.get("negative_prompt") or ""
+    if not isinstance(negative_prompt, str) or len(negative_prompt) > PROMPT_MAX_CHARS:
+        raise InvalidJob(
+            "negative_prompt", f"must be text of at most {PROMPT_MAX_CHARS} characters"
+        )
+
+    preset = _preset(body, job_type)
+    steps = _int_in(config, ("num_inference_steps", "sample_steps"), STEPS_MIN, STEPS_MAX)
+    guidance = _float_in(
+        config, ("guidance_scale", "sample_guide_scale"), GUIDANCE_MIN, GUIDANCE_MAX
+    )
+    shift = _float_in(config, ("sample_shift",), SHIFT_MIN, SHIFT_MAX)
+    width, height = _size(config)
+    frames_requested = _int_in(config, ("frame_num",), FRAMES_MIN, FRAMES_MAX)
+    if frames_requested is None:
+        frames_requested = job_type.default_frames
+    elif not job_type.is_video and frames_requested != 1:
+        raise InvalidJob("config.frame_num", f"image jobs make 1 frame, got {frames_requested}")
+    reference_mode, reference_urls = _references(config, metadata)
+
+    return Job(
+        id=job_id,
+        user_id=user_id,
+        type=job_type,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=_seed(config),
+        steps=steps if steps is not None else preset.steps,
+        guidance=guidance if guidance is not None else preset.guidance,
+        shift=shift if shift is not None else DEFAULT_SHIFT,
+        width=width,
+        height=height,
+        frames=normalise_frames(frames_requested),
+        frames_requested=frames_requested,
+        enhance=_enhance(config, job_type),
+        reference_mode=reference_mode,
+        reference_urls=reference_urls,
+        denoise_strength=_denoise_strength(config, metadata),
+        video_id=_optional_str(body, "video_id"),
+        image_id=_optional_str(body, "image_id"),
+        metadata=metadata,
+    )
+
+
+def normalise_frames(frames: int) -> int:
+    """WAN makes 4n+1 frames: round down to the nearest such count (83 -> 81)."""
+    return (frames - 1) // 4 * 4 + 1
+
+
+def _object(body: dict[str, Any], name: str) -> dict[str, Any]:
+    value = body.get(name) or {}
+    if not isinstance(value, dict):
+        raise InvalidJob(name, f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_safe_id(field: str, value: Any) -> None:
+    if not isinstance(value, str) or not SAFE_ID.match(value):
+        raise InvalidJob(
+            field, "must be 1-128 letters, digits, '-' or '_' (it becomes a storage path)"
+        )
+
+
+def _job_type(body: dict[str, Any]) -> JobType:
+    name = body.get("type") or body.get("job_type")
+    if not name:
+        raise InvalidJob("type", "is required")
+    name = str(name).removeprefix("wan_")
+    try:
+        return JobType(name)
+    except ValueError:
+        known = ", ".join(t.value for t in JobType)
+        raise InvalidJob("type", f"unknown job type {name!r}; known: {known}") from None
+
+
+def _preset(body: dict[str, Any], job_type: JobType) -> Preset:
+    """A named `quality` overrides the type's preset; config values override both."""
+    quality = body.get("quality")
+    if quality is None:
+        return job_type.preset
+    if quality not in PRESETS:
+        raise InvalidJob("quality", f"unknown preset {quality!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[quality]
+
+
+def _first(config: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any]:
+    """The first of the (newer, older) names that is set, with its field path for errors."""
+    for name in names:
+        if config.get(name) is not None:
+            return f"config.{name}", config[name]
+    return "", None
+
+
+def _int_in(config: dict[str, Any], names: tuple[str, ...], low: int, high: int) -> int | None:
+    field, value = _first(config, names)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise InvalidJob(field, f"must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidJob(field, f"{value} is outside the allowed range {low}..{high}")
+    return int(value)
+
+
+def _float_in(
+    config: dict[str, Any], names: tuple[str, ...], low: float, high: float
+) -> float | None:
+    field, value = _first(config, names)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidJob(field, f"must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidJob(field, f"{value} is outside the allowed range {low:g}..{high:g}")
+    return float(value)
+
+
+def _size(config: dict[str, Any]) -> tuple[int, int]:
+    """`resolution` 'WxH' (newer) or `size` 'W*H' (older); each side checked on its own."""
+    if config.get("resolution") is not None:
+        field, text, separator = "config.resolution", config["resolution"], "x"
+    elif config.get("size") is not None:
+        field, text, separator = "config.size", config["size"], "*"
+    else:
+        return DEFAULT_WIDTH_PX, DEFAULT_HEIGHT_PX
+    parts = str(text).lower().split(separator)
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InvalidJob(field, f"expected WIDTH{separator}HEIGHT, got {text!r}")
+    width, height = (int(p) for p in parts)
+    for side, value in (("width", width), ("height", height)):
+        if not SIZE_MIN_PX <= value <= SIZE_MAX_PX:
+            raise InvalidJob(
+                field, f"{side} {value} is outside the allowed range {SIZE_MIN_PX}..{SIZE_MAX_PX}"
+            )
+        if value % SIZE_STEP_PX:
+            raise InvalidJob(field, f"{side} {value} is not a multiple of {SIZE_STEP_PX}")
+    return width, height
+
+
+def _seed(config: dict[str, Any]) -> int | None:
+    """None (or -1) asks for a random seed, chosen and reported by generation."""
+    seed = config.get("seed")
+    if seed is None or seed == -1:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise InvalidJob(
+            "config.seed", f"must be a whole number in 0..{SEED_MAX} or -1, got {seed!r}"
+        )
+    return seed
+
+
+def _enhance(config: dict[str, Any], job_type: JobType) -> bool:
+    requested = config.get("enhance_prompt")
+    return job_type.enhanced if requested is None else bool(requested)
+
+
+def _references(
+    config: dict[str, Any], metadata: dict[str, Any]
+) -> tuple[ReferenceMode, dict[str, str]]:
+    """Reference sources of section 1; `config` wins over `metadata`."""
+    sources = {
+        "single": config.get("image") or metadata.get("reference_image_url"),
+        "start": config.get("first_frame") or metadata.get("start_reference_url"),
+        "end": config.get("last_frame") or metadata.get("end_reference_url"),
+    }
+    urls = {role: url for role, url in sources.items() if url}
+    for role, url in urls.items():
+        if not isinstance(url, str):
+            raise InvalidJob(f"reference {role}", f"must be a URL string, got {url!r}")
+    mode = metadata.get("video_reference_mode") or metadata.get("reference_mode")
+    if mode is None:
+        if "start" in urls and "end" in urls:
+            mode = "both"
+        else:
+            mode = next(iter(urls), "none")
+    if mode not in ("none", "single", "start", "end", "both"):
+        raise InvalidJob("metadata.reference_mode", f"unknown mode {mode!r}")
+    return mode, urls
+
+
+def _denoise_strength(config: dict[str, Any], metadata: dict[str, Any]) -> float | None:
+    """I2I strength: `denoise_strength`, else 1 - `reference_strength`; None without an image."""
+    strength = config.get("denoise_strength", metadata.get("denoise_strength"))
+    if strength is None and metadata.get("reference_strength") is not None:
+        strength = 1 - float(metadata["reference_strength"])
+    if strength is None:
+        return None
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, (int, float))
+        or not 0 <= strength <= 1
+    ):
+        raise InvalidJob("denoise_strength", f"must be a number in 0..1, got {strength!r}")
+    return float(strength)
+
+
+def _optional_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    return None if value is None else str(value)

@@ -1,0 +1,284 @@
+"""A real HTTP stand-in for the Supabase platform (CONTRACT.md sections 3 and 4).
+
+The demo and the tests point SUPABASE_URL at `LocalPlatform.url`, so the worker's real HTTP
+code (supabase-py, httpx) is exercised end to end: auth headers, multipart uploads,
+callback signatures and retries on platform errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+#: Statuses after which the platform expects no more callbacks for a job.
+FINAL_STATUSES = {"completed", "failed", "cancelled"}
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One stored object. `content_type` is the file's own type (the part's, if multipart)."""
+
+    bucket: str
+    path: str
+    content_type: str
+    data: bytes
+    upsert: bool
+    headers: dict[str, str]  # lower-case names, as received
+
+
+@dataclass(frozen=True)
+class Callback:
+    """One accepted job-callback; `raw` is kept to check exactly what was signed."""
+
+    body: dict[str, Any]
+    raw: bytes
+    headers: dict[str, str]  # lower-case names, as received
+
+
+@dataclass
+class _Faults:
+    """Injected failures still to serve for one endpoint, and how many were served."""
+
+    remaining: int = 0
+    status: int = 503
+    served: int = 0
+
+    def take(self) -> int | None:
+        """The status to fail this request with, or None to handle it normally."""
+        if self.remaining <= 0:
+            return None
+        self.remaining -= 1
+        self.served += 1
+        return self.status
+
+
+def _storage_error(status: int, error: str, message: str) -> JSONResponse:
+    """Errors shaped like Supabase Storage's, which storage3 parses into StorageApiError."""
+    body = {"statusCode": str(status), "error": error, "message": message}
+    return JSONResponse(body, status_code=status)
+
+
+class LocalPlatform:
+    """Supabase Storage upload + the job-callback and update-worker-url edge functions.
+
+    Runs uvicorn in a daemon thread on 127.0.0.1 and a free port. Handlers run on the
+    server thread, tests read from theirs, so all recorded state is guarded by `_cond`.
+    """
+
+    def __init__(self, *, service_key: str, callback_secret: str) -> None:
+        self.service_key = service_key
+        self.callback_secret = callback_secret
+        self._cond = threading.Condition()
+        self._uploads: dict[tuple[str, str], Upload] = {}
+        self._callbacks: list[Callback] = []
+        self._worker_url_updates: list[dict[str, Any]] = []
+        self._upload_faults = _Faults()
+        self._callback_faults = _Faults()
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        config = uvicorn.Config(self._build_app(), log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Start serving; returns once the server accepts connections."""
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:  # uvicorn offers no event to wait on
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("LocalPlatform server failed to start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._socket.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- fault injection ---------------------------------------------------------------
+
+    def fail_next_uploads(self, n: int, status: int = 503) -> None:
+        """The next n upload requests answer `status` before any checks and store nothing."""
+        with self._cond:
+            self._upload_faults.remaining, self._upload_faults.status = n, status
+
+    def fail_next_callbacks(self, n: int, status: int = 503) -> None:
+        """The next n callback requests answer `status` before any checks, unrecorded."""
+        with self._cond:
+            self._callback_faults.remaining, self._callback_faults.status = n, status
+
+    @property
+    def rejected_uploads(self) -> int:
+        """Upload requests answered with an injected failure."""
+        with self._cond:
+            return self._upload_faults.served
+
+    @property
+    def rejected_callbacks(self) -> int:
+        """Callback requests answered with an injected failure."""
+        with self._cond:
+            return self._callback_faults.served
+
+    # -- inspection --------------------------------------------------------------------
+
+    @property
+    def uploads(self) -> list[Upload]:
+        with self._cond:
+            return list(self._uploads.values())
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        """Accepted callbacks in arrival order."""
+        with self._cond:
+            return list(self._callbacks)
+
+    @property
+    def worker_url_updates(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return list(self._worker_url_updates)
+
+    def upload_at(self, bucket: str, path: str) -> Upload | None:
+        with self._cond:
+            return self._uploads.get((bucket, path))
+
+    def callbacks_for(self, job_id: str) -> list[Callback]:
+        with self._cond:
+            return [c for c in self._callbacks if c.body.get("job_id") == job_id]
+
+    def wait_for_callback(self, job_id: str, status: str, timeout_s: float = 10.0) -> Callback:
+        """Block until a callback for `job_id` with `status` has arrived, and return it."""
+        return self._wait_for(job_id, {status}, timeout_s)
+
+    def wait_for_final(self, job_id: str, timeout_s: float = 10.0) -> Callback:
+        """Block until the job's final callback (completed, failed or cancelled) has arrived."""
+        return self._wait_for(job_id, FINAL_STATUSES, timeout_s)
+
+    def _wait_for(self, job_id: str, statuses: set[str], timeout_s: float) -> Callback:
+        def find() -> Callback | None:  # called by wait_for with the lock held
+            return next(
+                (
+                    c
+                    for c in self._callbacks
+                    if c.body.get("job_id") == job_id and c.body.get("status") in statuses
+                ),
+                None,
+            )
+
+        with self._cond:
+            found = self._cond.wait_for(find, timeout=timeout_s)
+            if found is None:
+                got = [c.body for c in self._callbacks if c.body.get("job_id") == job_id]
+                raise AssertionError(
+                    f"no callback job_id={job_id!r} status in {sorted(statuses)} within "
+                    f"{timeout_s}s; received for this job: {got}"
+                )
+            return found
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    def _authorized(self, request: Request) -> bool:
+        expected = f"Bearer {self.service_key}"
+        return hmac.compare_digest(request.headers.get("authorization", ""), expected)
+
+    def _take_fault(self, faults: _Faults) -> int | None:
+        with self._cond:
+            return faults.take()
+
+    @staticmethod
+    async def _json_object(request: Request) -> dict[str, Any] | None:
+        """The body as a JSON object, or None if it is not one (the caller answers 400)."""
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/storage/v1/object/{bucket}/{path:path}")
+        async def upload(bucket: str, path: str, request: Request) -> JSONResponse:
+            if (status := self._take_fault(self._upload_faults)) is not None:
+                return _storage_error(status, "InjectedFailure", "injected by the test")
+            if not self._authorized(request):
+                return _storage_error(401, "Unauthorized", "invalid service key")
+            content_type = request.headers.get("content-type", "")
+            if content_type.startswith("multipart/form-data"):
+                part = (await request.form()).get("file")
+                if not isinstance(part, UploadFile):
+                    return _storage_error(400, "InvalidRequest", "no 'file' part")
+                content_type, data = part.content_type or "", await part.read()
+            else:
+                data = await request.body()
+            upsert = request.headers.get("x-upsert", "false").lower() == "true"
+            with self._cond:
+                if (bucket, path) in self._uploads and not upsert:
+                    # Real Storage refuses to overwrite without x-upsert: true.
+                    return _storage_error(409, "Duplicate", "The resource already exists")
+                self._uploads[(bucket, path)] = Upload(
+                    bucket, path, content_type, data, upsert, dict(request.headers)
+                )
+                self._cond.notify_all()
+            return JSONResponse({"Key": f"{bucket}/{path}", "Id": str(uuid.uuid4())})
+
+        @app.post("/functions/v1/job-callback")
+        async def job_callback(request: Request) -> JSONResponse:
+            if (status := self._take_fault(self._callback_faults)) is not None:
+                return JSONResponse({"error": "injected by the test"}, status_code=status)
+            if not self._authorized(request):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+            raw = await request.body()
+            digest = hmac.new(self.callback_secret.encode(), raw, hashlib.sha256).hexdigest()
+            signature = request.headers.get("x-callback-signature", "")
+            if not hmac.compare_digest(signature, f"sha256={digest}"):
+                return JSONResponse({"error": "Invalid signature"}, status_code=401)
+            body = await self._json_object(request)
+            if body is None:
+                return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+            with self._cond:
+                self._callbacks.append(Callback(body, raw, dict(request.headers)))
+                self._cond.notify_all()
+            return JSONResponse({"success": True})
+
+        @app.post("/functions/v1/update-worker-url")
+        async def update_worker_url(request: Request) -> JSONResponse:
+            if not self._authorized(request):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+            body = await self._json_object(request)
+            if body is None:
+                return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+            with self._cond:
+                self._worker_url_updates.append(body)
+                self._cond.notify_all()
+            return JSONResponse({"success": True})
+
+        return app

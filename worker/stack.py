@@ -1,0 +1,155 @@
+"""Every process of DESIGN.md's table on this machine, for the demo, the tests and benchmarks.
+
+The commands are the production ones; only the environment differs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The process table of DESIGN.md (workers log at INFO so readiness can be seen).
+COMMANDS: dict[str, list[str]] = {
+    "gpu": ["celery", "-A", "tasks", "worker", "-Q", "gpu", "-P", "prefork", "-c", "1",
+            "-n", "gpu@%h", "-l", "INFO"],
+    "enhance": ["celery", "-A", "tasks", "worker", "-Q", "enhance", "-P", "prefork", "-c", "1",
+                "-n", "enhance@%h", "-l", "INFO"],
+    "cpu": ["celery", "-A", "tasks", "worker", "-Q", "cpu", "-n", "cpu@%h", "-l", "INFO"],
+    "bridge": ["python", "-m", "worker", "bridge"],
+}  # fmt: skip
+#: The log line that says a process is ready to take work.
+READY_MARKERS = {
+    "gpu": " ready.",
+    "enhance": " ready.",
+    "cpu": " ready.",
+    "bridge": "bridge serving",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def wait_until(condition, *, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Poll `condition` until true; a clear TimeoutError names what never happened."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout_s:.0f} s")
+        time.sleep(interval_s)
+
+
+class RedisServer:
+    """A private `redis-server` on a free port, keeping nothing on disk; can be restarted."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server is not installed (Debian: apt-get install redis-server)"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_until(lambda: redis_answers(self.url), timeout_s=10, what="redis-server start")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+class LocalStack:
+    """The generation, enhancement and media workers and the bridge as real subprocesses."""
+
+    def __init__(self, env: dict[str, str], *, log_dir: Path, names: tuple[str, ...] = ()) -> None:
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        self.log_dir = log_dir
+        self.names = names or tuple(COMMANDS)
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, *, timeout_s: float = 120) -> LocalStack:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for name in self.names:
+            self.processes[name] = self._spawn(name)
+        for name in self.names:
+            wait_until(
+                lambda name=name: self._ready(name),
+                timeout_s=timeout_s,
+                what=f"{name} start",
+                interval_s=0.1,
+            )
+        return self
+
+    def _spawn(self, name: str) -> subprocess.Popen:
+        command = COMMANDS[name]
+        executable = (
+            [sys.executable, "-m", command[0]] if command[0] == "celery" else [sys.executable]
+        )
+        log = (self.log_dir / f"{name}.log").open("ab")
+        return subprocess.Popen(
+            [*executable, *command[1:]], cwd=ROOT, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def _ready(self, name: str) -> bool:
+        process = self.processes[name]
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{name} exited with {process.returncode}:\n{self.log(name)[-3000:]}"
+            )
+        return READY_MARKERS[name] in self.log(name)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def pids(self, name: str) -> list[int]:
+        """The process and its children (a Celery worker's pool)."""
+        pid = self.processes[name].pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [pid, *map(int, children)]
+
+    def stop(self, *, timeout_s: float = 30) -> None:
+        """SIGTERM (Celery's warm shutdown), then SIGKILL whatever is left of each group."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
