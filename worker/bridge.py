@@ -103,6 +103,10 @@ class Bridge:
             log.error("job=%s invalid: %s", job_id, e)
             self.reject(job_id, body, raw, e)
             return
+        except Exception as e:  # a parser bug must cost one job, never the whole list
+            log.error("job=%s could not be parsed", job_id, exc_info=True)
+            self.reject(job_id, body, raw, e)
+            return
         if job.frames != job.frames_requested:
             log.info("job=%s frames %d normalised to %d", job_id, job.frames_requested, job.frames)
         self.records.create(job, payload=raw.decode())
@@ -110,7 +114,7 @@ class Bridge:
         self.records.mark_dispatched(job.id)
         log.info("job=%s %s dispatched", job.id, job.type.value)
 
-    def reject(self, job_id: str, body: dict, raw: bytes, error: InvalidJob) -> None:
+    def reject(self, job_id: str, body: dict, raw: bytes, error: Exception) -> None:
         """Record the invalid job and send its `failed` callback through the media queue."""
         from tasks.media import callback
 

@@ -72,10 +72,10 @@ def generate_frames(
     pipe: WanPipeline, job: Job, *, seed: int, on_step: StepHook | None = None
 ) -> np.ndarray:
     """Run one job; return its frames as uint8 (F, H, W, 3)."""
-    if job.reference_mode != "none" or job.denoise_strength is not None:
+    if job.reference_mode != "none":
         raise UnsupportedMode(
-            f"reference_mode {job.reference_mode!r} / image to image is not supported by this "
-            "worker version yet (it needs the VACE and video-to-video pipelines)"
+            f"reference_mode {job.reference_mode!r} (reference frames, image to image) is not "
+            "supported by this worker version yet: it needs the VACE and video-to-video pipelines"
         )
     _set_shift(pipe, job.shift)
 

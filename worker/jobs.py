@@ -133,7 +133,7 @@ def decode_body(raw: bytes | str) -> dict[str, Any]:
         body = json.loads(raw)
         if isinstance(body, list) and len(body) == 1 and isinstance(body[0], str):
             body = json.loads(body[0])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise InvalidJob("body", f"not valid JSON: {e}") from e
     if not isinstance(body, dict):
         raise InvalidJob("body", "expected a JSON object or a one-element array holding one")
@@ -207,7 +207,7 @@ def parse_job(body: dict[str, Any]) -> Job:
         enhance=_enhance(config, job_type),
         reference_mode=reference_mode,
         reference_urls=reference_urls,
-        denoise_strength=_denoise_strength(config, metadata),
+        denoise_strength=_denoise_strength(config, metadata, bool(reference_urls)),
         video_id=_optional_str(body, "video_id"),
         image_id=_optional_str(body, "image_id"),
         metadata=metadata,
@@ -250,7 +250,7 @@ def _preset(body: dict[str, Any], job_type: JobType) -> Preset:
     quality = body.get("quality")
     if quality is None:
         return job_type.preset
-    if quality not in PRESETS:
+    if not isinstance(quality, str) or quality not in PRESETS:
         raise InvalidJob("quality", f"unknown preset {quality!r}; known: {', '.join(PRESETS)}")
     return PRESETS[quality]
 
@@ -267,7 +267,11 @@ def _int_in(config: dict[str, Any], names: tuple[str, ...], low: int, high: int)
     field, value = _first(config, names)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not value.is_integer())
+    ):
         raise InvalidJob(field, f"must be a whole number, got {value!r}")
     if not low <= value <= high:
         raise InvalidJob(field, f"{value} is outside the allowed range {low}..{high}")
@@ -296,7 +300,7 @@ def _size(config: dict[str, Any]) -> tuple[int, int]:
     else:
         return DEFAULT_WIDTH_PX, DEFAULT_HEIGHT_PX
     parts = str(text).lower().split(separator)
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
         raise InvalidJob(field, f"expected WIDTH{separator}HEIGHT, got {text!r}")
     width, height = (int(p) for p in parts)
     for side, value in (("width", width), ("height", height)):
@@ -350,13 +354,23 @@ def _references(
     return mode, urls
 
 
-def _denoise_strength(config: dict[str, Any], metadata: dict[str, Any]) -> float | None:
-    """I2I strength: `denoise_strength`, else 1 - `reference_strength`; None without an image."""
-    strength = config.get("denoise_strength", metadata.get("denoise_strength"))
-    if strength is None and metadata.get("reference_strength") is not None:
-        strength = 1 - float(metadata["reference_strength"])
+def _denoise_strength(
+    config: dict[str, Any], metadata: dict[str, Any], has_reference: bool
+) -> float | None:
+    """I2I strength: `denoise_strength`, else 1 - `reference_strength`, else 0.5 with an image."""
+    strength = config.get("denoise_strength")
     if strength is None:
-        return None
+        strength = metadata.get("denoise_strength")
+    if strength is None and metadata.get("reference_strength") is not None:
+        try:
+            strength = 1 - float(metadata["reference_strength"])
+        except (TypeError, ValueError):
+            raise InvalidJob(
+                "metadata.reference_strength",
+                f"must be a number in 0..1, got {metadata['reference_strength']!r}",
+            ) from None
+    if strength is None:
+        return 0.5 if has_reference else None
     if (
         isinstance(strength, bool)
         or not isinstance(strength, (int, float))

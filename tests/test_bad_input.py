@@ -1,0 +1,87 @@
+"""Bad input gets a `failed` callback naming the field and the limit; the workers go on."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from tests.conftest import JOB_TIMEOUT_S, new_job, push
+from worker.local_platform import LocalPlatform
+from worker.stack import LocalStack
+
+
+def without(job: dict, key: str) -> dict:
+    return {k: v for k, v in job.items() if k != key}
+
+
+def with_config(job: dict, **config: object) -> dict:
+    return job | {"config": job["config"] | config}
+
+
+BAD_JOBS = {
+    "missing prompt": (without(new_job(), "prompt"), "prompt", "required"),
+    "unknown type": (new_job() | {"type": "video_ultra"}, "type", "video_ultra"),
+    "frames 500": (with_config(new_job(), frame_num=500), "config.frame_num", "1..121"),
+    "width 100": (with_config(new_job(), resolution="100x256"), "config.resolution", "256..1280"),
+    "steps 101": (
+        with_config(new_job(), num_inference_steps=101),
+        "config.num_inference_steps",
+        "1..100",
+    ),
+    "prompt too long": (new_job() | {"prompt": "x" * 2001}, "prompt", "2000"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_JOBS)
+def test_a_bad_job_gets_a_failed_callback_naming_the_field_and_the_next_job_runs(
+    stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis, name: str
+) -> None:
+    bad, field, limit = BAD_JOBS[name]
+    good = new_job("image_fast")
+
+    push(platform_list, bad)
+    push(platform_list, good)
+
+    failed = platform.wait_for_final(bad["id"], timeout_s=JOB_TIMEOUT_S).body
+    assert failed["status"] == "failed"
+    assert failed["assets"] == []
+    assert failed["error_message"].startswith(f"{field}:")
+    assert limit in failed["error_message"]
+    assert failed["metadata"]["error_type"] == "InvalidJob"
+    assert failed["metadata"]["wan_task"] == "t2v-1.3B"
+    assert failed["metadata"]["timestamp"]
+    assert [c.body["status"] for c in platform.callbacks_for(bad["id"])] == ["failed"]
+    assert (
+        platform.wait_for_final(good["id"], timeout_s=JOB_TIMEOUT_S).body["status"] == "completed"
+    )
+
+
+def test_an_item_that_is_not_json_is_dropped_and_the_next_job_runs(
+    stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis
+) -> None:
+    good = new_job("image_fast")
+
+    push(platform_list, "{this is not json")
+    push(platform_list, good)
+
+    assert (
+        platform.wait_for_final(good["id"], timeout_s=JOB_TIMEOUT_S).body["status"] == "completed"
+    )
+    assert "dropped an item that is not a job" in stack.log("bridge")
+
+
+def test_a_job_failing_in_generation_reports_the_stage_and_the_reason(
+    stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis
+) -> None:
+    # Given a reference-frame job, which this worker version cannot run yet
+    job = new_job("video_fast") | {"metadata": {"reference_image_url": "https://example.com/a.png"}}
+
+    push(platform_list, job)
+
+    # Then generation started and then failed, saying where and why
+    failed = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body
+    assert [c.body["status"] for c in platform.callbacks_for(job["id"])] == ["processing", "failed"]
+    assert failed["metadata"]["error_type"] == "UnsupportedMode"
+    assert failed["metadata"]["error_stage"] == "generate"
+    assert failed["metadata"]["job_type"] == "video_fast"
+    assert "reference_mode 'single'" in failed["error_message"]
