@@ -3,7 +3,7 @@
 Loaded by `tasks.app` with `config_from_object`; Redis comes from REDIS_URL.
 """
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from worker.settings import get_settings
 
@@ -18,9 +18,12 @@ task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]
 
-# Queues: the GPU never waits for x264, network or disk; each media worker also listens
-# on a queue of its own host (`cpu.<hostname>`, added at its start) for per-host routing.
-task_queues = (Queue("gpu"), Queue("enhance"), Queue("cpu"))
+# Queues: the GPU never waits for x264, network or disk. Each queue has its own exchange
+# and routing key; bare Queue("gpu") objects would all show (and be bound with) the
+# default queue's exchange and key "cpu".
+task_queues = tuple(
+    Queue(name, Exchange(name), routing_key=name) for name in ("gpu", "enhance", "cpu")
+)
 task_default_queue = "cpu"
 task_routes = {
     "wan.enhance": {"queue": "enhance"},

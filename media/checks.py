@@ -13,21 +13,34 @@ MIN_BYTES = {"mp4": 1_024, "png": 67, "webp": 26}
 
 
 def mp4_top_level_boxes(path: Path) -> list[str]:
-    """The names of the top-level MP4 boxes, in file order."""
+    """The names of the top-level MP4 boxes, in file order.
+
+    Raises MediaCheckFailed for a box shorter than its header (a 64-bit size of 0 would
+    otherwise seek back and loop forever) or one running past the end of the file (cut short).
+    """
     names = []
+    file_size = path.stat().st_size
     with path.open("rb") as f:
         while header := f.read(8):
             if len(header) < 8:
                 break
+            start = f.tell() - 8
             size, name = struct.unpack(">I4s", header)
+            header_size = 8
             if size == 1:  # 64-bit size follows the name
-                size = struct.unpack(">Q", f.read(8))[0]
-                f.seek(size - 16, 1)
+                large = f.read(8)
+                if len(large) < 8:
+                    break
+                size, header_size = struct.unpack(">Q", large)[0], 16
             elif size == 0:  # box runs to the end of the file
                 names.append(name.decode("latin-1"))
                 break
-            else:
-                f.seek(size - 8, 1)
+            if size < header_size or start + size > file_size:
+                raise MediaCheckFailed(
+                    f"{path.name}: box {name!r} at byte {start} claims {size} bytes"
+                    f" ({file_size} in the file): broken or cut short"
+                )
+            f.seek(start + size)
             names.append(name.decode("latin-1"))
     return names
 

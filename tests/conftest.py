@@ -82,6 +82,25 @@ def platform_list(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.url)
 
 
+@pytest.fixture
+def idle_broker(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """Point this process's Celery app at a database no worker consumes, emptied around."""
+    from tasks import app
+
+    url = redis_server.url.removesuffix("/0") + "/1"
+    app.conf.update(broker_url=url, result_backend=url)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def sent_job_ids(client: redis.Redis, queue: str) -> list[str]:
+    """Job ids of the task messages waiting on a Celery queue, oldest first."""
+    messages = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]
+    return [m["headers"]["id"].split(":")[0] for m in messages]
+
+
 def new_job(job_type: str = "video_fast", **fields: Any) -> dict[str, Any]:
     """A small, fast job in the newer names; fields override or add top-level keys."""
     frames = 9 if job_type.startswith("video") else 1
