@@ -235,19 +235,21 @@ def test_the_media_worker_never_loads_torch(
     assert any("libtorch" in maps(pid) for pid in stack.pids("gpu"))
 
 
-def test_a_callback_refused_with_503_is_retried_until_delivered(
-    stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis
+@pytest.mark.parametrize("endpoint", ["callbacks", "uploads"])
+def test_a_platform_answering_503_is_retried_until_it_accepts(
+    stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis, endpoint: str
 ) -> None:
-    # Given the platform answers the next two callbacks with 503
+    # Given the platform answers the next two callbacks (or uploads) with 503
     job = new_job("image_fast")
-    platform.fail_next_callbacks(2)
-    rejected_before = platform.rejected_callbacks
+    getattr(platform, f"fail_next_{endpoint}")(2)
+    rejected_before = getattr(platform, f"rejected_{endpoint}")
 
     # When a job runs
     body = run_job(platform, platform_list, job).body
 
-    # Then its final callback still arrives, once, after the refused attempts
+    # Then it still completes, its files stored and its final callback sent once
     assert body["status"] == "completed"
-    assert platform.rejected_callbacks == rejected_before + 2
+    assert getattr(platform, f"rejected_{endpoint}") == rejected_before + 2
+    assert platform.upload_at(BUCKET, body["assets"][0]["url"]) is not None
     finals = [c for c in platform.callbacks_for(job["id"]) if c.body["status"] == "completed"]
     assert len(finals) == 1

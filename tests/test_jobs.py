@@ -163,6 +163,11 @@ def test_all_eight_job_types_are_covered() -> None:
 # --- Section 1: newer and older config names ------------------------------------------
 
 
+def attribute_of(job: Job, attribute: str) -> Any:
+    """A job attribute, with "size" meaning (width, height)."""
+    return (job.width, job.height) if attribute == "size" else getattr(job, attribute)
+
+
 @pytest.mark.parametrize(
     ("values", "attribute", "expected"),
     [
@@ -201,9 +206,7 @@ def test_all_eight_job_types_are_covered() -> None:
 def test_config_values_under_either_generation_of_names_are_honoured(
     values: dict[str, Any], attribute: str, expected: Any
 ) -> None:
-    job = parse_job(config(**values))
-    actual = (job.width, job.height) if attribute == "size" else getattr(job, attribute)
-    assert actual == expected
+    assert attribute_of(parse_job(config(**values)), attribute) == expected
 
 
 @pytest.mark.parametrize(
@@ -218,9 +221,7 @@ def test_config_values_under_either_generation_of_names_are_honoured(
 def test_the_newer_name_wins_when_both_generations_are_sent(
     values: dict[str, Any], attribute: str, expected: Any
 ) -> None:
-    job = parse_job(config(**values))
-    actual = (job.width, job.height) if attribute == "size" else getattr(job, attribute)
-    assert actual == expected
+    assert attribute_of(parse_job(config(**values)), attribute) == expected
 
 
 def test_enhance_prompt_false_turns_enhancement_off_for_an_enhanced_type() -> None:

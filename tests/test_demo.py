@@ -1,0 +1,39 @@
+"""`make demo` stays true: the demo runs both jobs end to end and prints its table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from worker.stack import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_demo_completes_a_video_and_an_image_job(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url.removesuffix("/0") + "/2",  # no other test's workers
+        "OUTPUT_DIR": str(tmp_path / "outputs"),
+        "SPOOL_DIR": str(tmp_path / "spool"),
+        "COLUMNS": "250",
+    }
+    env.pop("WAN_MODEL_PATH", None)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "demo"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "noise" in done.stdout
+    assert done.stdout.count("completed") == 2
+    videos = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.mp4"))
+    images = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.png"))
+    thumbnails = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.thumb.webp"))
+    assert len(videos) == len(images) == 1 and len(thumbnails) == 2
+    assert not list((tmp_path / "spool").glob("*/frames.npy")), "the spool was not freed"
