@@ -65,7 +65,8 @@ class Bridge:
         while not self.stopping.is_set():
             try:
                 if not recovered:
-                    recovered = self.recover() >= 0
+                    self.recover()
+                    recovered = True
                 raw = self.platform.blmove(self.queue, self.processing, POLL_S, "LEFT", "RIGHT")
                 if raw is None:
                     if drain:
