@@ -7,6 +7,7 @@ import redis
 
 from tests.conftest import JOB_TIMEOUT_S, new_job, push
 from worker.local_platform import LocalPlatform
+from worker.records import JobRecords
 from worker.stack import LocalStack
 
 
@@ -85,3 +86,7 @@ def test_a_job_failing_in_generation_reports_the_stage_and_the_reason(
     assert failed["metadata"]["error_stage"] == "generate"
     assert failed["metadata"]["job_type"] == "video_fast"
     assert "reference_mode 'single'" in failed["error_message"]
+    # And the job record, which the on-call engineer reads, says the same
+    record = JobRecords(platform_list, ttl_s=60).get(job["id"])
+    assert (record.status, record.fields["error_stage"]) == ("failed", "generate")
+    assert record.fields["error_type"] == "UnsupportedMode"
