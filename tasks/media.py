@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
+
+import numpy as np
 
 from media import spool
 from media.checks import check_file
 from media.encode import encode_mp4, write_png
-from media.storage import make_storage
+from media.storage import Storage, make_storage
 from media.thumbnail import make_thumbnail, middle_frame
 from tasks.app import app
 from tasks.base import NETWORK_RETRY, StageTask
 from worker.callback import completed_body, failed_body, post_callback
 from worker.errors import TransientError
 from worker.jobs import BUCKET, FPS
-from worker.records import get_records
+from worker.records import JobRecord, get_records
 from worker.settings import get_settings
 
 CONTENT_TYPES = {"mp4": "video/mp4", "png": "image/png", "webp": "image/webp"}
 
 
-def _frames(job_id: str):
+def _frames(job_id: str) -> tuple[JobRecord, np.ndarray]:
+    """The job's record and its generated frames, from the spool of this host."""
     record = get_records().get(job_id)
     return record, spool.read_frames(Path(record.value("generation")["frames_path"]))
+
+
+@cache
+def _storage() -> Storage:
+    """One storage client per worker process, reused across jobs (keeps its connections)."""
+    return make_storage(get_settings())
 
 
 @app.task(base=StageTask, bind=True, name="wan.encode", stage="encode")
@@ -73,7 +83,7 @@ def upload(self: StageTask, job_id: str) -> None:
     if record.value("uploaded"):  # a redelivery after the spool was already freed
         return
     job = record.job
-    storage = make_storage(settings)
+    storage = _storage()
     storage.upload(
         BUCKET,
         job.asset_key,
