@@ -23,8 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-#: Statuses after which the platform expects no more callbacks for a job.
-FINAL_STATUSES = {"completed", "failed", "cancelled"}
+from worker.records import FINAL_STATUSES
 
 
 @dataclass(frozen=True)
@@ -176,13 +175,13 @@ class LocalPlatform:
 
     def wait_for_callback(self, job_id: str, status: str, timeout_s: float = 10.0) -> Callback:
         """Block until a callback for `job_id` with `status` has arrived, and return it."""
-        return self._wait_for(job_id, {status}, timeout_s)
+        return self._wait_for(job_id, frozenset({status}), timeout_s)
 
     def wait_for_final(self, job_id: str, timeout_s: float = 10.0) -> Callback:
         """Block until the job's final callback (completed, failed or cancelled) has arrived."""
         return self._wait_for(job_id, FINAL_STATUSES, timeout_s)
 
-    def _wait_for(self, job_id: str, statuses: set[str], timeout_s: float) -> Callback:
+    def _wait_for(self, job_id: str, statuses: frozenset[str], timeout_s: float) -> Callback:
         def find() -> Callback | None:  # called by wait_for with the lock held
             return next(
                 (

@@ -18,7 +18,7 @@ from worker.jobs import Job
 from worker.settings import get_settings
 
 KEY_PREFIX = "wan:job:"
-#: Final statuses: a record in one of these is never changed back to a running one.
+#: Statuses after which the platform expects no more callbacks for a job.
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 

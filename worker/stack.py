@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -49,7 +50,9 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def wait_until(condition, *, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+def wait_until(
+    condition: Callable[[], bool], *, timeout_s: float, what: str, interval_s: float = 0.05
+) -> None:
     """Poll `condition` until true; a clear TimeoutError names what never happened."""
     deadline = time.monotonic() + timeout_s
     while not condition():
