@@ -71,11 +71,12 @@ def bare_encode_s(frames: np.ndarray, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def memory_mib(pid: int, field: str) -> float:
+    """`Rss` (pages in memory, shared ones counted in full) or `Pss` (shared ones split)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    return 0.0
+    raise ValueError(f"no {field} for process {pid}")
 
 
 def has_torch(pid: int) -> bool:
@@ -149,10 +150,11 @@ def main() -> None:
 
         loads = stack.log("gpu").count("WAN pipeline loaded")
         cpu_pids = stack.pids("cpu")
-        rss = {pid: rss_mib(pid) for pid in cpu_pids}
+        rss = [memory_mib(pid, "Rss") for pid in cpu_pids]
+        pss = sum(memory_mib(pid, "Pss") for pid in cpu_pids)
         torch_in_media = any(has_torch(pid) for pid in cpu_pids)
 
-    stage_table = Table(title="job 1: 81 frames 480x832, 2 steps, tiny model on CPU")
+    stage_table = Table(title="job 1: 81 frames 480x832, 2 steps, tiny model on CPU", min_width=60)
     stage_table.add_column("stage")
     stage_table.add_column("seconds", justify="right")
     for stage, seconds in stages.items():
@@ -172,8 +174,8 @@ def main() -> None:
         ("media stages / bare encode", f"{media_s / bare_s:.2f}x", "<= 1.15x",
          media_s / bare_s <= 1.15),
         ("media worker RSS per process (main, pool children), after the jobs (MiB)",
-         ", ".join(f"{v:.0f}" for v in rss.values()), "<= 150", max(rss.values()) <= 150),
-        ("media worker RSS, its processes summed (MiB)", f"{sum(rss.values()):.0f}", "", True),
+         ", ".join(f"{v:.0f}" for v in rss), "<= 150", max(rss) <= 150),
+        ("media worker PSS, its processes summed (MiB)", f"{pss:.0f}", "", True),
         ("torch loaded in the media worker", str(torch_in_media), "False", not torch_in_media),
         ("RPUSH -> generate start, p50 over 10 jobs", f"{p50_ms:.1f} ms", "<= 50 ms",
          p50_ms <= 50),
