@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import time
 import uuid
 from contextlib import ExitStack
@@ -30,7 +31,8 @@ JOB_TIMEOUT_S = 1_800
 #: On a CPU the tiny model's VAE needs about a second per 480x832 frame: shorten the video.
 CPU_VIDEO_CONFIG = {"frame_num": 33, "num_inference_steps": 4}
 
-console = Console()
+#: Piped output gets a wide table: rich would otherwise fold the paths at 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def demo_jobs(*, short: bool) -> list[tuple[dict[str, Any], str]]:
