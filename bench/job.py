@@ -16,9 +16,7 @@ tiny random-weight WAN model, local storage, callbacks to a local endpoint):
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import statistics
 import tempfile
 import time
@@ -33,7 +31,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from worker.local_platform import LocalPlatform
+from worker.local_platform import LocalPlatform, queue_body
 from worker.records import JobRecords
 from worker.stack import LocalStack, RedisServer
 
@@ -91,8 +89,7 @@ def main() -> None:
         cleanup.callback(server.stop)
         # The media-stage run below sends Celery tasks from this process: same Redis.
         os.environ["REDIS_URL"] = server.url
-        key, secret = secrets.token_hex(8), secrets.token_hex(8)
-        platform = cleanup.enter_context(LocalPlatform(service_key=key, callback_secret=secret))
+        platform = cleanup.enter_context(LocalPlatform())
 
         from worker.tiny_models import make_tiny_wan
 
@@ -104,9 +101,7 @@ def main() -> None:
             "STORAGE_BACKEND": "local",
             "OUTPUT_DIR": str(workdir / "outputs"),
             "SPOOL_DIR": str(workdir / "spool"),
-            "CALLBACK_URL": f"{platform.url}/functions/v1/job-callback",
-            "SUPABASE_SERVICE_KEY": key,
-            "JOB_CALLBACK_SECRET": secret,
+            **platform.worker_env(),
             "HF_HUB_OFFLINE": "1",
         }
         stack = LocalStack(env, log_dir=workdir / "logs")
@@ -120,7 +115,7 @@ def main() -> None:
             job = {"id": str(uuid.uuid4()), "type": job_type, "prompt": "a red fox in snow",
                    "user_id": "bench", "config": config}  # fmt: skip
             pushed_at = time.time()
-            client.rpush(QUEUE, json.dumps(job))
+            client.rpush(QUEUE, queue_body(job))
             body = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body
             if body["status"] != "completed":
                 raise RuntimeError(f"bench job failed: {body['error_message']}")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from worker.local_platform import LocalPlatform
+from worker.local_platform import LocalPlatform, queue_body
 from worker.stack import LocalStack, RedisServer
 
 SERVICE_KEY = "test-service-key"
@@ -57,9 +57,7 @@ def stack_env(
         "WAN_MODEL_PATH": str(tiny_wan),
         "DEVICE": "cpu",
         "STORAGE_BACKEND": "supabase",
-        "SUPABASE_URL": platform.url,
-        "SUPABASE_SERVICE_KEY": SERVICE_KEY,
-        "JOB_CALLBACK_SECRET": CALLBACK_SECRET,
+        **platform.worker_env(),
         "SPOOL_DIR": str(root / "spool"),
         "OUTPUT_DIR": str(root / "outputs"),
         "HF_HUB_OFFLINE": "1",
@@ -123,7 +121,5 @@ def push(client: redis.Redis, job: dict[str, Any] | str, *, shape: str = "object
     """Append a job exactly as the platform's queue-job function does (RPUSH)."""
     if isinstance(job, str):
         client.rpush(PLATFORM_QUEUE, job)
-    elif shape == "object":
-        client.rpush(PLATFORM_QUEUE, json.dumps(job))
     else:
-        client.rpush(PLATFORM_QUEUE, json.dumps([json.dumps(job)]))
+        client.rpush(PLATFORM_QUEUE, queue_body(job, shape=shape))

@@ -100,12 +100,8 @@ class Bridge:
             return
         try:
             job = parse_job(body)
-        except InvalidJob as e:
-            log.error("job=%s invalid: %s", job_id, e)
-            self.reject(job_id, body, raw, e)
-            return
-        except Exception as e:  # a parser bug must cost one job, never the whole list
-            log.error("job=%s could not be parsed", job_id, exc_info=True)
+        except Exception as e:  # a parser bug, too, must cost one job, never the whole list
+            log.error("job=%s invalid: %s", job_id, e, exc_info=not isinstance(e, InvalidJob))
             self.reject(job_id, body, raw, e)
             return
         if job.frames != job.frames_requested:

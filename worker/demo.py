@@ -8,8 +8,6 @@ callbacks to a local endpoint.
 
 from __future__ import annotations
 
-import json
-import secrets
 import sys
 import time
 import uuid
@@ -20,7 +18,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from worker.local_platform import LocalPlatform
+from worker.local_platform import LocalPlatform, queue_body
 from worker.settings import get_settings
 from worker.stack import ROOT, LocalStack, RedisServer, redis_answers
 
@@ -55,11 +53,6 @@ def demo_jobs(*, short: bool) -> list[tuple[dict[str, Any], str]]:
     return [(video, "object"), (image, "array")]
 
 
-def encode_body(job: dict[str, Any], shape: str) -> str:
-    """The two body shapes in the wild (CONTRACT.md section 1)."""
-    return json.dumps(job) if shape == "object" else json.dumps([json.dumps(job)])
-
-
 def run_demo(*, full: bool = False) -> int:
     """Run the demo; the exit status is 0 only if every job completed."""
     settings = get_settings()
@@ -84,8 +77,7 @@ def run_demo(*, full: bool = False) -> int:
             redis_url = server.url
             console.print(f"no Redis at {settings.redis_url}: started a private one at {redis_url}")
 
-        key, secret = secrets.token_hex(16), secrets.token_hex(16)
-        platform = cleanup.enter_context(LocalPlatform(service_key=key, callback_secret=secret))
+        platform = cleanup.enter_context(LocalPlatform())
         # A queue of its own, so the demo never takes or leaves jobs on a real platform list.
         queue = f"wan_queue_demo_{uuid.uuid4().hex[:8]}"
         env |= {
@@ -95,9 +87,7 @@ def run_demo(*, full: bool = False) -> int:
             "STORAGE_BACKEND": "local",
             "OUTPUT_DIR": str(settings.output_dir.resolve()),
             "SPOOL_DIR": str(settings.spool_dir.resolve()),
-            "CALLBACK_URL": f"{platform.url}/functions/v1/job-callback",
-            "SUPABASE_SERVICE_KEY": key,
-            "JOB_CALLBACK_SECRET": secret,
+            **platform.worker_env(),
         }
         console.print("starting the generation, enhancement and media workers and the bridge")
         stack = LocalStack(env, log_dir=DEMO_DIR / "logs" / time.strftime("%Y%m%d-%H%M%S"))
@@ -113,7 +103,7 @@ def run_demo(*, full: bool = False) -> int:
         client = redis.Redis.from_url(redis_url)
         pushed_at = {}
         for job, shape in jobs:
-            client.rpush(queue, encode_body(job, shape))
+            client.rpush(queue, queue_body(job, shape=shape))
             pushed_at[job["id"]] = time.monotonic()
             console.print(f"RPUSH {queue}: {job['type']} job {job['id']} ({shape} shape)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import secrets
 import socket
 import threading
 import time
@@ -24,6 +25,11 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from worker.records import FINAL_STATUSES
+
+
+def queue_body(job: dict[str, Any], *, shape: str = "object") -> str:
+    """A job as the platform's queue-job function RPUSHes it: an object, or `["<object>"]`."""
+    return json.dumps(job) if shape == "object" else json.dumps([json.dumps(job)])
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,11 @@ class LocalPlatform:
     server thread, tests read from theirs, so all recorded state is guarded by `_cond`.
     """
 
-    def __init__(self, *, service_key: str, callback_secret: str) -> None:
+    def __init__(
+        self, *, service_key: str | None = None, callback_secret: str | None = None
+    ) -> None:
+        service_key = service_key or secrets.token_hex(16)
+        callback_secret = callback_secret or secrets.token_hex(16)
         self.service_key = service_key
         self.callback_secret = callback_secret
         self._cond = threading.Condition()
@@ -122,6 +132,14 @@ class LocalPlatform:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def worker_env(self) -> dict[str, str]:
+        """What the workers need to reach this platform; CALLBACK_URL follows SUPABASE_URL."""
+        return {
+            "SUPABASE_URL": self.url,
+            "SUPABASE_SERVICE_KEY": self.service_key,
+            "JOB_CALLBACK_SECRET": self.callback_secret,
+        }
 
     # -- fault injection ---------------------------------------------------------------
 
