@@ -31,9 +31,9 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from worker.local_platform import LocalPlatform, queue_body
+from worker.local.platform import LocalPlatform, queue_body
+from worker.local.stack import LocalStack, RedisServer
 from worker.records import JobRecords
-from worker.stack import LocalStack, RedisServer
 
 JOBS = 10
 #: Runs of the media stages and of the bare encode; the table shows medians.
@@ -91,7 +91,7 @@ def main() -> None:
         os.environ["REDIS_URL"] = server.url
         platform = cleanup.enter_context(LocalPlatform())
 
-        from worker.tiny_models import make_tiny_wan
+        from worker.local.tiny_models import make_tiny_wan
 
         env = {
             "REDIS_URL": server.url,

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from worker.local_platform import LocalPlatform, queue_body
-from worker.stack import LocalStack, RedisServer
+from worker.local.platform import LocalPlatform, queue_body
+from worker.local.stack import LocalStack, RedisServer
 
 SERVICE_KEY = "test-service-key"
 CALLBACK_SECRET = "test-callback-secret"
@@ -34,7 +34,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(scope="session")
 def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny_models import make_tiny_wan
+    from worker.local.tiny_models import make_tiny_wan
 
     return make_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")
 

@@ -6,9 +6,9 @@ import pytest
 import redis
 
 from tests.conftest import JOB_TIMEOUT_S, new_job, push
-from worker.local_platform import LocalPlatform
+from worker.local.platform import LocalPlatform
+from worker.local.stack import LocalStack
 from worker.records import JobRecords
-from worker.stack import LocalStack
 
 
 def without(job: dict, key: str) -> dict:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from worker.stack import RedisServer
+from worker.local.stack import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

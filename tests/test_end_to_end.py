@@ -12,8 +12,8 @@ import redis
 from PIL import Image
 
 from tests.conftest import JOB_TIMEOUT_S, new_job, push
-from worker.local_platform import Callback, LocalPlatform
-from worker.stack import LocalStack
+from worker.local.platform import Callback, LocalPlatform
+from worker.local.stack import LocalStack
 
 BUCKET = "workspace-temp"
 

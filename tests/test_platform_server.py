@@ -18,7 +18,7 @@ import pytest
 from storage3.exceptions import StorageApiError
 from supabase import create_client
 
-from worker.local_platform import LocalPlatform
+from worker.local.platform import LocalPlatform
 
 SERVICE_KEY = "test-service-key"
 SECRET = "test-callback-secret"

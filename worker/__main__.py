@@ -27,14 +27,14 @@ def _bridge(_: argparse.Namespace) -> None:
 
 
 def _make_tiny(args: argparse.Namespace) -> None:
-    from worker.tiny_models import NOISE_WARNING, make_tiny_wan
+    from worker.local.tiny_models import NOISE_WARNING, make_tiny_wan
 
     path = make_tiny_wan(args.dir)
     print(f"tiny WAN pipeline saved to {path}: {NOISE_WARNING}")
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from worker.demo import run_demo
+    from worker.local.demo import run_demo
 
     sys.exit(run_demo(full=args.full))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 #: The process table of DESIGN.md (workers log at INFO so readiness can be seen).
 COMMANDS: dict[str, list[str]] = {

@@ -18,9 +18,9 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from worker.local_platform import LocalPlatform, queue_body
+from worker.local.platform import LocalPlatform, queue_body
+from worker.local.stack import ROOT, LocalStack, RedisServer, redis_answers
 from worker.settings import get_settings
-from worker.stack import ROOT, LocalStack, RedisServer, redis_answers
 
 #: Scratch space of the demo: the tiny model, a private Redis, the process logs.
 DEMO_DIR = ROOT / ".demo"
@@ -60,7 +60,7 @@ def run_demo(*, full: bool = False) -> int:
     with ExitStack() as cleanup:
         model_path = settings.wan_model_path
         if model_path is None:
-            from worker.tiny_models import NOISE_WARNING, make_tiny_wan
+            from worker.local.tiny_models import NOISE_WARNING, make_tiny_wan
 
             model_path = DEMO_DIR / "tiny-wan"
             if not (model_path / "model_index.json").exists():
