@@ -16,6 +16,7 @@ import threading
 import redis
 from kombu.exceptions import OperationalError
 
+from worker.dispatch import reject, seen_before, submit
 from worker.errors import InvalidJob
 from worker.jobs import decode_body, job_id_of, parse_job
 from worker.records import JobRecords, get_records
@@ -83,8 +84,6 @@ class Bridge:
 
     def handle(self, raw: bytes) -> None:
         """Validate one item and send its chain, or answer it with a `failed` callback."""
-        from tasks import build_chain  # Celery's app is needed only once an item arrives
-
         try:
             body = decode_body(raw)
         except InvalidJob as e:
@@ -94,34 +93,17 @@ class Bridge:
         if job_id is None:
             log.error("dropped a job without a usable id: %.200r", raw)
             return
-        # Claimed but never dispatched: a bridge died in between, so this item is sent now.
-        if not self.records.claim(job_id) and self.records.is_dispatched(job_id):
-            log.warning("job=%s seen before: ignored", job_id)
+        if seen_before(self.records, job_id):
             return
         try:
             job = parse_job(body)
         except Exception as e:  # a parser bug, too, must cost one job, never the whole list
             log.error("job=%s invalid: %s", job_id, e, exc_info=not isinstance(e, InvalidJob))
-            self.reject(job_id, body, raw, e)
+            job_type = str(body.get("type") or body.get("job_type") or "")
+            reject(self.records, job_id, job_type=job_type, payload=raw.decode(errors="replace"),
+                   error=e)  # fmt: skip
             return
-        if job.frames != job.frames_requested:
-            log.info("job=%s frames %d normalised to %d", job_id, job.frames_requested, job.frames)
-        self.records.create(job, payload=raw.decode())
-        build_chain(job.id).apply_async()
-        self.records.mark_dispatched(job.id)
-        log.info("job=%s %s dispatched", job.id, job.type.value)
-
-    def reject(self, job_id: str, body: dict, raw: bytes, error: Exception) -> None:
-        """Record the invalid job and send its `failed` callback through the media queue."""
-        from tasks.media import callback
-
-        job_type = body.get("type") or body.get("job_type")
-        self.records.write(
-            job_id, payload=raw.decode(errors="replace"), job_type=str(job_type or "")
-        )
-        self.records.mark_dispatched(job_id)
-        self.records.fail(job_id, stage="validate", error=error)
-        callback.apply_async((job_id, "failed"), task_id=f"{job_id}:callback:failed")
+        submit(self.records, job, payload=raw.decode())
 
     def stop(self) -> None:
         self.stopping.set()
