@@ -27,6 +27,7 @@ task_queues = tuple(
 task_default_queue = "cpu"
 task_routes = {
     "wan.enhance": {"queue": "enhance"},
+    "wan.enhance_prompt": {"queue": "enhance"},
     "wan.generate": {"queue": "gpu"},
     "wan.encode": {"queue": "cpu"},
     "wan.thumbnail": {"queue": "cpu"},
@@ -44,6 +45,7 @@ worker_prefetch_multiplier = 1
 #: reported in the `failed` callback; the hard one kills the pool child.
 STAGE_TIME_LIMITS_S = {
     "wan.enhance": (120, 150),
+    "wan.enhance_prompt": (120, 150),
     "wan.generate": (1_800, 1_900),
     "wan.encode": (300, 330),
     "wan.thumbnail": (60, 90),

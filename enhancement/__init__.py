@@ -1,21 +1,10 @@
-"""Prompt enhancement for the `*_enhanced` job types.
+"""Prompt enhancement for the `*_enhanced` job types with Qwen 2.5-7B Base.
 
-Qwen 2.5-7B Base rewriting comes in its own issue; until then the stage passes the
-user's prompt through and says so in the callback metadata.
+`Enhancer.enhance` returns an `Enhancement`: the prompt WAN receives and the callback
+metadata saying whether Qwen rewrote it, or why not. Nothing here knows Celery; torch and
+transformers are imported only where the model is loaded (`enhancement.model`).
 """
 
-from __future__ import annotations
+from enhancement.enhancer import Enhancement, Enhancer, FallbackReason
 
-from typing import Any
-
-from worker.jobs import Job
-
-
-def passthrough(job: Job) -> dict[str, Any]:
-    """Callback metadata for a job whose prompt is used as given."""
-    if not job.enhance:
-        return {}
-    return {
-        "enhancement_applied": False,
-        "enhancement_note": "prompt enhancement is not built yet: prompt used as given",
-    }
+__all__ = ["Enhancement", "Enhancer", "FallbackReason"]

@@ -8,12 +8,20 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_after_setup
 
+from worker.observe.loaded_models import LoadedModels
+from worker.records import get_records
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 app = Celery("wan")
 app.config_from_object("celeryconfig")
+
+
+@celeryd_after_setup.connect
+def forget_models_of_previous_run(sender: str, **_: Any) -> None:
+    """A (re)started worker holds no model yet, whatever its dead predecessor held."""
+    LoadedModels(get_records().redis).clear(sender)
 
 
 @celeryd_after_setup.connect
@@ -28,3 +36,6 @@ def warn_about_settings(instance: Any, **_: Any) -> None:
     if "gpu" in queues and settings.wan_model_path is None:
         log.error("WAN_MODEL_PATH is not set: every generation will fail until it points at "
                   "Wan2.1-T2V-1.3B in diffusers format")  # fmt: skip
+    if "enhance" in queues and settings.qwen_model_path is None:
+        log.warning("QWEN_MODEL_PATH is not set: enhanced job types run with the user's prompt "
+                    "(enhancement_fallback_reason: no_model)")  # fmt: skip

@@ -10,6 +10,7 @@ from tasks.app import app
 from tasks.base import StageTask
 from worker.callback import notify_processing
 from worker.jobs import SEED_MAX
+from worker.observe.loaded_models import LoadedModels
 from worker.records import get_records
 from worker.settings import get_settings
 
@@ -32,7 +33,11 @@ class GenerateTask(StageTask):
         if self._pipe is None:
             from worker.generation import load_t2v  # torch comes in here, in the GPU child only
 
-            type(self)._pipe = load_t2v(get_settings())
+            settings = get_settings()
+            type(self)._pipe = load_t2v(settings)
+            LoadedModels(get_records().redis).note(
+                self.request.hostname, "wan_t2v", path=str(settings.wan_model_path), loaded=True
+            )
         return self._pipe
 
 

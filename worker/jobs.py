@@ -74,8 +74,16 @@ class JobType(StrEnum):
         return self.value.endswith("_enhanced")
 
     @property
+    def content_type(self) -> Literal["video", "image"]:
+        return "video" if self.is_video else "image"
+
+    @property
+    def quality(self) -> Literal["fast", "high"]:
+        return "high" if "_high" in self.value else "fast"
+
+    @property
     def preset(self) -> Preset:
-        return PRESETS["high" if "_high" in self.value else "fast"]
+        return PRESETS[self.quality]
 
     @property
     def default_frames(self) -> int:
@@ -111,7 +119,7 @@ class Job(BaseModel):
 
     @property
     def content_type(self) -> Literal["video", "image"]:
-        return "video" if self.type.is_video else "image"
+        return self.type.content_type
 
     @property
     def extension(self) -> str:

@@ -8,12 +8,26 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Field names whose values are secrets: shown as set/unset, never printed.
 SECRET_FIELDS = ("supabase_service_key", "job_callback_secret", "wan_worker_api_key")
+#: Field names holding URLs that may carry credentials (`redis://:password@host`).
+URL_FIELDS = ("redis_url", "platform_redis_url", "supabase_url", "callback_url", "public_url")
+
+
+def mask_url_credentials(url: str) -> str:
+    """The URL with any user name and password replaced by `***`, for printing."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 class Settings(BaseSettings):
@@ -52,6 +66,21 @@ class Settings(BaseSettings):
     #: How long a job record lives in Redis after its last update, seconds.
     job_record_ttl_s: int = 7 * 24 * 3600
 
+    #: Deadline of one Qwen generation, seconds (transformers' `max_time`).
+    enhance_timeout_s: float = 60.0
+    #: How long `POST /enhance` waits for the enhance queue beyond the deadline (a model
+    #: load, a job ahead on a shared worker), seconds; past it the answer is a fallback.
+    enhance_queue_wait_s: float = 30.0
+    enhance_max_new_tokens: int = 320
+    enhance_temperature: float = 0.7
+    enhance_top_p: float = 0.9
+    enhance_top_k: int = 40
+    enhance_repetition_penalty: float = 1.1
+    #: How long an enhanced prompt is reused for the same request, seconds.
+    enhance_cache_ttl_s: int = 7 * 24 * 3600
+    #: Unload Qwen after this many idle seconds (0: keep it loaded).
+    enhance_idle_unload_s: float = 0.0
+
     @model_validator(mode="after")
     def _derive_urls(self) -> Settings:
         """Fill the defaults that DESIGN.md derives from other settings."""
@@ -67,12 +96,14 @@ class Settings(BaseSettings):
         return self
 
     def masked(self) -> dict[str, str]:
-        """Every setting as text, secrets reduced to 'set' or 'unset'."""
+        """Every setting as text: secrets reduced to 'set' or 'unset', URL credentials masked."""
         shown: dict[str, str] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
             if name in SECRET_FIELDS:
                 shown[name] = "set" if value else "unset"
+            elif name in URL_FIELDS and value:
+                shown[name] = mask_url_credentials(value)
             else:
                 shown[name] = "" if value is None else str(value)
         return shown
