@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import LocalStack, RedisServer
+from worker.local.stack import WORKERS_AND_BRIDGE, LocalStack, RedisServer
 from worker.records import JobRecords
 
 JOBS = 10
@@ -104,7 +104,7 @@ def main() -> None:
             **platform.worker_env(),
             "HF_HUB_OFFLINE": "1",
         }
-        stack = LocalStack(env, log_dir=workdir / "logs")
+        stack = LocalStack(env, log_dir=workdir / "logs", names=WORKERS_AND_BRIDGE)
         cleanup.callback(stack.stop)
         stack.start()
         client = redis.Redis.from_url(server.url)

@@ -7,6 +7,8 @@ tiny model loaded with `from_pretrained`, supabase-py and httpx talking HTTP.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +18,21 @@ import pytest
 import redis
 
 from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import LocalStack, RedisServer
+from worker.local.stack import LocalStack, RedisServer, free_port
 
-SERVICE_KEY = "test-service-key"
-CALLBACK_SECRET = "test-callback-secret"
+
+def _test_secret(name: str) -> str:
+    """Random per test run, so a leak of any part of it can be found in the logs.
+
+    Kept in the environment: pytest imports this file as `conftest` and the tests import it
+    as `tests.conftest`, and both must agree.
+    """
+    return os.environ.setdefault(f"WAN_TEST_{name}", secrets.token_hex(16))
+
+
+SERVICE_KEY = _test_secret("SERVICE_KEY")
+CALLBACK_SECRET = _test_secret("CALLBACK_SECRET")
+API_KEY = _test_secret("API_KEY")
 PLATFORM_QUEUE = "wan_queue"
 #: Long enough for a job on a loaded 2-core machine, short enough to fail a hung test.
 JOB_TIMEOUT_S = 120
@@ -40,6 +53,13 @@ def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.local.tiny_qwen import make_tiny_qwen
+
+    return make_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny-qwen")
+
+
+@pytest.fixture(scope="session")
 def platform() -> Iterator[LocalPlatform]:
     with LocalPlatform(service_key=SERVICE_KEY, callback_secret=CALLBACK_SECRET) as server:
         yield server
@@ -47,7 +67,7 @@ def platform() -> Iterator[LocalPlatform]:
 
 @pytest.fixture(scope="session")
 def stack_env(
-    redis_server: RedisServer, tiny_wan: Path, platform: LocalPlatform,
+    redis_server: RedisServer, tiny_wan: Path, tiny_qwen: Path, platform: LocalPlatform,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, str]:  # fmt: skip
     root = tmp_path_factory.mktemp("stack")
@@ -55,6 +75,10 @@ def stack_env(
         "REDIS_URL": redis_server.url,
         "PLATFORM_QUEUE": PLATFORM_QUEUE,
         "WAN_MODEL_PATH": str(tiny_wan),
+        "QWEN_MODEL_PATH": str(tiny_qwen),
+        "WAN_WORKER_API_KEY": API_KEY,
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(free_port()),
         "DEVICE": "cpu",
         "STORAGE_BACKEND": "supabase",
         **platform.worker_env(),
@@ -123,3 +147,12 @@ def push(client: redis.Redis, job: dict[str, Any] | str, *, shape: str = "object
         client.rpush(PLATFORM_QUEUE, job)
     else:
         client.rpush(PLATFORM_QUEUE, queue_body(job, shape=shape))
+
+
+def api_url(env: dict[str, str]) -> str:
+    """Where the HTTP API of a stack started with `env` listens."""
+    return f"http://127.0.0.1:{env['API_PORT']}"
+
+
+def auth(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -1,4 +1,4 @@
-"""`python -m worker ...`: the bridge, the settings, the tiny models and the demo."""
+"""`python -m worker ...`: the bridge, the HTTP API, the settings, the tiny models and the demo."""
 
 from __future__ import annotations
 
@@ -26,7 +26,18 @@ def _bridge(_: argparse.Namespace) -> None:
     main()
 
 
+def _api(_: argparse.Namespace) -> None:
+    from worker.api import main
+
+    main()
+
+
 def _make_tiny(args: argparse.Namespace) -> None:
+    if args.qwen:
+        from worker.local.tiny_qwen import NOISE_WARNING, make_tiny_qwen
+
+        print(f"tiny Qwen model saved to {make_tiny_qwen(args.dir)}: {NOISE_WARNING}")
+        return
     from worker.local.tiny_models import NOISE_WARNING, make_tiny_wan
 
     path = make_tiny_wan(args.dir)
@@ -49,9 +60,15 @@ def main(argv: list[str] | None = None) -> None:
         run=_config
     )
     commands.add_parser("bridge", help="move platform jobs into Celery").set_defaults(run=_bridge)
+    commands.add_parser("api", help="serve the HTTP API on API_HOST:API_PORT").set_defaults(
+        run=_api
+    )
     models = commands.add_parser("models", help="model tools").add_subparsers(required=True)
-    tiny = models.add_parser("make-tiny", help="build the tiny random-weight WAN model offline")
+    tiny = models.add_parser("make-tiny", help="build a tiny random-weight model offline")
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument(
+        "--qwen", action="store_true", help="the tiny Qwen enhancement model instead of WAN"
+    )
     tiny.set_defaults(run=_make_tiny)
     demo = commands.add_parser("demo", help="run one job of each kind end to end, locally")
     demo.add_argument(

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import ROOT, LocalStack, RedisServer, redis_answers
+from worker.local.stack import ROOT, WORKERS_AND_BRIDGE, LocalStack, RedisServer, redis_answers
 from worker.settings import get_settings
 
 #: Scratch space of the demo: the tiny model, a private Redis, the process logs.
@@ -90,7 +90,11 @@ def run_demo(*, full: bool = False) -> int:
             **platform.worker_env(),
         }
         console.print("starting the generation, enhancement and media workers and the bridge")
-        stack = LocalStack(env, log_dir=DEMO_DIR / "logs" / time.strftime("%Y%m%d-%H%M%S"))
+        stack = LocalStack(
+            env,
+            log_dir=DEMO_DIR / "logs" / time.strftime("%Y%m%d-%H%M%S"),
+            names=WORKERS_AND_BRIDGE,
+        )
         cleanup.callback(stack.stop)
         stack.start()
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -96,6 +97,7 @@ class LocalPlatform:
         self._worker_url_updates: list[dict[str, Any]] = []
         self._upload_faults = _Faults()
         self._callback_faults = _Faults()
+        self._registration_faults = _Faults()
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
@@ -152,6 +154,17 @@ class LocalPlatform:
         """The next n callback requests answer `status` before any checks, unrecorded."""
         with self._cond:
             self._callback_faults.remaining, self._callback_faults.status = n, status
+
+    def fail_next_registrations(self, n: int, status: int = 503) -> None:
+        """The next n update-worker-url requests answer `status` before any checks."""
+        with self._cond:
+            self._registration_faults.remaining, self._registration_faults.status = n, status
+
+    @property
+    def rejected_registrations(self) -> int:
+        """Registration requests answered with an injected failure."""
+        with self._cond:
+            return self._registration_faults.served
 
     @property
     def rejected_uploads(self) -> int:
@@ -288,11 +301,21 @@ class LocalPlatform:
 
         @app.post("/functions/v1/update-worker-url")
         async def update_worker_url(request: Request) -> JSONResponse:
+            if (status := self._take_fault(self._registration_faults)) is not None:
+                return JSONResponse({"error": "injected by the test"}, status_code=status)
             if not self._authorized(request):
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)
             body = await self._json_object(request)
             if body is None:
                 return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+            # As the platform does: accept only a worker whose /health answers within 5 s.
+            try:
+                async with httpx.AsyncClient(timeout=5) as client:
+                    health = await client.get(f"{body.get('worker_url')}/health")
+            except (httpx.HTTPError, ValueError) as e:
+                return JSONResponse({"error": f"worker health check failed: {e}"}, 400)
+            if health.status_code != 200:
+                return JSONResponse({"error": f"worker health {health.status_code}"}, 400)
             with self._cond:
                 self._worker_url_updates.append(body)
                 self._cond.notify_all()

@@ -27,13 +27,23 @@ COMMANDS: dict[str, list[str]] = {
                 "-n", "enhance@%h", "-l", "INFO"],
     "cpu": ["celery", "-A", "tasks", "worker", "-Q", "cpu", "-n", "cpu@%h", "-l", "INFO"],
     "bridge": ["python", "-m", "worker", "bridge"],
+    "api": ["python", "-m", "worker", "api"],
+    # A small box: one worker holds WAN and Qwen (README, "One worker for a small box").
+    "gpu+enhance": ["celery", "-A", "tasks", "worker", "-Q", "gpu,enhance", "-P", "prefork",
+                    "-c", "1", "-n", "gpu@%h", "-l", "INFO"],
 }  # fmt: skip
+#: What jobs from the platform list need: one worker per queue and the bridge.
+WORKERS_AND_BRIDGE = ("gpu", "enhance", "cpu", "bridge")
+#: DESIGN.md's whole process table (Flower aside).
+FULL_STACK = (*WORKERS_AND_BRIDGE, "api")
 #: The log line that says a process is ready to take work.
 READY_MARKERS = {
     "gpu": " ready.",
     "enhance": " ready.",
     "cpu": " ready.",
     "bridge": "bridge serving",
+    "api": "Application startup complete",
+    "gpu+enhance": " ready.",
 }
 
 
@@ -93,12 +103,12 @@ class RedisServer:
 
 
 class LocalStack:
-    """The generation, enhancement and media workers and the bridge as real subprocesses."""
+    """The workers, the bridge and the HTTP API as real subprocesses (or the `names` given)."""
 
     def __init__(self, env: dict[str, str], *, log_dir: Path, names: tuple[str, ...] = ()) -> None:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.log_dir = log_dir
-        self.names = names or tuple(COMMANDS)
+        self.names = names or FULL_STACK
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, *, timeout_s: float = 120) -> LocalStack:

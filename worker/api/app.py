@@ -1,0 +1,48 @@
+"""The FastAPI app and `python -m worker api`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from worker.api import debug, enhance, health, jobs
+from worker.api.registration import register
+from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Register once per start, in the background: serving never waits for the platform."""
+    settings = get_settings()
+    if settings.wan_worker_api_key is None:
+        log.warning("WAN_WORKER_API_KEY is not set: every endpoint but /health answers 503")
+    registration = asyncio.create_task(register(settings))
+    yield
+    registration.cancel()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="WAN worker",
+        summary="Prompt enhancement, jobs and health of the WAN 2.1 video worker",
+        version="0.1.0",
+        lifespan=_lifespan,
+    )
+    for module in (health, enhance, jobs, debug):
+        app.include_router(module.router)
+    return app
+
+
+def main() -> None:
+    """Serve on API_HOST:API_PORT until SIGTERM or Ctrl-C."""
+    import uvicorn
+
+    settings = get_settings()
+    log.info("HTTP API serving on %s:%d", settings.api_host, settings.api_port)
+    uvicorn.run(create_app(), host=settings.api_host, port=settings.api_port)

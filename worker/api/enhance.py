@@ -1,0 +1,90 @@
+"""POST /enhance: the frontend's interactive prompt rewrite, through the `enhance` queue.
+
+The answer always carries a usable prompt: the rewrite, or the user's own with the reason
+(`enhancement_fallback_reason`) when Qwen is missing, too slow, busy or wrote nothing usable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from celery.exceptions import TimeoutError as ResultTimeout
+from fastapi import APIRouter, Depends, HTTPException, status
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel, Field, field_validator
+
+from worker.api.auth import Authorized
+from worker.jobs import PROMPT_MAX_CHARS, JobType
+from worker.settings import Settings, get_settings
+
+router = APIRouter(dependencies=[Authorized], tags=["enhance"])
+
+
+class EnhanceRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS)
+    #: The one enhancement model this worker runs (Qwen 2.5-7B Base).
+    model: Literal["qwen_base"] = "qwen_base"
+    #: Picks the prompt style (video or image) and length (fast or high).
+    job_type: JobType = JobType.video_fast
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_text(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must contain text, not only white space")
+        return prompt
+
+
+class EnhanceResponse(BaseModel):
+    """CONTRACT.md section 6, plus why a prompt came back unchanged."""
+
+    success: bool
+    enhanced_prompt: str
+    original_prompt: str
+    enhancement_source: Literal["qwen_base", "fallback"]
+    processing_time: float
+    model: Literal["qwen_base"]
+    enhancement_applied: bool
+    worker: Literal["wan"] = "wan"
+    enhancement_cached: bool = False
+    enhancement_fallback_reason: str | None = None
+    enhancement_fallback_detail: str | None = None
+
+
+@router.post("/enhance", responses={503: {"description": "Redis unreachable"}})
+def enhance(
+    request: EnhanceRequest, settings: Annotated[Settings, Depends(get_settings)]
+) -> EnhanceResponse:
+    from tasks.enhance import enhance_prompt  # the Celery app, only once a request comes
+
+    started = time.perf_counter()
+    wait_s = settings.enhance_timeout_s + settings.enhance_queue_wait_s
+    try:
+        pending = enhance_prompt.apply_async(
+            (request.prompt, request.job_type.content_type, request.job_type.quality),
+            expires=wait_s,  # not started by then: dropped, never run for nobody
+        )
+        answer = pending.get(timeout=wait_s)
+    except ResultTimeout:
+        answer = {
+            "prompt": request.prompt,
+            "enhancement_applied": False,
+            "enhancement_fallback_reason": "timeout",
+            "enhancement_fallback_detail": f"no answer from the enhance queue in {wait_s:g} s",
+        }
+    except OperationalError as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Redis unreachable: {e}") from e
+    applied = bool(answer["enhancement_applied"])
+    return EnhanceResponse(
+        success=applied,
+        enhanced_prompt=answer["prompt"],
+        original_prompt=request.prompt,
+        enhancement_source="qwen_base" if applied else "fallback",
+        processing_time=round(time.perf_counter() - started, 3),
+        model=request.model,
+        enhancement_applied=applied,
+        enhancement_cached=bool(answer.get("enhancement_cached")),
+        enhancement_fallback_reason=answer.get("enhancement_fallback_reason"),
+        enhancement_fallback_detail=answer.get("enhancement_fallback_detail"),
+    )
