@@ -73,5 +73,6 @@ def generate(self: GenerateTask, job_id: str) -> None:
             "height": height,
             "frame_num": frame_num,
             "frames_path": str(path.resolve()),
+            "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
         },
     )

@@ -7,6 +7,7 @@ tiny model loaded with `from_pretrained`, supabase-py and httpx talking HTTP.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import uuid
@@ -36,6 +37,42 @@ API_KEY = _test_secret("API_KEY")
 PLATFORM_QUEUE = "wan_queue"
 #: Long enough for a job on a loaded 2-core machine, short enough to fail a hung test.
 JOB_TIMEOUT_S = 120
+
+
+def secret_leaks(texts: dict[str, str], secrets_: list[str], *, window: int = 12) -> list[str]:
+    """Where any `window` characters in a row of any secret appear: '<source>: <fragment>'."""
+    fragments = {s[i : i + window] for s in secrets_ for i in range(len(s) - window + 1)}
+    return [
+        f"{source}: {fragment}"
+        for source, text in texts.items()
+        for fragment in fragments
+        if fragment in text
+    ]
+
+
+class _Recorder(logging.Handler):
+    """Every log record of this process, formatted with its arguments."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole run: no log line of any process the tests started holds a secret."""
+    recorder = _Recorder()
+    logging.getLogger().addHandler(recorder)
+    yield
+    logging.getLogger().removeHandler(recorder)
+    texts = {"this process": "\n".join(recorder.lines)}
+    for path in tmp_path_factory.getbasetemp().rglob("*.log"):
+        texts[str(path)] = path.read_text(errors="replace")
+    leaks = secret_leaks(texts, [SERVICE_KEY, CALLBACK_SECRET, API_KEY])
+    assert not leaks, f"secrets in logs: {leaks[:5]}"
 
 
 @pytest.fixture(scope="session")
