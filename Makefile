@@ -31,6 +31,7 @@ lint: $(INSTALLED)
 
 bench: $(INSTALLED) redis-server
 	$(PY) -m bench.job
+	$(PY) -m bench.enhance
 
 clean:
 	rm -rf $(VENV) .demo spool outputs

@@ -265,24 +265,6 @@ def test_debug_env_says_which_settings_are_set_and_masks_url_credentials(
         assert secret not in response.text
 
 
-def test_the_config_command_masks_credentials_inside_urls() -> None:
-    import subprocess
-    import sys
-
-    env = {"REDIS_URL": "rediss://default:s3cr3t-pw@redis.example.com:6380/0", "PATH": ""}
-    out = subprocess.run(
-        [sys.executable, "-m", "worker", "config"],
-        env=env | {"COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parents[1],
-    ).stdout
-
-    assert "s3cr3t-pw" not in out and "default" not in out
-    assert "rediss://***@redis.example.com:6380/0" in out
-
-
 # -- registration ------------------------------------------------------------------------
 
 

@@ -60,3 +60,24 @@ def test_make_tiny_builds_a_diffusers_model_directory(tmp_path: Path) -> None:
     assert index["_class_name"] == "WanPipeline"
     assert {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"} <= index.keys()
     assert "noise" in out
+
+
+def test_config_masks_credentials_inside_urls() -> None:
+    url = "rediss://default:s3cr3t-pw@redis.example.com:6380/0"
+
+    out = run_worker("config", env={"REDIS_URL": url}).stdout
+
+    assert "s3cr3t-pw" not in out and "default:" not in out
+    assert "rediss://***@redis.example.com:6380/0" in out
+
+
+def test_make_tiny_qwen_builds_a_model_that_loads_with_from_pretrained(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = run_worker("models", "make-tiny", "--qwen", str(tmp_path / "qwen")).stdout
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "qwen")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen")
+    assert model.config.model_type == "qwen2"
+    assert tokenizer.decode(tokenizer.encode(" a fox")) == " a fox"  # byte-level round trip
+    assert "fixed sentence" in out

@@ -24,9 +24,8 @@ PROCESS_COMMANDS = {
     "cpu": "celery -A tasks worker -Q cpu -n cpu@%h -l INFO",
     "bridge": "python -m worker bridge",
     "flower": "celery -A tasks flower --port=5555",
+    "api": "python -m worker api",
 }
-#: Processes of the table that may be added later; checked only if present.
-OPTIONAL_COMMANDS = {"api": "python -m worker api"}
 
 GPU_SERVICES = ("gpu", "enhance")
 
@@ -162,7 +161,7 @@ def test_every_process_of_the_design_table_runs_with_its_exact_command(services)
 
 
 def test_no_service_runs_anything_but_a_process_of_the_table(services):
-    known = PROCESS_COMMANDS | OPTIONAL_COMMANDS
+    known = PROCESS_COMMANDS
     for name, service in services.items():
         if name == "redis":
             continue
@@ -259,6 +258,13 @@ def test_generation_and_media_workers_report_one_hostname(services):
     gpu_host = services["gpu"].get("hostname")
     assert gpu_host, "gpu has no explicit hostname"
     assert services["cpu"].get("hostname") == gpu_host
+
+
+def test_the_api_publishes_7860_needs_a_key_and_checks_its_health(services):
+    api = services["api"]
+    assert "7860:7860" in api["ports"]
+    assert _environment(api)["WAN_WORKER_API_KEY"].startswith("${WAN_WORKER_API_KEY:?")
+    assert "/health" in " ".join(api["healthcheck"]["test"])
 
 
 # --- environment -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from storage3.exceptions import StorageApiError
 from supabase import create_client
 
 from worker.local.platform import LocalPlatform
+from worker.local.stack import free_port
 
 SERVICE_KEY = "test-service-key"
 SECRET = "test-callback-secret"
@@ -173,12 +174,33 @@ def test_wait_for_callback_times_out_listing_what_arrived(platform: LocalPlatfor
         platform.wait_for_callback("j1", "completed", timeout_s=0.2)
 
 
-def test_update_worker_url_is_recorded(platform: LocalPlatform) -> None:
+def test_update_worker_url_is_recorded_only_for_a_worker_whose_health_answers(
+    platform: LocalPlatform,
+) -> None:
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    worker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=worker.serve_forever, daemon=True).start()
     url = f"{platform.url}/functions/v1/update-worker-url"
-    body = {"worker_url": "https://worker.example"}
+    healthy = {"worker_url": f"http://127.0.0.1:{worker.server_address[1]}"}
+    silent = {"worker_url": f"http://127.0.0.1:{free_port()}"}
+    key = {"Authorization": f"Bearer {SERVICE_KEY}"}
+    before = len(platform.worker_url_updates)
+    try:
+        refused = httpx.post(url, json=healthy, headers={"Authorization": "Bearer wrong"})
+        unhealthy = httpx.post(url, json=silent, headers=key, timeout=10)
+        accepted = httpx.post(url, json=healthy, headers=key, timeout=10)
+    finally:
+        worker.shutdown()
 
-    refused = httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"})
-    accepted = httpx.post(url, json=body, headers={"Authorization": f"Bearer {SERVICE_KEY}"})
-
-    assert (refused.status_code, accepted.status_code) == (401, 200)
-    assert platform.worker_url_updates == [body]
+    assert (refused.status_code, unhealthy.status_code, accepted.status_code) == (401, 400, 200)
+    assert platform.worker_url_updates[before:] == [healthy]
