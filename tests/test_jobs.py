@@ -84,6 +84,10 @@ def test_bytes_as_read_from_redis_decode_like_text(wrapped: bool) -> None:
         '["[1, 2]"]',
         json.dumps([json.dumps(body()), json.dumps(body())]),
         "[" * 100_000 + "]" * 100_000,
+        "1" * 5_000,
+        json.dumps([json.dumps(body()).replace('"metadata": {}', '"metadata": ' + "9" * 5_000)]),
+        json.dumps(body()).encode("utf-16"),
+        json.dumps(body()).encode("utf-32-le"),
     ],
     ids=[
         "text",
@@ -97,6 +101,10 @@ def test_bytes_as_read_from_redis_decode_like_text(wrapped: bool) -> None:
         "array-of-json-list",
         "two-element-array",
         "deeply-nested",
+        "integer-over-4300-digits",
+        "array-holding-an-integer-over-4300-digits",
+        "utf-16",
+        "utf-32",
     ],
 )
 def test_a_body_that_is_not_a_job_object_is_refused_naming_the_body(raw: str | bytes) -> None:

@@ -131,13 +131,18 @@ class Job(BaseModel):
 
 
 def decode_body(raw: bytes | str) -> dict[str, Any]:
-    """Accept both body shapes of the platform list: an object, or `["<object as JSON>"]`."""
+    """Accept both body shapes of the platform list: an object, or `["<object as JSON>"]`.
+
+    Bytes must be UTF-8 (json.loads would also guess UTF-16 or UTF-32, text the record
+    could not keep). ValueError covers bad JSON, bad UTF-8 and integers over Python's
+    4,300-digit conversion limit; RecursionError covers too deep nesting.
+    """
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         if isinstance(body, list) and len(body) == 1 and isinstance(body[0], str):
             body = json.loads(body[0])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise InvalidJob("body", f"not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise InvalidJob("body", f"not valid UTF-8 JSON: {e}") from e
     if not isinstance(body, dict):
         raise InvalidJob("body", "expected a JSON object or a one-element array holding one")
     return body
