@@ -67,6 +67,11 @@ class JobRecord:
         text = self.fields.get(name)
         return None if text is None else json.loads(text)
 
+    def first_started(self, stage: str) -> float | None:
+        """When the stage's first delivery started (retries and redeliveries keep it)."""
+        at = self.fields.get(f"first_started:{stage}")
+        return None if at is None else float(at)
+
     def stage_seconds(self) -> dict[str, float]:
         """Wall time of each finished stage, in chain order of first start."""
         starts = sorted(
@@ -166,11 +171,11 @@ class JobRecords:
 
     def stage_started(self, job_id: str, stage: str) -> int:
         """Note a stage's start; returns how many times it has started (deliveries)."""
+        now = repr(time.time())
         with self.redis.pipeline() as pipe:
             pipe.hincrby(self.key(job_id), f"attempts:{stage}", 1)
-            pipe.hset(
-                self.key(job_id), mapping={"stage": stage, f"started:{stage}": repr(time.time())}
-            )
+            pipe.hset(self.key(job_id), mapping={"stage": stage, f"started:{stage}": now})
+            pipe.hsetnx(self.key(job_id), f"first_started:{stage}", now)
             pipe.expire(self.key(job_id), self.ttl_s)
             attempts, *_ = pipe.execute()
         return int(attempts)
@@ -186,6 +191,16 @@ class JobRecords:
             error_stage=stage,
             error=str(error) or type(error).__name__,
             error_type=type(error).__name__,
+        )
+
+    def delivery_failed(self, job_id: str, *, stage: str, error: BaseException) -> None:
+        """The platform was never told the outcome: say so, keeping the job's own error."""
+        self.write(
+            job_id,
+            status="delivery_failed",
+            delivery_error_stage=stage,
+            delivery_error=str(error) or type(error).__name__,
+            delivery_error_type=type(error).__name__,
         )
 
 
