@@ -185,23 +185,22 @@ class JobRecords:
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """Leave the record saying which stage failed, and why."""
-        self.write(
-            job_id,
-            status="failed",
-            error_stage=stage,
-            error=str(error) or type(error).__name__,
-            error_type=type(error).__name__,
-        )
+        self.write(job_id, status="failed", **_error_fields("error", stage, error))
 
     def delivery_failed(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """The platform was never told the outcome: say so, keeping the job's own error."""
         self.write(
-            job_id,
-            status="delivery_failed",
-            delivery_error_stage=stage,
-            delivery_error=str(error) or type(error).__name__,
-            delivery_error_type=type(error).__name__,
+            job_id, status="delivery_failed", **_error_fields("delivery_error", stage, error)
         )
+
+
+def _error_fields(name: str, stage: str, error: BaseException) -> dict[str, str]:
+    """`name` (the text), `name_stage` and `name_type` of one error."""
+    return {
+        name: str(error) or type(error).__name__,
+        f"{name}_stage": stage,
+        f"{name}_type": type(error).__name__,
+    }
 
 
 @lru_cache(maxsize=1)
