@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Task
 from celery.utils.log import get_task_logger
 
+from media import spool
+from worker.errors import DeliveryFailed, TransientError
 from worker.records import get_records
+from worker.settings import get_settings
 
 log = get_task_logger(__name__)
-
-#: Retry policy of the network stages: exponential backoff with jitter, capped.
-NETWORK_RETRY = {
-    "retry_backoff": 2,
-    "retry_backoff_max": 300,
-    "retry_jitter": True,
-    "max_retries": 8,
-}
 
 
 class StageTask(Task):
     """A stage of one job's chain; the first argument of every stage is the job id.
 
     Each run notes its start and end in the job record. A stage that fails for good leaves
-    the record saying which stage failed and why, and sends the `failed` callback.
+    the record saying which stage failed and why, frees the job's spool, and sends the
+    `failed` callback.
     """
 
     abstract = True
@@ -46,8 +43,45 @@ class StageTask(Task):
     ) -> None:
         job_id = args[0]
         log.error("job=%s stage %s failed: %s: %s", job_id, self.stage, type(exc).__name__, exc)
+        spool.remove_job(get_settings().spool_dir, job_id)  # no later stage will read it
+        if not self.reports_failure:  # the final callback itself: the job's own outcome stays
+            get_records().delivery_failed(job_id, stage=self.stage, error=exc)
+            return
         get_records().fail(job_id, stage=self.stage, error=exc)
-        if self.reports_failure:
-            from tasks.media import callback  # the media module imports this one
+        from tasks.media import callback  # the media module imports this one
 
-            callback.apply_async((job_id, "failed"), task_id=f"{job_id}:callback:failed")
+        callback.apply_async((job_id, "failed"), task_id=f"{job_id}:callback:failed")
+
+
+class DeliveryTask(StageTask):
+    """Upload and final callback: retried until DELIVERY_RETRY_WINDOW_S has passed.
+
+    Celery's autoretry does the retrying (exponential backoff from 2 s, full jitter, capped
+    at `retry_backoff_max`); the window, counted from the stage's first attempt in the job
+    record, replaces a retry count. The last countdown is cut to end with the window, so
+    the final attempt comes on time. The cap stays far below the broker's
+    visibility_timeout: a waiting retry is an unacked message that Redis would hand out a
+    second time after it.
+    """
+
+    abstract = True
+    autoretry_for = (TransientError,)
+    retry_backoff = 2
+    retry_backoff_max = 300
+    retry_jitter = True
+    max_retries = None
+
+    def retry(self, *args: Any, exc: BaseException | None = None, **options: Any) -> Any:
+        job_id = self.request.args[0]
+        window_s = get_settings().delivery_retry_window_s
+        first = get_records().get(job_id).first_started(self.stage) or time.time()
+        left_s = first + window_s - time.time()
+        if exc is not None and left_s <= 0:
+            raise DeliveryFailed(
+                f"{self.stage} given up after {self.request.retries + 1} attempts in "
+                f"{time.time() - first:.0f} s (DELIVERY_RETRY_WINDOW_S={window_s:g}); "
+                f"last error: {exc}"
+            ) from exc
+        if options.get("countdown") is not None:
+            options["countdown"] = min(options["countdown"], left_s)
+        return super().retry(*args, exc=exc, **options)

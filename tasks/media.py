@@ -13,9 +13,8 @@ from media.encode import encode_mp4, write_png
 from media.storage import Storage, make_storage
 from media.thumbnail import make_thumbnail, middle_frame
 from tasks.app import app
-from tasks.base import NETWORK_RETRY, StageTask
+from tasks.base import DeliveryTask, StageTask
 from worker.callback import completed_body, failed_body, post_callback
-from worker.errors import TransientError
 from worker.jobs import BUCKET, FPS
 from worker.records import JobRecord, get_records
 from worker.settings import get_settings
@@ -67,15 +66,8 @@ def thumbnail(self: StageTask, job_id: str) -> None:
     get_records().update(job_id, thumbnail={"path": str(out.resolve())})
 
 
-@app.task(
-    base=StageTask,
-    bind=True,
-    name="wan.upload",
-    stage="upload",
-    autoretry_for=(TransientError,),
-    **NETWORK_RETRY,
-)
-def upload(self: StageTask, job_id: str) -> None:
+@app.task(base=DeliveryTask, bind=True, name="wan.upload", stage="upload")
+def upload(self: DeliveryTask, job_id: str) -> None:
     """Both files to storage at paths derived from the job (upsert), then the spool is freed."""
     settings = get_settings()
     records = get_records()
@@ -101,16 +93,11 @@ def upload(self: StageTask, job_id: str) -> None:
 
 
 @app.task(
-    base=StageTask,
-    bind=True,
-    name="wan.callback",
-    stage="callback",
-    reports_failure=False,
-    autoretry_for=(TransientError,),
-    **NETWORK_RETRY,
+    base=DeliveryTask, bind=True, name="wan.callback", stage="callback", reports_failure=False
 )
-def callback(self: StageTask, job_id: str, status: str = "completed") -> None:
-    """The final signed callback, retried hard; its status is written to the record once sent."""
+def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None:
+    """The final signed callback, retried hard; its status is written to the record once the
+    platform has answered 2xx (never when no callback URL is configured)."""
     records = get_records()
     record = records.get(job_id)
     body = completed_body(record) if status == "completed" else failed_body(record)

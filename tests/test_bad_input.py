@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import redis
 
-from tests.conftest import JOB_TIMEOUT_S, new_job, push
+from tests.conftest import JOB_TIMEOUT_S, PLATFORM_QUEUE, new_job, push
+from worker.bridge import rejected_list
 from worker.local.platform import LocalPlatform
 from worker.local.stack import LocalStack
 from worker.records import JobRecords
@@ -57,18 +60,21 @@ def test_a_bad_job_gets_a_failed_callback_naming_the_field_and_the_next_job_runs
     )
 
 
-def test_an_item_that_is_not_json_is_dropped_and_the_next_job_runs(
+def test_an_item_that_is_not_json_is_parked_and_the_next_job_runs(
     stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis
 ) -> None:
     good = new_job("image_fast")
+    junk = f"{{this is not json {good['id']}"
 
-    push(platform_list, "{this is not json")
+    push(platform_list, junk)
     push(platform_list, good)
 
     assert (
         platform.wait_for_final(good["id"], timeout_s=JOB_TIMEOUT_S).body["status"] == "completed"
     )
-    assert "dropped an item that is not a job" in stack.log("bridge")
+    parked = [json.loads(e) for e in platform_list.lrange(rejected_list(PLATFORM_QUEUE), 0, -1)]
+    [entry] = [e for e in parked if e.get("item") == junk]
+    assert "not valid UTF-8 JSON" in entry["reason"]
 
 
 def test_a_job_failing_in_generation_reports_the_stage_and_the_reason(

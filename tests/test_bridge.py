@@ -6,14 +6,20 @@ sent can be read back from the Celery queue lists.
 
 from __future__ import annotations
 
+import base64
 import json
-import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import redis
 
 from tests.conftest import new_job, sent_job_ids
-from worker.bridge import Bridge
+from worker.bridge import RECONNECT_S, Bridge, rejected_list
+from worker.local.stack import RedisServer, wait_until
 from worker.records import JobRecords
 
 QUEUE = "bridge_test_queue"
@@ -21,7 +27,7 @@ QUEUE = "bridge_test_queue"
 
 @pytest.fixture
 def bridge(idle_broker: redis.Redis) -> Bridge:
-    return Bridge(idle_broker, JobRecords(idle_broker, ttl_s=600), queue=QUEUE)
+    return Bridge(idle_broker, JobRecords(idle_broker, ttl_s=600, owner="this-host"), queue=QUEUE)
 
 
 def test_jobs_are_dispatched_oldest_first(idle_broker: redis.Redis, bridge: Bridge) -> None:
@@ -61,17 +67,73 @@ def test_a_job_id_seen_twice_starts_one_chain(idle_broker: redis.Redis, bridge: 
     assert sent_job_ids(idle_broker, "enhance") == [job["id"]]
 
 
-def test_a_claimed_but_undispatched_job_is_sent_again(
+def test_a_job_another_dispatcher_is_still_sending_is_not_sent_twice(
     idle_broker: redis.Redis, bridge: Bridge
 ) -> None:
-    # Given a bridge claimed a job and died before sending its chain
+    # Given another bridge (or the API) claimed a job a moment ago and is still sending it
     job = new_job("video_fast")
-    bridge.records.claim(job["id"])
+    other = bridge.records.for_owner("bridge-on-another-host")
+    assert other.claim(job["id"]) == "claimed"
+    idle_broker.rpush(QUEUE, json.dumps(job))
+
+    # When this bridge takes the same job id
+    assert bridge.run(drain=True) == 1
+
+    # Then it leaves the job to its owner: no second chain, no failed callback
+    assert sent_job_ids(idle_broker, "enhance") == sent_job_ids(idle_broker, "cpu") == []
+    assert bridge.records.claim_owner(job["id"]) == "bridge-on-another-host"
+    assert idle_broker.llen(bridge.processing) == 0
+
+
+def test_a_claim_whose_owner_died_is_taken_over_once_its_lease_has_run_out(
+    idle_broker: redis.Redis, bridge: Bridge
+) -> None:
+    # Given a dispatcher claimed a job and died; its lease (short here) has run out
+    job = new_job("video_fast")
+    dead = JobRecords(idle_broker, ttl_s=600, owner="dead-bridge", claim_lease_s=0.2)
+    assert dead.claim(job["id"]) == "claimed"
+    time.sleep(0.3)
     idle_broker.rpush(QUEUE, json.dumps(job))
 
     bridge.run(drain=True)
 
     assert sent_job_ids(idle_broker, "enhance") == [job["id"]]
+    assert bridge.records.claim_owner(job["id"]) == bridge.records.owner
+
+
+def test_a_bridge_restarted_after_a_crash_takes_back_its_own_claim_at_once(
+    idle_broker: redis.Redis, bridge: Bridge
+) -> None:
+    # Given this host's bridge claimed a job and died before sending its chain
+    job = new_job("video_fast")
+    assert bridge.records.claim(job["id"]) == "claimed"
+    idle_broker.rpush(bridge.processing, json.dumps(job))
+
+    # When the bridge of this host starts again (same owner), well within the lease
+    restarted = Bridge(idle_broker, bridge.records.for_owner(bridge.records.owner), queue=QUEUE)
+    restarted.run(drain=True)
+
+    assert sent_job_ids(idle_broker, "enhance") == [job["id"]]
+
+
+def test_two_bridges_given_the_same_jobs_send_each_chain_once(idle_broker: redis.Redis) -> None:
+    # Given the same 40 jobs on the lists of two bridges of two hosts
+    jobs = [new_job("image_fast") for _ in range(40)]
+    bridges = [
+        Bridge(idle_broker, JobRecords(idle_broker, ttl_s=600, owner=f"host-{n}"), queue=queue)
+        for n, queue in enumerate(("queue_a", "queue_b"))
+    ]
+    for b in bridges:
+        idle_broker.rpush(b.queue, *(json.dumps(job) for job in jobs))
+
+    # When both drain their lists at the same time
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        handled = list(pool.map(lambda b: b.run(drain=True), bridges))
+
+    # Then every job got one chain, and both bridges went through all their items
+    assert handled == [40, 40]
+    sent = sent_job_ids(idle_broker, "enhance")
+    assert sorted(sent) == sorted(job["id"] for job in jobs)
 
 
 def test_an_invalid_job_is_recorded_as_failed_and_answered(
@@ -90,15 +152,136 @@ def test_an_invalid_job_is_recorded_as_failed_and_answered(
     assert sent_job_ids(idle_broker, "cpu") == [job["id"]]  # the failed callback
 
 
-def test_an_item_without_a_usable_id_is_logged_and_dropped(
-    idle_broker: redis.Redis, bridge: Bridge, caplog: pytest.LogCaptureFixture
+def _point_celery_at(url: str) -> None:
+    """Send this process's Celery messages to `url`, dropping pools made for the old one."""
+    from tasks import app
+
+    app.conf.broker_url = url
+    app._pool = None  # what Celery itself resets after a fork; kombu keeps a pool per URL
+    app.amqp._producer_pool = None
+
+
+@pytest.fixture
+def own_broker(idle_broker: redis.Redis, tmp_path: Path) -> Iterator[RedisServer]:
+    """A broker of this test's own, which it can stop and start again on the same port."""
+    from tasks import app
+
+    idle_url = app.conf.broker_url
+    server = RedisServer(tmp_path / "broker").start()
+    _point_celery_at(server.url)
+    try:
+        yield server
+    finally:
+        server.stop()
+        _point_celery_at(idle_url)
+
+
+def test_a_failed_callback_is_not_lost_to_a_broker_outage_while_rejecting(
+    own_broker: RedisServer, idle_broker: redis.Redis, bridge: Bridge
 ) -> None:
-    idle_broker.rpush(QUEUE, json.dumps({"type": "video_fast", "prompt": "no id"}), "not json")
+    # Given the broker is down when an invalid job arrives
+    job = new_job("video_fast") | {"config": {"frame_num": 500}}
+    own_broker.stop()
+    idle_broker.rpush(QUEUE, json.dumps(job))
+    serving = threading.Thread(target=bridge.run)
+    serving.start()
+    try:
+        # When the bridge has recorded the failure, failed to publish, and tried again
+        wait_until(
+            lambda: bridge.records.get(job["id"]).status == "failed",
+            timeout_s=10,
+            what="the failure recorded",
+        )
+        time.sleep(2 * RECONNECT_S + 1)
+        # and then the broker comes back
+        own_broker.start()
 
-    with caplog.at_level(logging.ERROR, logger="worker.bridge"):
-        assert bridge.run(drain=True) == 2
+        # Then the failed callback is published once, and the item is done with
+        broker = redis.Redis.from_url(own_broker.url)
+        wait_until(
+            lambda: sent_job_ids(broker, "cpu") == [job["id"]],
+            timeout_s=15,
+            what="the failed callback published",
+        )
+        wait_until(
+            lambda: idle_broker.llen(bridge.processing) == 0,
+            timeout_s=5,
+            what="the processing list emptied",
+        )
+    finally:
+        bridge.stop()
+        serving.join(timeout=10)
+    assert bridge.records.is_dispatched(job["id"])
+    assert sent_job_ids(broker, "enhance") == []
 
-    assert "dropped a job without a usable id" in caplog.text
-    assert "dropped an item that is not a job" in caplog.text
+
+def parked(client: redis.Redis) -> list[dict[str, str]]:
+    """Entries of the rejected list, oldest first."""
+    return [json.loads(e) for e in reversed(client.lrange(rejected_list(QUEUE), 0, -1))]
+
+
+def test_an_item_without_a_usable_id_is_parked_with_the_reason(
+    idle_broker: redis.Redis, bridge: Bridge
+) -> None:
+    no_id = json.dumps({"type": "video_fast", "prompt": "no id"})
+    idle_broker.rpush(QUEUE, no_id, "not json", b"\xff\xfe raw bytes")
+
+    assert bridge.run(drain=True) == 3
+
+    entries = parked(idle_broker)
+    assert [e.get("item") for e in entries] == [no_id, "not json", None]
+    assert base64.b64decode(entries[2]["item_base64"]) == b"\xff\xfe raw bytes"
+    assert entries[0]["reason"].startswith("InvalidJob: id: missing")
+    assert entries[1]["reason"].startswith("InvalidJob: body: not valid UTF-8 JSON")
+    assert all(e["at"] for e in entries)
     assert idle_broker.llen(bridge.processing) == 0
     assert sent_job_ids(idle_broker, "enhance") == sent_job_ids(idle_broker, "cpu") == []
+
+
+def test_the_rejected_list_keeps_only_the_newest_entries(
+    idle_broker: redis.Redis, bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.bridge.REJECTED_MAX", 3)
+    idle_broker.rpush(QUEUE, *(f"junk {n}" for n in range(5)))
+
+    bridge.run(drain=True)
+
+    assert [e["item"] for e in parked(idle_broker)] == ["junk 2", "junk 3", "junk 4"]
+
+
+def _utf16_job() -> bytes:
+    return json.dumps(new_job("image_fast")).encode("utf-16")
+
+
+def _record_of_another_type(client: redis.Redis) -> str:
+    """A job whose record key holds a string: every write to it fails with WRONGTYPE."""
+    job = new_job("image_fast")
+    client.set(f"wan:job:{job['id']}", "not a hash")
+    return json.dumps(job)
+
+
+@pytest.mark.parametrize(
+    "make_item",
+    [
+        lambda client: "1" * 5_000,
+        lambda client: json.dumps(['{"id": "big", "config": {"seed": 1%s}}' % ("0" * 5_000)]),
+        lambda client: _utf16_job(),
+        _record_of_another_type,
+    ],
+    ids=["integer-over-4300-digits", "array-with-a-huge-seed", "utf-16", "record-wrongtype"],
+)
+def test_a_poison_item_costs_only_itself(
+    idle_broker: redis.Redis, bridge: Bridge, make_item: Callable[[redis.Redis], str | bytes]
+) -> None:
+    # Given an item that breaks decoding or recording, with a good job behind it
+    good = new_job("image_fast")
+    idle_broker.rpush(QUEUE, make_item(idle_broker), json.dumps(good))
+
+    # When the bridge takes both (it used to raise here and, at each restart, again)
+    assert bridge.run(drain=True) == 2
+
+    # Then the poison item is parked with its reason and the good job is sent
+    [entry] = parked(idle_broker)
+    assert entry["reason"]
+    assert sent_job_ids(idle_broker, "enhance") == [good["id"]]
+    assert idle_broker.llen(bridge.processing) == idle_broker.llen(QUEUE) == 0

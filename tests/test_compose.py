@@ -252,12 +252,16 @@ def test_generation_and_media_workers_share_the_spool(compose, services):
     assert spools["gpu"][0] in (compose.get("volumes") or {})
 
 
-def test_generation_and_media_workers_report_one_hostname(services):
-    # The generation task routes the media stages to `cpu.<hostname>`: with Docker's
-    # default hostname (the container id) they would go to a queue nobody consumes.
-    gpu_host = services["gpu"].get("hostname")
-    assert gpu_host, "gpu has no explicit hostname"
-    assert services["cpu"].get("hostname") == gpu_host
+def test_the_processes_of_a_host_share_one_hostname_that_outlives_their_containers(services):
+    # The bridge keeps the items in hand in `{queue}:processing:<hostname>` and recovers
+    # only that list at start: with Docker's default hostname (the container id) a
+    # recreated bridge container would never see what its predecessor left there. The
+    # workers' node names (`gpu@%h`, `cpu@%h`) then name the host in Flower. Routing the
+    # media stages to `cpu.<hostname>` (DESIGN.md) is not done yet: not checked here.
+    hostnames = {name: services[name].get("hostname") for name in ("bridge", "gpu", "cpu")}
+    assert hostnames["bridge"], "the bridge has no explicit hostname"
+    assert "{{" not in hostnames["bridge"], "a Go template would change with the container"
+    assert set(hostnames.values()) == {hostnames["bridge"]}, hostnames
 
 
 def test_the_api_publishes_7860_needs_a_key_and_checks_its_health(services):

@@ -238,21 +238,38 @@ def test_torch_lives_only_in_the_generation_pool_child(
     assert [has_torch(pid) for pid in gpu_children] == [True]
 
 
-@pytest.mark.parametrize("endpoint", ["callbacks", "uploads"])
-def test_a_platform_answering_503_is_retried_until_it_accepts(
-    stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis, endpoint: str
+def test_a_final_callback_answered_503_is_retried_until_it_is_accepted(
+    stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis
 ) -> None:
-    # Given the platform answers the next two callbacks (or uploads) with 503
+    # Given the platform answers the next three callbacks with 503: the best-effort
+    # `processing` one takes the first, the final callback the other two
     job = new_job("image_fast")
-    getattr(platform, f"fail_next_{endpoint}")(2)
-    rejected_before = getattr(platform, f"rejected_{endpoint}")
+    platform.fail_next_callbacks(3)
+
+    # When a job runs
+    body = run_job(platform, platform_list, job).body
+
+    # Then the final callback was refused twice, retried, and accepted once
+    assert platform.rejected_callbacks_for(job["id"]) == ["processing", "completed", "completed"]
+    assert body["status"] == "completed"
+    finals = [c for c in platform.callbacks_for(job["id"]) if c.body["status"] == "completed"]
+    assert len(finals) == 1
+
+
+def test_an_upload_answered_503_is_retried_until_it_is_accepted(
+    stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis
+) -> None:
+    # Given the platform answers the next two uploads with 503
+    job = new_job("image_fast")
+    platform.fail_next_uploads(2)
+    rejected_before = platform.rejected_uploads
 
     # When a job runs
     body = run_job(platform, platform_list, job).body
 
     # Then it still completes, its files stored and its final callback sent once
     assert body["status"] == "completed"
-    assert getattr(platform, f"rejected_{endpoint}") == rejected_before + 2
+    assert platform.rejected_uploads == rejected_before + 2
     assert platform.upload_at(BUCKET, body["assets"][0]["url"]) is not None
     finals = [c for c in platform.callbacks_for(job["id"]) if c.body["status"] == "completed"]
     assert len(finals) == 1

@@ -84,6 +84,10 @@ def test_bytes_as_read_from_redis_decode_like_text(wrapped: bool) -> None:
         '["[1, 2]"]',
         json.dumps([json.dumps(body()), json.dumps(body())]),
         "[" * 100_000 + "]" * 100_000,
+        "1" * 5_000,
+        json.dumps([json.dumps(body()).replace('"metadata": {}', '"metadata": ' + "9" * 5_000)]),
+        json.dumps(body()).encode("utf-16"),
+        json.dumps(body()).encode("utf-32-le"),
     ],
     ids=[
         "text",
@@ -97,6 +101,10 @@ def test_bytes_as_read_from_redis_decode_like_text(wrapped: bool) -> None:
         "array-of-json-list",
         "two-element-array",
         "deeply-nested",
+        "integer-over-4300-digits",
+        "array-holding-an-integer-over-4300-digits",
+        "utf-16",
+        "utf-32",
     ],
 )
 def test_a_body_that_is_not_a_job_object_is_refused_naming_the_body(raw: str | bytes) -> None:
@@ -461,6 +469,66 @@ def test_non_finite_numbers_that_python_json_accepts_reach_parse_job_as_invalid_
 
 
 @pytest.mark.parametrize(
+    ("job_body", "field", "shown"),
+    [
+        (config(enhance_prompt="false"), "config.enhance_prompt", "'false'"),
+        (config(enhance_prompt="true"), "config.enhance_prompt", "'true'"),
+        (config(enhance_prompt=0), "config.enhance_prompt", "0"),
+        (config(size="\uff14\uff18\uff10*832"), "config.size", "'\uff14\uff18\uff10*832'"),
+        (config(resolution="480x\u0668\u0663\u0662"), "config.resolution", "480x"),
+        (body(config=[]), "config", "list"),
+        (body(config=""), "config", "str"),
+        (body(config=0), "config", "int"),
+        (body(metadata=[]), "metadata", "list"),
+        (body(negative_prompt=0), "negative_prompt", "0"),
+        (body(negative_prompt=12.5), "negative_prompt", "12.5"),
+        (body(negative_prompt=["blurry"]), "negative_prompt", "['blurry']"),
+        (body(video_id={"id": "v-1"}), "video_id", "dict"),
+        (body(video_id=17), "video_id", "int"),
+        (body(image_id=["i-1"]), "image_id", "list"),
+        (body(id="abc\n"), "id", "abc"),
+        (body(user_id="user-1\n"), "user_id", "user"),
+    ],
+    ids=[
+        "enhance_prompt-string-false",
+        "enhance_prompt-string-true",
+        "enhance_prompt-zero",
+        "size-fullwidth-digits",
+        "resolution-arabic-indic-digits",
+        "config-empty-list",
+        "config-empty-string",
+        "config-zero",
+        "metadata-empty-list",
+        "negative_prompt-zero",
+        "negative_prompt-number",
+        "negative_prompt-list",
+        "video_id-object",
+        "video_id-number",
+        "image_id-list",
+        "id-trailing-newline",
+        "user_id-trailing-newline",
+    ],
+)
+def test_a_field_of_the_wrong_kind_is_refused_naming_it_never_coerced(
+    job_body: dict[str, Any], field: str, shown: str
+) -> None:
+    error = refusal(job_body)
+    assert error.field == field
+    assert str(error).startswith(f"{field}: ")
+    assert shown in str(error)
+
+
+@pytest.mark.parametrize("enhance", [True, False])
+def test_enhance_prompt_takes_real_booleans(enhance: bool) -> None:
+    assert parse_job(body(type="video_fast", config={"enhance_prompt": enhance})).enhance is enhance
+
+
+def test_video_and_image_ids_are_kept_as_the_strings_sent() -> None:
+    job = parse_job(body(video_id="v-1", image_id="i-2"))
+    assert (job.video_id, job.image_id) == ("v-1", "i-2")
+
+
+@pytest.mark.parametrize(
     ("job_body", "attribute", "expected"),
     [
         (config(frame_num=1), "frames", 1),
@@ -706,6 +774,8 @@ def test_a_job_survives_a_round_trip_through_its_json_record() -> None:
         ({"id": ".."}, None),
         ({"id": ""}, None),
         ({"id": "x" * 129}, None),
+        ({"id": "abc\n"}, None),
+        ({"job_id": "abc\n"}, None),
         ({"id": 12345}, None),
         ({}, None),
     ],

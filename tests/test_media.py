@@ -441,7 +441,18 @@ def test_remove_job_removes_the_job_directory_and_only_it(tmp_path: Path) -> Non
 
 
 def test_remove_job_of_an_unknown_job_is_harmless(tmp_path: Path) -> None:
-    remove_job(tmp_path / "spool", "never-existed")
+    # Given a spool holding another job, and one that never had a spool at all
+    spool = tmp_path / "spool"
+    write_frames(frames_path(spool, "job-2"), moving_gradients(1))
+
+    # When the unknown job's spool is removed (a job that failed before generation)
+    remove_job(spool, "never-existed")
+    remove_job(tmp_path / "no-spool-yet", "never-existed")
+
+    # Then nothing is raised, and the spool and the other job are untouched
+    assert [p.name for p in spool.iterdir()] == ["job-2"]
+    np.testing.assert_array_equal(read_frames(frames_path(spool, "job-2")), moving_gradients(1))
+    assert not (tmp_path / "no-spool-yet").exists()
 
 
 # ---------------------------------------------------------------- storage

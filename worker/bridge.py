@@ -1,17 +1,25 @@
 """The bridge: the platform's Redis list in, one Celery chain per job out.
 
 Reliable and FIFO: the oldest item is moved (BLMOVE LEFT) into this host's processing
-list and removed from there only once its chain is sent; at start-up whatever a crash
-left in the processing list goes back to the head of the platform list. A job id seen
-before starts nothing new. A malformed item with an id gets a `failed` callback; one
-without an id is logged and dropped.
+list and removed from there only once it is dealt with; at start-up whatever a crash left
+in the processing list goes back to the head of the platform list. A job id seen before
+starts nothing new.
+
+An item costs only itself: whatever goes wrong with one item (it is not JSON, not a job,
+its record cannot be written, ...) is answered with a `failed` callback when the item has
+a usable id, and otherwise parked with the reason in `{queue}:rejected`; then the bridge
+takes the next one. Only a Redis or broker outage keeps the item, to try again.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import socket
 import threading
+from datetime import UTC, datetime
+from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
@@ -28,11 +36,32 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0
 #: Pause before trying again when Redis does not answer, seconds.
 RECONNECT_S = 2.0
+#: Entries kept in `{queue}:rejected`, newest first; older ones are trimmed away.
+REJECTED_MAX = 1_000
+#: Errors that are an outage of Redis or the broker, not a fault of the item in hand: out
+#: of memory and a read-only or cut-off replica (failover) pass like a lost connection.
+OUTAGES = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    OperationalError,
+)
 
 
 def processing_list(queue: str) -> str:
     """One processing list per host, so a restarting bridge recovers only its own items."""
     return f"{queue}:processing:{socket.gethostname()}"
+
+
+def rejected_list(queue: str) -> str:
+    """Where items that cannot be answered (no usable id) are parked, with the reason."""
+    return f"{queue}:rejected"
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode(errors="replace")
 
 
 class Bridge:
@@ -43,6 +72,7 @@ class Bridge:
         self.records = records
         self.queue = queue
         self.processing = processing_list(queue)
+        self.rejected = rejected_list(queue)
         self.stopping = threading.Event()
 
     def recover(self) -> int:
@@ -76,42 +106,77 @@ class Bridge:
                 self.handle(raw)
                 self.platform.lrem(self.processing, 1, raw)
                 handled += 1
-            except (redis.ConnectionError, redis.TimeoutError, OperationalError) as e:
+            except OUTAGES as e:
                 log.error("Redis unavailable (%s); retrying in %.0f s", e, RECONNECT_S)
                 recovered = False
                 self.stopping.wait(RECONNECT_S)
         return handled
 
     def handle(self, raw: bytes) -> None:
-        """Validate one item and send its chain, or answer it with a `failed` callback."""
+        """Send one item's chain, or answer it; raises nothing but an outage."""
+        body: dict[str, Any] = {}
+        job_id = None
         try:
             body = decode_body(raw)
-        except InvalidJob as e:
-            log.error("dropped an item that is not a job (%s): %.200r", e, raw)
-            return
-        job_id = job_id_of(body)
-        if job_id is None:
-            log.error("dropped a job without a usable id: %.200r", raw)
-            return
-        if seen_before(self.records, job_id):
-            return
-        try:
-            job = parse_job(body)
-        except Exception as e:  # a parser bug, too, must cost one job, never the whole list
-            log.error("job=%s invalid: %s", job_id, e, exc_info=not isinstance(e, InvalidJob))
+            job_id = job_id_of(body)
+            if job_id is None:
+                raise InvalidJob("id", "missing, or not 1-128 letters, digits, '-' or '_'")
+            if not seen_before(self.records, job_id):
+                submit(self.records, parse_job(body), payload=_text(raw))
+        except OUTAGES:
+            raise
+        except Exception as e:  # the broad catch at the loop's edge: one item, never the list
+            self.refuse(raw, job_id, body, e)
+
+    def refuse(
+        self, raw: bytes, job_id: str | None, body: dict[str, Any], error: Exception
+    ) -> None:
+        """A `failed` callback for an item with an id; parked when that is impossible too."""
+        log.error(
+            "job=%s refused: %s: %s; item %.200r",
+            job_id or "-", type(error).__name__, error, raw,
+            exc_info=not isinstance(error, InvalidJob),
+        )  # fmt: skip
+        if job_id is not None:
             job_type = str(body.get("type") or body.get("job_type") or "")
-            reject(self.records, job_id, job_type=job_type, payload=raw.decode(errors="replace"),
-                   error=e)  # fmt: skip
-            return
-        submit(self.records, job, payload=raw.decode())
+            try:
+                reject(self.records, job_id, job_type=job_type, payload=_text(raw), error=error)
+                return
+            except OUTAGES:
+                raise
+            except Exception as e:
+                log.error("job=%s cannot be answered: %s", job_id, e, exc_info=True)
+                error = e
+        try:
+            self.park(raw, f"{type(error).__name__}: {error}")
+        except OUTAGES:
+            raise
+        except redis.RedisError:  # e.g. the rejected list's key holds another type
+            log.critical("item dropped, it could not be parked: %r", raw, exc_info=True)
+
+    def park(self, raw: bytes, reason: str) -> None:
+        """Keep the raw item and why in `{queue}:rejected` for an operator; bounded length."""
+        entry: dict[str, str] = {"reason": reason, "at": datetime.now(UTC).isoformat()}
+        try:
+            entry["item"] = raw.decode()
+        except UnicodeDecodeError:
+            entry["item_base64"] = base64.b64encode(raw).decode()
+        with self.platform.pipeline() as pipe:
+            pipe.lpush(self.rejected, json.dumps(entry))
+            pipe.ltrim(self.rejected, 0, REJECTED_MAX - 1)
+            pipe.execute()
+        log.error("parked an item in %s: %s", self.rejected, reason)
 
     def stop(self) -> None:
         self.stopping.set()
 
 
 def make_bridge(settings: Settings) -> Bridge:
+    """A bridge whose claims are its host's: restarted after a crash, it takes them back."""
     platform = redis.Redis.from_url(settings.platform_redis_url)
-    return Bridge(platform, get_records(), queue=settings.platform_queue)
+    queue = settings.platform_queue
+    records = get_records().for_owner(f"bridge:{processing_list(queue)}")
+    return Bridge(platform, records, queue=queue)
 
 
 def main() -> None:

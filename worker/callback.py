@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from worker.errors import JobError, TransientError, error_for_status
+from worker.errors import DeliveryFailed, JobError, TransientError, error_for_status
 from worker.jobs import WAN_TASK
 from worker.records import JobRecord
 from worker.settings import Settings
@@ -92,14 +92,18 @@ def sign(secret: str, body: bytes) -> str:
 
 
 def post_callback(settings: Settings, body: dict[str, Any]) -> None:
-    """POST one signed callback; TransientError on what is worth retrying, DeliveryRejected else."""
+    """POST one signed callback; return only once the platform answered 2xx.
+
+    TransientError on what is worth retrying (timeouts, connection errors, 429, 5xx);
+    DeliveryRejected on any other answer. A 3xx is not delivery: redirects are not
+    followed (the signed body goes to the configured URL only), so it is final like a 4xx.
+    DeliveryFailed when no callback URL is configured: nothing was sent.
+    """
     if not settings.callback_url:
-        log.warning(
-            "job=%s no CALLBACK_URL or SUPABASE_URL set: callback %s not sent",
-            body["job_id"],
-            body["status"],
+        raise DeliveryFailed(
+            f"callback {body['status']} for job {body['job_id']} not sent: "
+            "neither CALLBACK_URL nor SUPABASE_URL is set"
         )
-        return
     content = json.dumps(body, separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json"}
     if settings.supabase_service_key:
@@ -118,7 +122,7 @@ def post_callback(settings: Settings, body: dict[str, Any]) -> None:
         )
     except httpx.TransportError as e:  # timeouts and connection errors
         raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
-    if response.is_error:
+    if not response.is_success:
         raise error_for_status(response.status_code, what)
     log.info(
         "job=%s callback %s delivered (HTTP %s)",

@@ -1,6 +1,9 @@
 """Turning one validated job into its Celery chain, once; shared by the bridge and the API.
 
 The job record is the memory of what was sent: a job id seen before starts nothing new.
+A job id is claimed first (an owner and a lease, atomically in Redis): two dispatchers
+given the same id (two bridges, a bridge and the API) never both send it, and a claim
+whose owner died is taken over once its lease has run out.
 """
 
 from __future__ import annotations
@@ -14,12 +17,20 @@ log = logging.getLogger(__name__)
 
 
 def seen_before(records: JobRecords, job_id: str) -> bool:
-    """Claim the job id; True when it was already dispatched (or rejected) before."""
-    # Claimed but never dispatched: a bridge died in between, so this job is sent now.
-    if not records.claim(job_id) and records.is_dispatched(job_id):
+    """Claim the job id for `records.owner`; True when it must not be sent by this caller.
+
+    That is when it was dispatched (or rejected) before, or when another owner claimed it
+    within its lease and is still working on it. False means the caller holds the claim
+    and goes on with `submit` or `reject`.
+    """
+    outcome = records.claim(job_id)
+    if outcome == "dispatched":
         log.warning("job=%s seen before: ignored", job_id)
-        return True
-    return False
+    elif outcome == "held":
+        log.warning(
+            "job=%s is being dispatched by %s: ignored", job_id, records.claim_owner(job_id)
+        )
+    return outcome != "claimed"
 
 
 def submit(records: JobRecords, job: Job, *, payload: str) -> None:
@@ -37,10 +48,14 @@ def submit(records: JobRecords, job: Job, *, payload: str) -> None:
 def reject(
     records: JobRecords, job_id: str, *, job_type: str, payload: str, error: Exception
 ) -> None:
-    """Record an invalid job and send its `failed` callback through the media queue."""
+    """Record a claimed job as failed and send its `failed` callback through the media queue.
+
+    The record is marked dispatched only once the callback is published: a broker error in
+    between leaves the claim open, so the caller's next attempt sends the callback again.
+    """
     from tasks.media import callback
 
     records.write(job_id, payload=payload, job_type=job_type)
-    records.mark_dispatched(job_id)
     records.fail(job_id, stage="validate", error=error)
     callback.apply_async((job_id, "failed"), task_id=f"{job_id}:callback:failed")
+    records.mark_dispatched(job_id)

@@ -32,11 +32,20 @@ class MediaCheckFailed(JobError):
 
 
 class DeliveryRejected(JobError):
-    """The platform refused a request for good (a 4xx other than 429)."""
+    """The platform refused a request for good (a 3xx or a 4xx other than 429)."""
+
+
+class DeliveryFailed(JobError):
+    """An upload or callback given up: nowhere configured to send it, or still failing when
+    DELIVERY_RETRY_WINDOW_S ran out."""
 
 
 def error_for_status(status: int, what: str) -> JobError:
-    """The reaction to an HTTP error answer: 429 and 5xx are retried, other codes are final."""
+    """The reaction to a non-2xx answer: 429 and 5xx are retried, other codes are final.
+
+    The text says what happened, not what comes next: the same error ends up in the record
+    when its retries run out.
+    """
     if status == 429 or status >= 500:
-        return TransientError(f"{what}: HTTP {status}, will retry")
+        return TransientError(f"{what}: HTTP {status}")
     return DeliveryRejected(f"{what}: HTTP {status}, not retried")

@@ -16,8 +16,11 @@ from pydantic import BaseModel, ConfigDict
 
 from worker.errors import InvalidJob
 
-#: Job ids and user ids become parts of Redis keys and storage paths: only these characters.
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+#: Job ids and user ids become parts of Redis keys and storage paths: only these characters,
+#: matched against the whole string (`fullmatch`: `$` would let a trailing newline through).
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+#: `WIDTHxHEIGHT` / `WIDTH*HEIGHT` with ASCII digits only (`\d` would take any script's digits).
+SIZE_PATTERN = re.compile(r"\s*([0-9]+)\s*([x*])\s*([0-9]+)\s*")
 #: Supabase Storage bucket the platform reads results from.
 BUCKET = "workspace-temp"
 #: Frames per second of every video.
@@ -136,13 +139,18 @@ class Job(BaseModel):
 
 
 def decode_body(raw: bytes | str) -> dict[str, Any]:
-    """Accept both body shapes of the platform list: an object, or `["<object as JSON>"]`."""
+    """Accept both body shapes of the platform list: an object, or `["<object as JSON>"]`.
+
+    Bytes must be UTF-8 (json.loads would also guess UTF-16 or UTF-32, text the record
+    could not keep). ValueError covers bad JSON, bad UTF-8 and integers over Python's
+    4,300-digit conversion limit; RecursionError covers too deep nesting.
+    """
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         if isinstance(body, list) and len(body) == 1 and isinstance(body[0], str):
             body = json.loads(body[0])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise InvalidJob("body", f"not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise InvalidJob("body", f"not valid UTF-8 JSON: {e}") from e
     if not isinstance(body, dict):
         raise InvalidJob("body", "expected a JSON object or a one-element array holding one")
     return body
@@ -151,7 +159,7 @@ def decode_body(raw: bytes | str) -> dict[str, Any]:
 def job_id_of(body: dict[str, Any]) -> str | None:
     """The job id if the body carries a usable one, so even a bad job can be answered."""
     job_id = body.get("id") or body.get("job_id")
-    if isinstance(job_id, str) and SAFE_ID.match(job_id):
+    if isinstance(job_id, str) and SAFE_ID.fullmatch(job_id):
         return job_id
     return None
 
@@ -178,10 +186,15 @@ def parse_job(body: dict[str, Any]) -> Job:
         raise InvalidJob(
             "prompt", f"{len(prompt)} characters is over the limit of {PROMPT_MAX_CHARS}"
         )
-    negative_prompt = body.get("negative_prompt") or ""
-    if not isinstance(negative_prompt, str) or len(negative_prompt) > PROMPT_MAX_CHARS:
+    negative_prompt = body.get("negative_prompt")
+    if negative_prompt is None:
+        negative_prompt = ""
+    if not isinstance(negative_prompt, str):
+        raise InvalidJob("negative_prompt", f"must be text, got {negative_prompt!r:.80}")
+    if len(negative_prompt) > PROMPT_MAX_CHARS:
         raise InvalidJob(
-            "negative_prompt", f"must be text of at most {PROMPT_MAX_CHARS} characters"
+            "negative_prompt",
+            f"{len(negative_prompt)} characters is over the limit of {PROMPT_MAX_CHARS}",
         )
 
     preset = _preset(body, job_type)
@@ -228,16 +241,21 @@ def normalise_frames(frames: int) -> int:
 
 
 def _object(body: dict[str, Any], name: str) -> dict[str, Any]:
-    value = body.get(name) or {}
+    """An optional object field: absent or null is empty; anything else must be an object."""
+    value = body.get(name)
+    if value is None:
+        return {}
     if not isinstance(value, dict):
         raise InvalidJob(name, f"must be a JSON object, got {type(value).__name__}")
     return value
 
 
 def _check_safe_id(field: str, value: Any) -> None:
-    if not isinstance(value, str) or not SAFE_ID.match(value):
+    if not isinstance(value, str) or not SAFE_ID.fullmatch(value):
         raise InvalidJob(
-            field, "must be 1-128 letters, digits, '-' or '_' (it becomes a storage path)"
+            field,
+            f"must be 1-128 letters, digits, '-' or '_' (it becomes a storage path), "
+            f"got {value!r:.80}",
         )
 
 
@@ -307,10 +325,10 @@ def _size(config: dict[str, Any]) -> tuple[int, int]:
         field, text, separator = "config.size", config["size"], "*"
     else:
         return DEFAULT_WIDTH_PX, DEFAULT_HEIGHT_PX
-    parts = str(text).lower().split(separator)
-    if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
-        raise InvalidJob(field, f"expected WIDTH{separator}HEIGHT, got {text!r}")
-    width, height = (int(p) for p in parts)
+    match = SIZE_PATTERN.fullmatch(text.lower()) if isinstance(text, str) else None
+    if match is None or match[2] != separator:
+        raise InvalidJob(field, f"expected WIDTH{separator}HEIGHT in digits 0-9, got {text!r:.80}")
+    width, height = int(match[1]), int(match[3])
     for side, value in (("width", width), ("height", height)):
         if not SIZE_MIN_PX <= value <= SIZE_MAX_PX:
             raise InvalidJob(
@@ -334,8 +352,13 @@ def _seed(config: dict[str, Any]) -> int | None:
 
 
 def _enhance(config: dict[str, Any], job_type: JobType) -> bool:
+    """A JSON boolean only: the string "false" would be truthy, so text is refused, not guessed."""
     requested = config.get("enhance_prompt")
-    return job_type.enhanced if requested is None else bool(requested)
+    if requested is None:
+        return job_type.enhanced
+    if not isinstance(requested, bool):
+        raise InvalidJob("config.enhance_prompt", f"must be true or false, got {requested!r:.80}")
+    return requested
 
 
 def _references(
@@ -389,5 +412,8 @@ def _denoise_strength(
 
 
 def _optional_str(body: dict[str, Any], name: str) -> str | None:
+    """An optional text field, kept as sent: an object or number is refused, not stringified."""
     value = body.get(name)
-    return None if value is None else str(value)
+    if value is not None and not isinstance(value, str):
+        raise InvalidJob(name, f"must be text, got {type(value).__name__} {value!r:.80}")
+    return value

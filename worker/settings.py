@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     job_callback_secret: SecretStr | None = None
     #: Seconds one callback POST may take before it counts as a timeout (then retried).
     callback_timeout_s: float = 10.0
+    #: How long uploads and final callbacks keep retrying after their first attempt, seconds.
+    delivery_retry_window_s: float = 3600
 
     wan_worker_api_key: SecretStr | None = None
     api_host: str = "0.0.0.0"

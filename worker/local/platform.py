@@ -94,6 +94,7 @@ class LocalPlatform:
         self._cond = threading.Condition()
         self._uploads: dict[tuple[str, str], Upload] = {}
         self._callbacks: list[Callback] = []
+        self._refused_callbacks: list[dict[str, Any]] = []
         self._worker_url_updates: list[dict[str, Any]] = []
         self._upload_faults = _Faults()
         self._callback_faults = _Faults()
@@ -177,6 +178,11 @@ class LocalPlatform:
         """Callback requests answered with an injected failure."""
         with self._cond:
             return self._callback_faults.served
+
+    def rejected_callbacks_for(self, job_id: str) -> list[str]:
+        """Statuses of this job's callbacks answered with an injected failure, in order."""
+        with self._cond:
+            return [b.get("status") for b in self._refused_callbacks if b.get("job_id") == job_id]
 
     # -- inspection --------------------------------------------------------------------
 
@@ -283,6 +289,9 @@ class LocalPlatform:
         @app.post("/functions/v1/job-callback")
         async def job_callback(request: Request) -> JSONResponse:
             if (status := self._take_fault(self._callback_faults)) is not None:
+                refused = await self._json_object(request)
+                with self._cond:
+                    self._refused_callbacks.append(refused or {})
                 return JSONResponse({"error": "injected by the test"}, status_code=status)
             if not self._authorized(request):
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)

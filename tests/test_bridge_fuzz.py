@@ -1,0 +1,126 @@
+"""The bridge against whatever a list may hold: raw bytes, odd JSON, jobs with odd fields.
+
+In this process against the real Redis, chains sent to a database no worker consumes
+(`idle_broker`). For every batch: the bridge never raises, each item with a usable id gets
+exactly one answer (a chain or a `failed` callback message), each item without one is
+parked in `{queue}:rejected`, and nothing is left in the platform or processing list.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import new_job, sent_job_ids
+from worker.bridge import Bridge, rejected_list
+from worker.records import JobRecords
+
+QUEUE = "fuzz_queue"
+#: CONTRACT/DESIGN: ids become keys and paths, so only these, matched on the whole string.
+USABLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+odd_ids = st.one_of(
+    st.uuids().map(str),
+    st.sampled_from(["abc\n", "", "../x", "a/b", "x" * 129, "ok-id", "0", "-lead"]),
+    json_values,
+)
+FIELDS = ("type", "job_type", "prompt", "user_id", "negative_prompt", "config", "metadata",
+          "video_id", "image_id", "quality")  # fmt: skip
+CONFIG_KEYS = ("resolution", "size", "frame_num", "num_inference_steps", "guidance_scale",
+               "seed", "enhance_prompt", "sample_shift", "denoise_strength")  # fmt: skip
+#: Items that once killed the bridge or nearly did.
+POISON = (
+    b"1" * 5_000,
+    json.dumps(['{"id": "big", "seed": 1%s}' % ("0" * 5_000)]).encode(),
+    json.dumps(new_job("image_fast")).encode("utf-16"),
+    b"[" * 50_000 + b"]" * 50_000,
+    b'{"id": "nan-job", "type": "image_fast", "config": {"seed": NaN}}',
+)
+
+
+@st.composite
+def job_like(draw: st.DrawFn) -> bytes:
+    """A plausible job with a few fields replaced by odd values, in either body shape."""
+    job: dict[str, Any] = new_job(draw(st.sampled_from(["image_fast", "video_high"])))
+    for field in draw(st.lists(st.sampled_from(FIELDS), max_size=3, unique=True)):
+        job[field] = draw(json_values)
+    if draw(st.booleans()):
+        job["config"] = dict(job.get("config") or {}) if isinstance(job.get("config"), dict) else {}
+        job["config"][draw(st.sampled_from(CONFIG_KEYS))] = draw(json_values)
+    job[draw(st.sampled_from(["id", "job_id"]))] = draw(odd_ids)
+    text = json.dumps(job, ensure_ascii=draw(st.booleans()))
+    if draw(st.booleans()):
+        text = json.dumps([text])
+    return text.encode()
+
+
+items = st.lists(
+    st.one_of(
+        st.binary(max_size=64),
+        json_values.map(lambda value: json.dumps(value).encode()),
+        job_like(),
+        st.sampled_from(POISON),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+def usable_id(raw: bytes) -> str | None:
+    """The id a correct bridge can answer: from UTF-8 JSON, either body shape (CONTRACT 1)."""
+    try:
+        body = json.loads(raw.decode())
+        if isinstance(body, list) and len(body) == 1 and isinstance(body[0], str):
+            body = json.loads(body[0])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    job_id = body.get("id") or body.get("job_id")
+    return job_id if isinstance(job_id, str) and USABLE_ID.fullmatch(job_id) else None
+
+
+@pytest.fixture
+def bridge(idle_broker: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Bridge:
+    monkeypatch.setattr("worker.bridge.POLL_S", 0.01)  # drain ends without a 1 s wait
+    return Bridge(idle_broker, JobRecords(idle_broker, ttl_s=600, owner="fuzz"), queue=QUEUE)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=items)
+def test_every_item_is_dispatched_answered_or_parked_and_the_bridge_goes_on(
+    idle_broker: redis.Redis, bridge: Bridge, batch: list[bytes]
+) -> None:
+    idle_broker.flushdb()
+    idle_broker.rpush(QUEUE, *batch)
+
+    assert bridge.run(drain=True) == len(batch)
+
+    ids = [usable_id(raw) for raw in batch]
+    chains, failed = sent_job_ids(idle_broker, "enhance"), sent_job_ids(idle_broker, "cpu")
+    event(f"chains sent: {bool(chains)}, failed callbacks: {bool(failed)}")
+    answered = chains + failed
+    assert sorted(answered) == sorted({i for i in ids if i is not None})
+    parked = [json.loads(e) for e in idle_broker.lrange(rejected_list(QUEUE), 0, -1)]
+    assert len(parked) == ids.count(None)
+    event(f"items parked: {bool(parked)}")
+    assert all(entry["reason"] for entry in parked)
+    assert idle_broker.llen(QUEUE) == idle_broker.llen(bridge.processing) == 0

@@ -1,0 +1,200 @@
+"""Faults of the platform and of the machines, through a stack of their own.
+
+The stack runs the production commands on a Redis database and platform list of its own,
+with a short DELIVERY_RETRY_WINDOW_S, so a platform that stays down outlasts the window
+within a test. Assertions read what the platform got, the job record and the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import JOB_TIMEOUT_S, new_job
+from worker.local.platform import LocalPlatform, queue_body
+from worker.local.stack import LocalStack, RedisServer, wait_until
+from worker.records import JobRecords
+
+QUEUE = "fault_queue"
+#: Long enough for two refused attempts (backoff 2 s, full jitter: at most 2 + 4 s).
+WINDOW_S = 10
+#: More refusals than any job here makes within the window: "the platform stays down".
+FOREVER = 10_000
+
+
+@pytest.fixture(scope="module")
+def fault_env(
+    stack_env: dict[str, str], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("faults")
+    return stack_env | {
+        "REDIS_URL": redis_server.url.removesuffix("/0") + "/2",
+        "PLATFORM_QUEUE": QUEUE,
+        "DELIVERY_RETRY_WINDOW_S": str(WINDOW_S),
+        "SPOOL_DIR": str(root / "spool"),
+        "OUTPUT_DIR": str(root / "outputs"),
+    }
+
+
+@pytest.fixture(scope="module")
+def fault_stack(
+    fault_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    local = LocalStack(fault_env, log_dir=tmp_path_factory.mktemp("fault-logs"))
+    try:
+        yield local.start()
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def client(fault_env: dict[str, str]) -> redis.Redis:
+    return redis.Redis.from_url(fault_env["REDIS_URL"])
+
+
+@pytest.fixture
+def records(client: redis.Redis) -> JobRecords:
+    return JobRecords(client, ttl_s=600)
+
+
+@pytest.fixture
+def spool_dir(fault_env: dict[str, str]) -> Path:
+    return Path(fault_env["SPOOL_DIR"])
+
+
+@pytest.fixture
+def platform_down(platform: LocalPlatform) -> Iterator[LocalPlatform]:
+    """The platform, back to answering everything after the test, whatever it injected."""
+    yield platform
+    platform.fail_next_callbacks(0)
+    platform.fail_next_uploads(0)
+
+
+def test_a_final_callback_refused_past_the_window_leaves_the_job_marked_undelivered(
+    fault_stack: LocalStack, platform_down: LocalPlatform, client: redis.Redis, records: JobRecords
+) -> None:
+    # Given the platform answers every callback with 503 from now on
+    job = new_job("image_fast")
+    platform_down.fail_next_callbacks(FOREVER)
+
+    # When a job runs to its final callback
+    pushed_at = time.monotonic()
+    client.rpush(QUEUE, queue_body(job))
+    wait_until(
+        lambda: records.get(job["id"]).status == "delivery_failed",
+        timeout_s=JOB_TIMEOUT_S + WINDOW_S,
+        what="the final callback given up",
+    )
+
+    # Then it was tried again and again for the whole window, and the record says so: the
+    # job itself did not fail, its result was never delivered, and why
+    assert time.monotonic() - pushed_at >= WINDOW_S
+    assert platform_down.rejected_callbacks_for(job["id"]).count("completed") >= 2
+    assert platform_down.callbacks_for(job["id"]) == []
+    record = records.get(job["id"])
+    assert record.fields["delivery_error_stage"] == "callback"
+    assert record.fields["delivery_error_type"] == "DeliveryFailed"
+    error = record.fields["delivery_error"]
+    assert f"DELIVERY_RETRY_WINDOW_S={WINDOW_S}" in error
+    assert f"callback completed for job {job['id']}: HTTP 503" in error
+    assert "will retry" not in error
+    assert "error" not in record.fields and "final_callback" not in record.fields
+
+
+def test_an_upload_refused_past_the_window_fails_the_job_and_frees_its_spool(
+    fault_stack: LocalStack,
+    platform_down: LocalPlatform,
+    client: redis.Redis,
+    records: JobRecords,
+    spool_dir: Path,
+) -> None:
+    # Given storage answers every upload with 503 from now on
+    job = new_job("video_fast")
+    platform_down.fail_next_uploads(FOREVER)
+
+    # When a job has generated its frames and tries to upload them
+    client.rpush(QUEUE, queue_body(job))
+    failed = platform_down.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S + WINDOW_S).body
+
+    # Then after the window the job fails at the upload, saying so, and its spool is gone
+    assert failed["status"] == "failed"
+    assert failed["metadata"]["error_stage"] == "upload"
+    assert failed["metadata"]["error_type"] == "DeliveryFailed"
+    assert "given up after" in failed["error_message"]
+    assert "HTTP 503" in failed["error_message"]
+    assert "will retry" not in failed["error_message"]
+    assert platform_down.rejected_uploads >= 2
+    record = records.get(job["id"])
+    assert (record.status, record.fields["error_stage"]) == ("failed", "upload")
+    assert record.value("generation")["frame_num"] == 9  # it failed after generation
+    assert not (spool_dir / job["id"]).exists()
+
+
+def test_a_job_failing_for_good_after_generation_leaves_nothing_in_the_spool(
+    fault_stack: LocalStack, platform_down: LocalPlatform, client: redis.Redis, spool_dir: Path
+) -> None:
+    # Given storage refuses the next upload for good (403 is not retried)
+    job = new_job("video_fast")
+    platform_down.fail_next_uploads(1, status=403)
+
+    client.rpush(QUEUE, queue_body(job))
+    failed = platform_down.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body
+
+    assert (failed["status"], failed["metadata"]["error_stage"]) == ("failed", "upload")
+    assert "HTTP 403" in failed["error_message"]
+    assert spool_dir.is_dir()
+    assert not (spool_dir / job["id"]).exists()
+
+
+def test_a_platform_back_within_the_window_gets_the_result_once(
+    fault_stack: LocalStack, platform_down: LocalPlatform, client: redis.Redis
+) -> None:
+    # Given the platform refuses three callbacks: `processing`, then the final one twice
+    job = new_job("image_fast")
+    platform_down.fail_next_callbacks(3)
+
+    client.rpush(QUEUE, queue_body(job))
+    final = platform_down.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S + WINDOW_S)
+
+    assert final.body["status"] == "completed"
+    assert platform_down.rejected_callbacks_for(job["id"]) == [
+        "processing",
+        "completed",
+        "completed",
+    ]
+    assert [c.body["status"] for c in platform_down.callbacks_for(job["id"])] == ["completed"]
+
+
+def test_a_generation_killed_mid_way_runs_again_with_the_seed_chosen_the_first_time(
+    fault_stack: LocalStack, platform: LocalPlatform, client: redis.Redis, records: JobRecords
+) -> None:
+    # Given a job without a seed, long enough to be caught while denoising
+    job = new_job("video_fast")
+    del job["config"]["seed"]
+    job["config"]["num_inference_steps"] = 16
+    client.rpush(QUEUE, queue_body(job))
+
+    def denoising() -> bool:
+        progress = records.get(job["id"]).value("progress")
+        return progress is not None and progress["step"] >= 1
+
+    wait_until(denoising, timeout_s=JOB_TIMEOUT_S, what="denoising", interval_s=0.01)
+    first_seed = records.get(job["id"]).value("seed")
+
+    # When the generation worker's pool child is killed in the middle of it
+    [child] = fault_stack.pids("gpu")[1:]
+    os.kill(child, signal.SIGKILL)
+
+    # Then the generation is delivered again (acks_late, reject_on_worker_lost) and the
+    # result reports the seed chosen at the first delivery
+    body = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body
+    assert body["status"] == "completed"
+    assert records.get(job["id"]).fields["attempts:generate"] == "2"
+    assert isinstance(first_seed, int)
+    assert body["assets"][0]["metadata"]["seed"] == first_seed
