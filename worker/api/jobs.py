@@ -124,7 +124,8 @@ def post_job(body: Annotated[dict[str, Any], Body()]) -> Accepted | JSONResponse
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from None
     records = get_records()
     if seen_before(records, job.id):
-        existing = Accepted(job_id=job.id, status=records.get(job.id).status or "", created=False)
+        status_now = records.get(job.id).status or "queued"  # held: still being submitted
+        existing = Accepted(job_id=job.id, status=status_now, created=False)
         return JSONResponse(existing.model_dump(), status_code=status.HTTP_200_OK)
     submit(records, job, payload=json.dumps(body))
     return Accepted(job_id=job.id, status="queued", created=True)
