@@ -1,0 +1,17 @@
+"""WAN generation: load the pipelines once, run them per job.
+
+Imported only by the generation worker's pool child (and tools), never by the media
+worker: this is where torch and diffusers come in.
+"""
+
+from worker.generation.load import load_t2v, model_dir, resolve_device, resolve_dtype
+from worker.generation.modes import StepHook, generate_frames
+
+__all__ = [
+    "StepHook",
+    "generate_frames",
+    "load_t2v",
+    "model_dir",
+    "resolve_device",
+    "resolve_dtype",
+]
