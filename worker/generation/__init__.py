@@ -4,12 +4,14 @@ Imported only by the generation worker's pool child (and tools), never by the me
 worker: this is where torch and diffusers come in.
 """
 
-from worker.generation.load import load_t2v, model_dir, resolve_device, resolve_dtype
-from worker.generation.modes import StepHook, generate_frames
+from worker.generation.load import Pipelines, load_t2v, model_dir, resolve_device, resolve_dtype
+from worker.generation.modes import Generated, StepHook, generate
 
 __all__ = [
+    "Generated",
+    "Pipelines",
     "StepHook",
-    "generate_frames",
+    "generate",
     "load_t2v",
     "model_dir",
     "resolve_device",
