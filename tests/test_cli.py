@@ -60,3 +60,12 @@ def test_make_tiny_builds_a_diffusers_model_directory(tmp_path: Path) -> None:
     assert index["_class_name"] == "WanPipeline"
     assert {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"} <= index.keys()
     assert "noise" in out
+
+
+def test_make_tiny_vace_builds_a_vace_model_directory(tmp_path: Path) -> None:
+    out = run_worker("models", "make-tiny", "--vace", str(tmp_path / "vace")).stdout
+
+    index = json.loads((tmp_path / "vace" / "model_index.json").read_text())
+    assert index["_class_name"] == "WanVACEPipeline"
+    assert index["transformer"] == ["diffusers", "WanVACETransformer3DModel"]
+    assert "tiny VACE pipeline saved" in out

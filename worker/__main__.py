@@ -27,10 +27,11 @@ def _bridge(_: argparse.Namespace) -> None:
 
 
 def _make_tiny(args: argparse.Namespace) -> None:
-    from worker.local.tiny_models import NOISE_WARNING, make_tiny_wan
+    from worker.local.tiny_models import NOISE_WARNING, make_tiny_vace, make_tiny_wan
 
-    path = make_tiny_wan(args.dir)
-    print(f"tiny WAN pipeline saved to {path}: {NOISE_WARNING}")
+    path = (make_tiny_vace if args.vace else make_tiny_wan)(args.dir)
+    kind = "VACE" if args.vace else "WAN"
+    print(f"tiny {kind} pipeline saved to {path}: {NOISE_WARNING}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     models = commands.add_parser("models", help="model tools").add_subparsers(required=True)
     tiny = models.add_parser("make-tiny", help="build the tiny random-weight WAN model offline")
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument(
+        "--vace", action="store_true", help="the VACE model (for WAN_VACE_MODEL_PATH) instead"
+    )
     tiny.set_defaults(run=_make_tiny)
     demo = commands.add_parser("demo", help="run one job of each kind end to end, locally")
     demo.add_argument(
