@@ -2,6 +2,10 @@
 
 CONTRACT.md sections 1, 2 and 5 are the specification. Every check names the field the
 platform sent and the limit it broke, so a `failed` callback tells the user what to fix.
+
+References follow one rule: the references present decide the mode, and a mode field
+(`reference_mode`, `video_reference_mode`, config before metadata) that names another mode
+is ignored and reported in the callback's `reference_mode_note`; see `_references`.
 """
 
 from __future__ import annotations
