@@ -32,6 +32,7 @@ lint: $(INSTALLED)
 bench: $(INSTALLED) redis-server
 	$(PY) -m bench.job
 	$(PY) -m bench.enhance
+	$(PY) -m bench.references
 
 clean:
 	rm -rf $(VENV) .demo spool outputs

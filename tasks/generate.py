@@ -1,54 +1,114 @@
-"""The `generate` stage, on the GPU queue: one pool child holds the WAN pipeline for good."""
+"""The `generate` stage, on the GPU queue: one pool child holds the WAN pipelines for good.
+
+A job's references are downloaded here, before any GPU work and before `processing` is
+sent: a transient failure (timeout, connection error, 429, 5xx) retries this task with
+Celery's exponential backoff and jitter; a reference that is refused, undecodable or still
+failing after `REFERENCE_RETRIES` retries makes the job text-only, and the callback says why.
+"""
 
 from __future__ import annotations
 
 import secrets
 from typing import TYPE_CHECKING
 
-from media import spool
+from celery.utils.log import get_task_logger
+from celery.utils.time import get_exponential_backoff_interval
+
+from media import references, spool
 from tasks.app import app
-from tasks.base import StageTask
+from tasks.base import NETWORK_RETRY, StageTask
 from worker.callback import notify_processing
-from worker.jobs import SEED_MAX
+from worker.errors import ReferenceUnusable, TransientError
+from worker.jobs import SEED_MAX, Job
 from worker.observe.loaded_models import LoadedModels
 from worker.records import get_records
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from diffusers import WanPipeline
+    from PIL import Image
+
+    from worker.generation import Pipelines
+
+log = get_task_logger(__name__)
 
 
 class GenerateTask(StageTask):
-    """Loads the pipeline on first use in the pool child, after the fork, and keeps it.
+    """Loads the pipelines on first use in the pool child, after the fork, and keeps them.
 
     Never at import (the API, the media worker and tests would pay) and never in
     `worker_process_init` (Celery gives it 4 s). Job N+1 reuses what job N loaded.
     """
 
     abstract = True
-    _pipe: WanPipeline | None = None
+    _pipelines: Pipelines | None = None
+    #: Pipelines already reported to the loaded-models registry by this child.
+    _noted: set[str] = set()
 
     @property
-    def pipe(self) -> WanPipeline:
-        if self._pipe is None:
-            from worker.generation import load_t2v  # torch comes in here, in the GPU child only
+    def pipelines(self) -> Pipelines:
+        if self._pipelines is None:
+            from worker.generation import Pipelines  # torch comes in here, in the GPU child only
 
-            settings = get_settings()
-            type(self)._pipe = load_t2v(settings)
-            LoadedModels(get_records().redis).note(
-                self.request.hostname, "wan_t2v", path=str(settings.wan_model_path), loaded=True
+            type(self)._pipelines = Pipelines(get_settings())
+        return self._pipelines
+
+    def note_loaded(self, settings: Settings) -> None:
+        """Tell /health which pipelines this child holds now (written when that changes)."""
+        paths = {"t2v": settings.wan_model_path, "vace": settings.wan_vace_model_path,
+                 "v2v": settings.wan_model_path}  # fmt: skip
+        registry = LoadedModels(get_records().redis)
+        for name in self.pipelines.loaded():
+            if name not in self._noted:
+                registry.note(self.request.hostname, f"wan_{name}", path=str(paths[name]),
+                              loaded=True)  # fmt: skip
+                self._noted.add(name)
+
+    def references(self, job: Job, settings: Settings) -> tuple[dict[str, Image.Image], str | None]:
+        """The job's prepared references, or none and the reason to run text-only."""
+        if not job.reference_urls:
+            return {}, None
+        guard = references.Guard(references.parse_hosts(settings.reference_allowed_hosts))
+        try:
+            images = references.load_references(
+                job.reference_urls,
+                width=job.width,
+                height=job.height,
+                guard=guard,
+                timeout_s=settings.reference_timeout_s,
             )
-        return self._pipe
+        except ReferenceUnusable as e:
+            return {}, str(e)
+        except TransientError as e:
+            retries = self.request.retries
+            if retries >= settings.reference_retries:
+                return {}, f"{e} (still failing after {retries} retries)"
+            countdown = get_exponential_backoff_interval(
+                NETWORK_RETRY["retry_backoff"],
+                retries,
+                NETWORK_RETRY["retry_backoff_max"],
+                NETWORK_RETRY["retry_jitter"],
+            )
+            log.warning("job=%s %s: retry %d in %d s", job.id, e, retries + 1, countdown)
+            raise self.retry(
+                exc=e, countdown=countdown, max_retries=settings.reference_retries
+            ) from e
+        return images, None
 
 
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
 def generate(self: GenerateTask, job_id: str) -> None:
-    from worker.generation import generate_frames
+    from worker.generation import generate as run
+    from worker.generation.load import vace_model_dir
 
     settings = get_settings()
     records = get_records()
     record = records.get(job_id)
     job = record.job
+    if job.reference_mode != "none" and not job.image_to_image:
+        vace_model_dir(settings)  # a reference job without VACE fails naming the setting
+    images, fallback_reason = self.references(job, settings)
+    if fallback_reason is not None:
+        log.warning("job=%s reference not used, text only: %s", job_id, fallback_reason)
     # A redelivered job keeps the seed chosen the first time, so its result is the same.
     seed = record.value("seed")
     if seed is None:
@@ -62,7 +122,16 @@ def generate(self: GenerateTask, job_id: str) -> None:
 
     enhancement = record.value("enhancement") or {}
     job = job.model_copy(update={"prompt": enhancement.get("enhanced_prompt") or job.prompt})
-    frames = generate_frames(self.pipe, job, seed=seed, on_step=on_step)
+    generated = run(
+        self.pipelines,
+        job,
+        seed=seed,
+        references=images,
+        fallback_reason=fallback_reason,
+        on_step=on_step,
+    )
+    self.note_loaded(settings)
+    frames = generated.frames
     path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
     frame_num, height, width, _ = frames.shape
     records.update(
@@ -74,5 +143,6 @@ def generate(self: GenerateTask, job_id: str) -> None:
             "frame_num": frame_num,
             "frames_path": str(path.resolve()),
             "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
+            "metadata": job.reference_notes | generated.metadata,
         },
     )

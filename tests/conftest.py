@@ -97,6 +97,13 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.local.tiny_models import make_tiny_vace
+
+    return make_tiny_vace(tmp_path_factory.mktemp("models") / "tiny-vace")
+
+
+@pytest.fixture(scope="session")
 def platform() -> Iterator[LocalPlatform]:
     with LocalPlatform(service_key=SERVICE_KEY, callback_secret=CALLBACK_SECRET) as server:
         yield server

@@ -80,19 +80,19 @@ def test_an_item_that_is_not_json_is_parked_and_the_next_job_runs(
 def test_a_job_failing_in_generation_reports_the_stage_and_the_reason(
     stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis
 ) -> None:
-    # Given a reference-frame job, which this worker version cannot run yet
+    # Given a reference-frame job on a worker without WAN_VACE_MODEL_PATH (the test stack)
     job = new_job("video_fast") | {"metadata": {"reference_image_url": "https://example.com/a.png"}}
 
     push(platform_list, job)
 
-    # Then generation started and then failed, saying where and why
+    # Then generation failed before any work (nothing was downloaded), saying where and why
     failed = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body
-    assert [c.body["status"] for c in platform.callbacks_for(job["id"])] == ["processing", "failed"]
-    assert failed["metadata"]["error_type"] == "UnsupportedMode"
+    assert [c.body["status"] for c in platform.callbacks_for(job["id"])] == ["failed"]
+    assert failed["metadata"]["error_type"] == "ModelNotConfigured"
     assert failed["metadata"]["error_stage"] == "generate"
     assert failed["metadata"]["job_type"] == "video_fast"
-    assert "reference_mode 'single'" in failed["error_message"]
+    assert failed["error_message"].startswith("WAN_VACE_MODEL_PATH is not set")
     # And the job record, which the on-call engineer reads, says the same
     record = JobRecords(platform_list, ttl_s=60).get(job["id"])
     assert (record.status, record.fields["error_stage"]) == ("failed", "generate")
-    assert record.fields["error_type"] == "UnsupportedMode"
+    assert record.fields["error_type"] == "ModelNotConfigured"

@@ -81,3 +81,12 @@ def test_make_tiny_qwen_builds_a_model_that_loads_with_from_pretrained(tmp_path:
     assert model.config.model_type == "qwen2"
     assert tokenizer.decode(tokenizer.encode(" a fox")) == " a fox"  # byte-level round trip
     assert "fixed sentence" in out
+
+
+def test_make_tiny_vace_builds_a_vace_model_directory(tmp_path: Path) -> None:
+    out = run_worker("models", "make-tiny", "--vace", str(tmp_path / "vace")).stdout
+
+    index = json.loads((tmp_path / "vace" / "model_index.json").read_text())
+    assert index["_class_name"] == "WanVACEPipeline"
+    assert index["transformer"] == ["diffusers", "WanVACETransformer3DModel"]
+    assert "tiny VACE pipeline saved" in out

@@ -12,7 +12,7 @@ from worker.local.stack import RedisServer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_demo_completes_a_video_and_an_image_job(
+def test_the_demo_completes_text_reference_and_image_to_image_jobs(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     env = {
@@ -31,9 +31,11 @@ def test_the_demo_completes_a_video_and_an_image_job(
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "noise" in done.stdout
-    assert done.stdout.count("completed") == 2
+    assert done.stdout.count("completed") == 4
+    for task in ("t2v-1.3B none", "vace-1.3B start", "v2v-1.3B single"):
+        assert task in done.stdout
     videos = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.mp4"))
     images = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.png"))
     thumbnails = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.thumb.webp"))
-    assert len(videos) == len(images) == 1 and len(thumbnails) == 2
+    assert len(videos) == len(images) == 2 and len(thumbnails) == 4
     assert not list((tmp_path / "spool").glob("*/frames.npy")), "the spool was not freed"

@@ -668,16 +668,29 @@ def test_a_reference_in_config_wins_over_the_one_in_metadata(
 
 
 @pytest.mark.parametrize("key", ["video_reference_mode", "reference_mode"])
-def test_an_explicit_reference_mode_in_metadata_is_used(key: str) -> None:
+def test_a_mode_field_that_drops_a_reference_is_reported_and_the_references_decide(
+    key: str,
+) -> None:
     job = parse_job(
         metadata(**{key: "start", "start_reference_url": START_URL, "end_reference_url": END_URL})
     )
-    assert job.reference_mode == "start"
+    assert job.reference_mode == "both"
+    assert job.reference_urls == {"start": START_URL, "end": END_URL}
+    assert job.reference_notes["reference_mode_note"] == (
+        f"metadata.{key} 'start' disagrees with the references sent (start, end): "
+        "the references decide, mode 'both'"
+    )
 
 
-def test_an_unknown_reference_mode_is_refused() -> None:
-    error = refusal(metadata(video_reference_mode="sideways"))
-    assert error.field == "metadata.reference_mode"
+def test_a_mode_field_that_agrees_adds_no_note() -> None:
+    job = parse_job(metadata(reference_mode="start", start_reference_url=START_URL))
+    assert job.reference_mode == "start" and job.reference_notes == {}
+
+
+@pytest.mark.parametrize("where", ["config", "metadata"])
+def test_an_unknown_reference_mode_is_refused(where: str) -> None:
+    error = refusal(body(**{where: {"video_reference_mode": "sideways"}}))
+    assert error.field == f"{where}.video_reference_mode"
     assert "sideways" in str(error)
 
 
@@ -696,7 +709,8 @@ def test_a_reference_that_is_not_a_string_is_refused() -> None:
         (metadata(denoise_strength=0.4, reference_strength=0.8), 0.4),
         (config(denoise_strength=0), 0.0),
         (config(denoise_strength=1), 1.0),
-        (config(image=IMAGE_URL), 0.5),
+        (config(image=IMAGE_URL, pipeline="img2img"), 0.5),
+        (config(image=IMAGE_URL), None),
         (body(), None),
     ],
     ids=[
@@ -708,7 +722,8 @@ def test_a_reference_that_is_not_a_string_is_refused() -> None:
         "denoise-wins-over-reference-strength",
         "zero",
         "one",
-        "default-0.5-with-a-reference",
+        "default-0.5-for-image-to-image",
+        "none-for-reference-frames",
         "none-without-a-reference",
     ],
 )

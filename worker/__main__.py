@@ -34,14 +34,16 @@ def _api(_: argparse.Namespace) -> None:
 
 def _make_tiny(args: argparse.Namespace) -> None:
     if args.qwen:
-        from worker.local.tiny_qwen import NOISE_WARNING, make_tiny_qwen
+        from worker.local.tiny_qwen import NOISE_WARNING as QWEN_WARNING
+        from worker.local.tiny_qwen import make_tiny_qwen
 
-        print(f"tiny Qwen model saved to {make_tiny_qwen(args.dir)}: {NOISE_WARNING}")
+        print(f"tiny Qwen model saved to {make_tiny_qwen(args.dir)}: {QWEN_WARNING}")
         return
-    from worker.local.tiny_models import NOISE_WARNING, make_tiny_wan
+    from worker.local.tiny_models import NOISE_WARNING, make_tiny_vace, make_tiny_wan
 
-    path = make_tiny_wan(args.dir)
-    print(f"tiny WAN pipeline saved to {path}: {NOISE_WARNING}")
+    path = (make_tiny_vace if args.vace else make_tiny_wan)(args.dir)
+    kind = "VACE" if args.vace else "WAN"
+    print(f"tiny {kind} pipeline saved to {path}: {NOISE_WARNING}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -66,8 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     models = commands.add_parser("models", help="model tools").add_subparsers(required=True)
     tiny = models.add_parser("make-tiny", help="build a tiny random-weight model offline")
     tiny.add_argument("dir", type=Path)
-    tiny.add_argument(
+    kind = tiny.add_mutually_exclusive_group()
+    kind.add_argument(
         "--qwen", action="store_true", help="the tiny Qwen enhancement model instead of WAN"
+    )
+    kind.add_argument(
+        "--vace", action="store_true", help="the VACE model (for WAN_VACE_MODEL_PATH) instead"
     )
     tiny.set_defaults(run=_make_tiny)
     demo = commands.add_parser("demo", help="run one job of each kind end to end, locally")

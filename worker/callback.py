@@ -47,6 +47,8 @@ def completed_body(record: JobRecord) -> dict[str, Any]:
         "reference_mode": job.reference_mode,
         "stage_seconds": timings,
         **enhancement,
+        # what ran (wan_task, reference_mode), references used or why not, i2i strength
+        **generation.get("metadata", {}),
     }
     return {
         "job_id": job.id,

@@ -31,6 +31,10 @@ class MediaCheckFailed(JobError):
     """A produced file is not what it claims to be: never uploaded."""
 
 
+class ReferenceUnusable(JobError):
+    """A reference image refused, missing or undecodable for good: the job runs text-only."""
+
+
 class DeliveryRejected(JobError):
     """The platform refused a request for good (a 3xx or a 4xx other than 429)."""
 

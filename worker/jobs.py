@@ -2,6 +2,10 @@
 
 CONTRACT.md sections 1, 2 and 5 are the specification. Every check names the field the
 platform sent and the limit it broke, so a `failed` callback tells the user what to fix.
+
+References follow one rule: the references present decide the mode, and a mode field
+(`reference_mode`, `video_reference_mode`, config before metadata) that names another mode
+is ignored and reported in the callback's `reference_mode_note`; see `_references`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,25 @@ DEFAULT_WIDTH_PX, DEFAULT_HEIGHT_PX = 480, 832
 DEFAULT_SHIFT = 5.0
 
 ReferenceMode = Literal["none", "single", "start", "end", "both"]
+REFERENCE_MODES: tuple[ReferenceMode, ...] = ("none", "single", "start", "end", "both")
+#: Where each reference role comes from, `config` name first (CONTRACT.md section 1).
+REFERENCE_SOURCES = {
+    "single": ("image", "reference_image_url"),
+    "start": ("first_frame", "start_reference_url"),
+    "end": ("last_frame", "end_reference_url"),
+}
+#: Mode fields, in the order they are read (config before metadata).
+MODE_FIELDS = (
+    ("config", "video_reference_mode"),
+    ("config", "reference_mode"),
+    ("metadata", "video_reference_mode"),
+    ("metadata", "reference_mode"),
+)
+#: `pipeline` values that ask for image to image (compared without case, '-', '_' or spaces).
+IMAGE_TO_IMAGE_NAMES = frozenset({"img2img", "i2i", "image2image", "imagetoimage"})
+#: I2I strength when the job names none; `exact_copy_mode` caps strength and guidance.
+DEFAULT_DENOISE_STRENGTH = 0.5
+EXACT_COPY_MAX_STRENGTH, EXACT_COPY_MAX_GUIDANCE = 0.05, 1.0
 
 
 @dataclass(frozen=True)
@@ -113,9 +136,14 @@ class Job(BaseModel):
     frames: int
     frames_requested: int
     enhance: bool
+    #: The mode the references present decide (see `_references`); "none" without any.
     reference_mode: ReferenceMode = "none"
+    #: The references this job uses, by role (single, start, end).
     reference_urls: dict[str, str] = {}
+    image_to_image: bool = False
     denoise_strength: float | None = None
+    #: What the callback says about how the references were read (conflicts, ignored ones).
+    reference_notes: dict[str, Any] = {}
     video_id: str | None = None
     image_id: str | None = None
     metadata: dict[str, Any] = {}
@@ -209,7 +237,13 @@ def parse_job(body: dict[str, Any]) -> Job:
         frames_requested = job_type.default_frames
     elif not job_type.is_video and frames_requested != 1:
         raise InvalidJob("config.frame_num", f"image jobs make 1 frame, got {frames_requested}")
-    reference_mode, reference_urls = _references(config, metadata)
+    references = _references(config, metadata)
+    guidance = guidance if guidance is not None else preset.guidance
+    if references.exact_copy:
+        references.notes["exact_copy_mode"] = True
+        if guidance > EXACT_COPY_MAX_GUIDANCE:
+            references.notes["exact_copy_guidance_clamped_from"] = guidance
+            guidance = EXACT_COPY_MAX_GUIDANCE
 
     return Job(
         id=job_id,
@@ -219,16 +253,18 @@ def parse_job(body: dict[str, Any]) -> Job:
         negative_prompt=negative_prompt,
         seed=_seed(config),
         steps=steps if steps is not None else preset.steps,
-        guidance=guidance if guidance is not None else preset.guidance,
+        guidance=guidance,
         shift=shift if shift is not None else DEFAULT_SHIFT,
         width=width,
         height=height,
         frames=normalise_frames(frames_requested),
         frames_requested=frames_requested,
         enhance=_enhance(config, job_type),
-        reference_mode=reference_mode,
-        reference_urls=reference_urls,
-        denoise_strength=_denoise_strength(config, metadata, bool(reference_urls)),
+        reference_mode=references.mode,
+        reference_urls=references.urls,
+        image_to_image=references.image_to_image,
+        denoise_strength=references.strength,
+        reference_notes=references.notes,
         video_id=_optional_str(body, "video_id"),
         image_id=_optional_str(body, "image_id"),
         metadata=metadata,
@@ -361,34 +397,99 @@ def _enhance(config: dict[str, Any], job_type: JobType) -> bool:
     return requested
 
 
-def _references(
-    config: dict[str, Any], metadata: dict[str, Any]
-) -> tuple[ReferenceMode, dict[str, str]]:
-    """Reference sources of section 1; `config` wins over `metadata`."""
-    sources = {
-        "single": config.get("image") or metadata.get("reference_image_url"),
-        "start": config.get("first_frame") or metadata.get("start_reference_url"),
-        "end": config.get("last_frame") or metadata.get("end_reference_url"),
-    }
-    urls = {role: url for role, url in sources.items() if url}
-    for role, url in urls.items():
-        if not isinstance(url, str):
+@dataclass
+class _References:
+    mode: ReferenceMode
+    urls: dict[str, str]
+    image_to_image: bool
+    strength: float | None
+    exact_copy: bool
+    notes: dict[str, Any]
+
+
+def _references(config: dict[str, Any], metadata: dict[str, Any]) -> _References:
+    """Which references a job uses, and how: CONTRACT.md section 1 plus one rule for conflicts.
+
+    The rule: the references present decide, a mode field never drops one. Start and end
+    give `both`, start alone `start`, end alone `end`, an image alone `single`; an image
+    beside start/end frames is used too (as VACE's reference image). A mode field (config,
+    then metadata) that names another mode is reported in `reference_mode_note` and
+    otherwise ignored. Image to image, asked for by a `pipeline` naming img2img/i2i, a
+    denoise/reference strength or `exact_copy_mode` with a reference, uses one source image
+    (the image, else the start frame, else the end frame); the others are reported in
+    `references_ignored`.
+    """
+    urls: dict[str, str] = {}
+    for role, (config_name, metadata_name) in REFERENCE_SOURCES.items():
+        url = config.get(config_name) or metadata.get(metadata_name)
+        if url and not isinstance(url, str):
             raise InvalidJob(f"reference {role}", f"must be a URL string, got {url!r}")
-    mode = metadata.get("video_reference_mode") or metadata.get("reference_mode")
-    if mode is None:
-        if "start" in urls and "end" in urls:
-            mode = "both"
-        else:
-            mode = next(iter(urls), "none")
-    if mode not in ("none", "single", "start", "end", "both"):
-        raise InvalidJob("metadata.reference_mode", f"unknown mode {mode!r}")
-    return mode, urls
+        if url:
+            urls[role] = url
+    strength = _denoise_strength(config, metadata)
+    exact_copy = _flag(config, metadata, "exact_copy_mode")
+    notes: dict[str, Any] = {}
+    image_to_image = bool(urls) and (
+        _names_image_to_image(config, metadata) or strength is not None or exact_copy
+    )
+    if image_to_image:
+        source = next(role for role in ("single", "start", "end") if role in urls)
+        notes["references_ignored"] = {
+            role: f"image to image uses one source image, the {source} reference"
+            for role in urls
+            if role != source
+        } or None
+        urls = {source: urls[source]}
+        mode: ReferenceMode = "single" if source == "single" else source
+        if strength is None:
+            strength = DEFAULT_DENOISE_STRENGTH
+        if exact_copy and strength > EXACT_COPY_MAX_STRENGTH:
+            notes["exact_copy_strength_clamped_from"] = strength
+            strength = EXACT_COPY_MAX_STRENGTH
+    elif "start" in urls and "end" in urls:
+        mode = "both"
+    else:
+        mode = next((role for role in ("start", "end", "single") if role in urls), "none")
+    if not urls and _names_image_to_image(config, metadata):
+        notes["image_to_image_note"] = "image to image was asked for without a reference image"
+    field, requested = _mode_field(config, metadata)
+    if requested is not None and requested != mode:
+        present = ", ".join(urls) or "none"
+        notes["reference_mode_note"] = (
+            f"{field} {requested!r} disagrees with the references sent ({present}): "
+            f"the references decide, mode {mode!r}"
+        )
+    notes = {name: value for name, value in notes.items() if value is not None}
+    return _References(mode, urls, image_to_image, strength, exact_copy and image_to_image, notes)
 
 
-def _denoise_strength(
-    config: dict[str, Any], metadata: dict[str, Any], has_reference: bool
-) -> float | None:
-    """I2I strength: `denoise_strength`, else 1 - `reference_strength`, else 0.5 with an image."""
+def _mode_field(config: dict[str, Any], metadata: dict[str, Any]) -> tuple[str, str | None]:
+    for where, name in MODE_FIELDS:
+        value = (config if where == "config" else metadata).get(name)
+        if value is not None:
+            if value not in REFERENCE_MODES:
+                raise InvalidJob(
+                    f"{where}.{name}",
+                    f"unknown mode {value!r}; known: {', '.join(REFERENCE_MODES)}",
+                )
+            return f"{where}.{name}", value
+    return "", None
+
+
+def _names_image_to_image(config: dict[str, Any], metadata: dict[str, Any]) -> bool:
+    value = config.get("pipeline") or metadata.get("pipeline")
+    if not isinstance(value, str):
+        return False
+    return re.sub(r"[\s_-]", "", value.lower()) in IMAGE_TO_IMAGE_NAMES
+
+
+def _flag(config: dict[str, Any], metadata: dict[str, Any], name: str) -> bool:
+    value = config.get(name)
+    return bool(metadata.get(name) if value is None else value)
+
+
+def _denoise_strength(config: dict[str, Any], metadata: dict[str, Any]) -> float | None:
+    """I2I strength as the job states it: `denoise_strength`, else 1 - `reference_strength`."""
     strength = config.get("denoise_strength")
     if strength is None:
         strength = metadata.get("denoise_strength")
@@ -401,7 +502,7 @@ def _denoise_strength(
                 f"must be a number in 0..1, got {metadata['reference_strength']!r}",
             ) from None
     if strength is None:
-        return 0.5 if has_reference else None
+        return None
     if (
         isinstance(strength, bool)
         or not isinstance(strength, (int, float))

@@ -63,7 +63,12 @@ class Settings(BaseSettings):
     api_port: int = 7860
     public_url: str | None = None
     runpod_pod_id: str | None = None
+    #: Hosts (or addresses) whose references may be private, e.g. an internal CDN: comma list.
     reference_allowed_hosts: str = ""
+    #: Deadline of one reference download, seconds.
+    reference_timeout_s: float = 30.0
+    #: Retries of a reference download that failed transiently, before text-only generation.
+    reference_retries: int = 4
 
     #: How long a job record lives in Redis after its last update, seconds.
     job_record_ttl_s: int = 7 * 24 * 3600

@@ -1,23 +1,29 @@
-"""`make demo`: a video job and an image job end to end on this machine, then a table.
+"""`make demo`: text-to-video, text-to-image, a start-frame video and an image-to-image job
+end to end on this machine, then a table.
 
 Everything runs as in production (the same worker commands, the bridge, RPUSH onto the
-platform list in both body shapes, signed callbacks) with local stand-ins where the
-platform would be: files go to the `local` storage backend under OUTPUT_DIR and the
-callbacks to a local endpoint.
+platform list in both body shapes, signed callbacks, reference download through the SSRF
+guard) with local stand-ins where the platform would be: files go to the `local` storage
+backend under OUTPUT_DIR, the callbacks to a local endpoint, and the reference image comes
+from a small HTTP server on 127.0.0.1, which REFERENCE_ALLOWED_HOSTS allows.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 import uuid
 from contextlib import ExitStack
 from typing import Any
 
+import numpy as np
 import redis
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from worker.local.image_server import ImageServer, Route
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import ROOT, WORKERS_AND_BRIDGE, LocalStack, RedisServer, redis_answers
 from worker.settings import get_settings
@@ -28,12 +34,23 @@ DEMO_DIR = ROOT / ".demo"
 JOB_TIMEOUT_S = 1_800
 #: On a CPU the tiny model's VAE needs about a second per 480x832 frame: shorten the video.
 CPU_VIDEO_CONFIG = {"frame_num": 33, "num_inference_steps": 4}
+#: VACE also encodes its control video: on a CPU the reference video is smaller still.
+CPU_REFERENCE_CONFIG = {"frame_num": 9, "num_inference_steps": 4, "resolution": "320x320"}
 
 #: Piped output gets a wide table: rich would otherwise fold the paths at 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
-def demo_jobs(*, short: bool) -> list[tuple[dict[str, Any], str]]:
+def reference_png() -> bytes:
+    """A 640x400 picture (colour bands under a sky gradient), like a user's upload."""
+    y, x = np.mgrid[0:400, 0:640]
+    rgb = np.stack([x * 255 // 639, 80 + y * 150 // 399, (x // 160) * 60 + 40], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def demo_jobs(*, short: bool, reference_url: str) -> list[tuple[dict[str, Any], str]]:
     """One job of each kind, with the body shape it is pushed in."""
     video = {
         "id": str(uuid.uuid4()),
@@ -50,7 +67,27 @@ def demo_jobs(*, short: bool) -> list[tuple[dict[str, Any], str]]:
         "user_id": "demo-user",
         "config": {"seed": 7},
     }
-    return [(video, "object"), (image, "array")]
+    start_frame = {
+        "id": str(uuid.uuid4()),
+        "type": "video_fast",
+        "prompt": "the camera slowly pans across the landscape",
+        "user_id": "demo-user",
+        "config": {"seed": 5, **(CPU_REFERENCE_CONFIG if short else {})},
+        "metadata": {"start_reference_url": reference_url, "reference_mode": "start"},
+    }
+    image_to_image = {
+        "id": str(uuid.uuid4()),
+        "type": "image_fast",
+        "prompt": "the same scene as a watercolour painting",
+        "user_id": "demo-user",
+        "config": {"seed": 9, "image": reference_url, "denoise_strength": 0.6},
+    }
+    return [
+        (video, "object"),
+        (image, "array"),
+        (start_frame, "object"),
+        (image_to_image, "object"),
+    ]
 
 
 def run_demo(*, full: bool = False) -> int:
@@ -67,6 +104,21 @@ def run_demo(*, full: bool = False) -> int:
                 make_tiny_wan(model_path)
             console.print(f"[bold yellow]WAN_MODEL_PATH is unset:[/] {NOISE_WARNING}")
         env["WAN_MODEL_PATH"] = str(model_path)
+        vace_path = settings.wan_vace_model_path
+        if vace_path is None and settings.wan_model_path is None:
+            from worker.local.tiny_models import make_tiny_vace
+
+            vace_path = DEMO_DIR / "tiny-vace"
+            if not (vace_path / "model_index.json").exists():
+                make_tiny_vace(vace_path)
+        if vace_path is None:
+            console.print(
+                "[yellow]WAN_VACE_MODEL_PATH is unset: the reference-frame job is skipped[/]"
+            )
+        else:
+            env["WAN_VACE_MODEL_PATH"] = str(vace_path)
+        images = cleanup.enter_context(ImageServer("127.0.0.1"))
+        reference_url = images.add("/reference.png", Route(reference_png(), "image/png"))
 
         redis_url = settings.redis_url
         if redis_answers(redis_url):
@@ -88,6 +140,7 @@ def run_demo(*, full: bool = False) -> int:
             "OUTPUT_DIR": str(settings.output_dir.resolve()),
             "SPOOL_DIR": str(settings.spool_dir.resolve()),
             **platform.worker_env(),
+            "REFERENCE_ALLOWED_HOSTS": "127.0.0.1",
         }
         console.print("starting the generation, enhancement and media workers and the bridge")
         stack = LocalStack(
@@ -98,12 +151,17 @@ def run_demo(*, full: bool = False) -> int:
         cleanup.callback(stack.stop)
         stack.start()
 
-        from worker.generation import resolve_device
+        from worker.devices import resolve_device
 
         short = not full and resolve_device(settings).type == "cpu"
-        jobs = demo_jobs(short=short)
+        jobs = demo_jobs(short=short, reference_url=reference_url)
+        if vace_path is None:  # image to image needs no VACE; the start-frame job does
+            jobs = [job for job in jobs if "start_reference_url" not in job[0].get("metadata", {})]
         if short:
-            console.print(f"on a CPU: the video job is shortened to {CPU_VIDEO_CONFIG}")
+            console.print(
+                f"on a CPU: the video job is shortened to {CPU_VIDEO_CONFIG}, "
+                f"the start-frame job to {CPU_REFERENCE_CONFIG}"
+            )
         client = redis.Redis.from_url(redis_url)
         pushed_at = {}
         for job, shape in jobs:
@@ -112,20 +170,28 @@ def run_demo(*, full: bool = False) -> int:
             console.print(f"RPUSH {queue}: {job['type']} job {job['id']} ({shape} shape)")
 
         table = Table(title="demo jobs")
-        for column in ("job", "type", "status", "seconds", "output file", "thumbnail"):
+        for column in ("job", "type", "task", "status", "seconds", "output file", "thumbnail"):
             table.add_column(column, overflow="fold")
         all_completed = True
         for job, _ in jobs:
             body = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body
             seconds = time.monotonic() - pushed_at[job["id"]]
             output = thumbnail = body.get("error_message") or ""
+            metadata = body.get("metadata", {})
+            task = f"{metadata.get('wan_task', '')} {metadata.get('reference_mode', '')}"
             if body["status"] == "completed":
                 asset = body["assets"][0]
                 root = settings.output_dir / "workspace-temp"
                 output, thumbnail = str(root / asset["url"]), str(root / asset["thumbnail_url"])
             all_completed &= body["status"] == "completed"
             table.add_row(
-                job["id"][:8], job["type"], body["status"], f"{seconds:.1f}", output, thumbnail
+                job["id"][:8],
+                job["type"],
+                task,
+                body["status"],
+                f"{seconds:.1f}",
+                output,
+                thumbnail,
             )
         console.print(table)
         console.print(f"process logs: {stack.log_dir}")

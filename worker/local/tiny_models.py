@@ -10,7 +10,14 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+    WanVACEPipeline,
+    WanVACETransformer3DModel,
+)
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 #: Said wherever a user sees output of these models.
@@ -32,9 +39,29 @@ def _tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def make_tiny_wan(target: Path, *, seed: int = 0) -> Path:
-    """Build and save a WAN 2.1 text-to-video pipeline with 2-layer random-weight parts."""
-    torch.manual_seed(seed)
+#: The transformer shape of both tiny models (diffusers' own test values, but a 1024 rope).
+TRANSFORMER_CONFIG = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": TEXT_DIM,
+    "freq_dim": 256,
+    "ffn_dim": 32,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,  # 32, diffusers' test value, caps the size at 512 px
+}
+
+
+def _shared_parts() -> dict:
+    """Tokenizer, text encoder, VAE and scheduler: the same in the T2V and VACE checkpoints.
+
+    The real Wan2.1-T2V-1.3B and Wan2.1-VACE-1.3B ship the same umt5 encoder and Wan VAE;
+    built from the same seed, the tiny ones are identical too, so the worker may share them.
+    """
+    torch.manual_seed(0)
     tokenizer = _tokenizer()
     text_encoder = UMT5EncoderModel(
         UMT5Config(
@@ -47,20 +74,6 @@ def make_tiny_wan(target: Path, *, seed: int = 0) -> Path:
             relative_attention_num_buckets=8,
         )
     )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=TEXT_DIM,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=1024,  # 32, diffusers' test value, caps the size at 512 px
-    )
     vae = AutoencoderKLWan(
         base_dim=3,
         z_dim=16,
@@ -68,16 +81,44 @@ def make_tiny_wan(target: Path, *, seed: int = 0) -> Path:
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
     )
+    # diffusers' default init leaves this 3-channel VAE's output nearly constant, whatever
+    # the latents: with zero biases (a common init) different inputs give visibly different
+    # frames, so tests can see a reference or a seed change the output.
+    with torch.no_grad():
+        for name, parameter in vae.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
     # The scheduler the real Wan2.1-T2V-1.3B-Diffusers ships with.
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
     )
-    pipe = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        transformer=transformer,
-        vae=vae,
-        scheduler=scheduler,
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "scheduler": scheduler,
+    }
+
+
+def make_tiny_wan(target: Path, *, seed: int = 0) -> Path:
+    """Build and save a WAN 2.1 text-to-video pipeline with 2-layer random-weight parts."""
+    parts = _shared_parts()
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(num_layers=2, **TRANSFORMER_CONFIG)
+    WanPipeline(transformer=transformer, **parts).save_pretrained(target)
+    return target
+
+
+def make_tiny_vace(target: Path, *, seed: int = 0) -> Path:
+    """Build and save a Wan2.1-VACE pipeline: 3 layers, VACE blocks beside layers 0 and 2.
+
+    `vace_in_channels` is 96: 16 latent channels for the kept and for the generated part of
+    the control video, and 64 for the mask folded into the VAE's 8x8 spatial patches.
+    """
+    parts = _shared_parts()
+    torch.manual_seed(seed)
+    transformer = WanVACETransformer3DModel(
+        num_layers=3, vace_layers=[0, 2], vace_in_channels=96, **TRANSFORMER_CONFIG
     )
-    pipe.save_pretrained(target)
+    WanVACEPipeline(transformer=transformer, **parts).save_pretrained(target)
     return target

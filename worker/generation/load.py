@@ -1,0 +1,115 @@
+"""Loading the WAN pipelines: once per generation child, on the device and dtype of the settings.
+
+Text to video loads first. VACE (reference frames) and video to video (image to image) load
+on first use and are built around its parts: one text encoder, one tokenizer and one VAE
+in memory whatever runs, and video to video also reuses the T2V transformer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, WanPipeline, WanVACEPipeline, WanVideoToVideoPipeline
+
+from worker.devices import resolve_device, resolve_dtype
+from worker.errors import ModelNotConfigured
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def model_dir(path: Path | None, variable: str, what: str) -> Path:
+    """A model directory that exists, or an error naming the variable to set."""
+    if path is None:
+        raise ModelNotConfigured(f"{variable} is not set: point it at {what} in diffusers format")
+    if not (path / "model_index.json").is_file():
+        raise ModelNotConfigured(
+            f"{variable}={path} holds no diffusers model (no model_index.json)"
+        )
+    return path
+
+
+def load_t2v(settings: Settings) -> WanPipeline:
+    """Load Wan2.1-T2V from WAN_MODEL_PATH onto the device; the VAE stays fp32 for quality."""
+    path = model_dir(settings.wan_model_path, "WAN_MODEL_PATH", "Wan2.1-T2V-1.3B")
+    device = resolve_device(settings)
+    dtype = resolve_dtype(settings, device)
+    started = time.perf_counter()
+    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    log.info(
+        "WAN pipeline loaded from %s on %s (%s) in %.1f s",
+        path,
+        device,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+    )
+    return pipe
+
+
+def shared_parts(pipe: WanPipeline) -> dict[str, object]:
+    """The parts every pipeline takes from the text-to-video one, by identity."""
+    return {"text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer, "vae": pipe.vae}
+
+
+def load_vace(settings: Settings, t2v: WanPipeline) -> WanVACEPipeline:
+    """Wan2.1-VACE from WAN_VACE_MODEL_PATH: only its transformer and scheduler are read."""
+    path = vace_model_dir(settings)
+    started = time.perf_counter()
+    device = t2v.transformer.device
+    pipe = WanVACEPipeline.from_pretrained(
+        path, **shared_parts(t2v), dtype=t2v.transformer.dtype
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    log.info("VACE pipeline loaded from %s in %.1f s", path, time.perf_counter() - started)
+    return pipe
+
+
+def vace_model_dir(settings: Settings) -> Path:
+    return model_dir(settings.wan_vace_model_path, "WAN_VACE_MODEL_PATH", "Wan2.1-VACE-1.3B")
+
+
+def build_v2v(t2v: WanPipeline) -> WanVideoToVideoPipeline:
+    """Video to video on the T2V weights: nothing new is loaded."""
+    pipe = WanVideoToVideoPipeline(
+        **shared_parts(t2v), transformer=t2v.transformer, scheduler=t2v.scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Pipelines:
+    """The generation child's pipelines, each made once, on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._t2v: WanPipeline | None = None
+        self._vace: WanVACEPipeline | None = None
+        self._v2v: WanVideoToVideoPipeline | None = None
+
+    @property
+    def t2v(self) -> WanPipeline:
+        if self._t2v is None:
+            self._t2v = load_t2v(self.settings)
+        return self._t2v
+
+    @property
+    def vace(self) -> WanVACEPipeline:
+        if self._vace is None:
+            self._vace = load_vace(self.settings, self.t2v)
+        return self._vace
+
+    @property
+    def v2v(self) -> WanVideoToVideoPipeline:
+        if self._v2v is None:
+            self._v2v = build_v2v(self.t2v)
+        return self._v2v
+
+    def loaded(self) -> list[str]:
+        """Names of the pipelines in memory, for logs and the benchmark."""
+        made = {"t2v": self._t2v, "vace": self._vace, "v2v": self._v2v}
+        return [name for name, pipe in made.items() if pipe is not None]

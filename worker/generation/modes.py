@@ -1,0 +1,176 @@
+"""Running one job: text to video, reference frames (VACE) or image to image (video to video).
+
+Which one runs follows the job (`worker.jobs._references` decides the mode) and whether
+its references could be used: a job whose references failed runs text-only and says so.
+- text only: `WanPipeline`.
+- single: VACE with `reference_images=[image]`.
+- start / end / both: VACE with a control video (the image, then gray frames; the mirror
+  for end; image, gray, image for both) and a mask that keeps the given frames (black) and
+  generates the rest (white). An image beside start/end frames also goes in as reference.
+- image to image: video to video with `strength`, the source repeated over the frames (one
+  frame for an image job). diffusers runs int(steps x strength) steps; at least one runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from worker.generation.load import Pipelines
+from worker.jobs import Job
+
+#: Called after each denoising step with (steps done, steps in all).
+StepHook = Callable[[int, int], None]
+#: The platform's names for what ran (`wan_task` in callbacks).
+WAN_TASKS = {"t2v": "t2v-1.3B", "vace": "vace-1.3B", "v2v": "v2v-1.3B"}
+#: VACE's "nothing here" colour for frames to generate (diffusers' example uses 128).
+VACE_GRAY = (128, 128, 128)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Frames as uint8 (F, H, W, 3) and what the callback should say about how they came."""
+
+    frames: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def generate(
+    pipelines: Pipelines,
+    job: Job,
+    *,
+    seed: int,
+    references: dict[str, Image.Image],
+    fallback_reason: str | None = None,
+    on_step: StepHook | None = None,
+) -> Generated:
+    """Run the job's mode; `references` are the prepared images by role."""
+    common = {
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt or None,
+        "height": job.height,
+        "width": job.width,
+        "num_inference_steps": job.steps,
+        "guidance_scale": job.guidance,
+    }
+    if job.reference_mode == "none" or fallback_reason is not None:
+        metadata: dict[str, Any] = {"wan_task": WAN_TASKS["t2v"], "reference_mode": "none"}
+        if job.reference_mode != "none":
+            metadata |= {
+                "reference_fallback": True,
+                "reference_fallback_reason": fallback_reason,
+                "reference_mode_requested": job.reference_mode,
+            }
+        frames = _run(pipelines.t2v, job, seed, on_step, num_frames=job.frames, **common)
+        return Generated(frames, metadata)
+    if job.image_to_image:
+        return _image_to_image(pipelines, job, seed, on_step, references, common)
+    conditions, used = vace_conditions(
+        references, frames=job.frames, width=job.width, height=job.height
+    )
+    metadata = {
+        "wan_task": WAN_TASKS["vace"],
+        "reference_mode": job.reference_mode,
+        "references_used": used,
+    }
+    if ignored := [role for role in references if role not in used]:
+        metadata["references_ignored"] = {
+            role: "a 1-frame job has room for the start frame only" for role in ignored
+        }
+    frames = _run(pipelines.vace, job, seed, on_step, num_frames=job.frames, **conditions, **common)
+    return Generated(frames, metadata)
+
+
+def vace_conditions(
+    references: dict[str, Image.Image], *, frames: int, width: int, height: int
+) -> tuple[dict[str, Any], list[str]]:
+    """VACE's inputs for the references given, and the roles placed in them."""
+    conditions: dict[str, Any] = {}
+    used = []
+    if "start" in references or "end" in references:
+        gray = Image.new("RGB", (width, height), VACE_GRAY)
+        keep, make = Image.new("L", (width, height), 0), Image.new("L", (width, height), 255)
+        video, mask = [gray] * frames, [make] * frames
+        # start last: on a 1-frame job the start frame wins the only frame
+        placed = {index: role for role, index in (("end", frames - 1), ("start", 0))
+                  if role in references}  # fmt: skip
+        for index, role in placed.items():
+            video[index], mask[index] = references[role], keep
+        used = [role for role in ("start", "end") if role in placed.values()]
+        conditions |= {"video": video, "mask": mask}
+    if "single" in references:
+        conditions["reference_images"] = [references["single"]]
+        used.append("single")
+    return conditions, used
+
+
+def _image_to_image(
+    pipelines: Pipelines,
+    job: Job,
+    seed: int,
+    on_step: StepHook | None,
+    references: dict[str, Image.Image],
+    common: dict[str, Any],
+) -> Generated:
+    [(role, source)] = references.items()
+    strength = job.denoise_strength or 0.0  # always set on an image-to-image job
+    steps = min(int(job.steps * strength), job.steps)  # diffusers' own count
+    metadata: dict[str, Any] = {
+        "wan_task": WAN_TASKS["v2v"],
+        "reference_mode": job.reference_mode,
+        "references_used": [role],
+        "denoise_strength": strength,
+        "denoise_steps": max(steps, 1),
+    }
+    run_strength = strength
+    if steps < 1:  # diffusers cannot run zero steps: run the smallest strength that runs one
+        run_strength = (1 + 1e-6) / job.steps
+        metadata["denoise_note"] = (
+            f"strength {strength:g} x {job.steps} steps is under one step: one step was run"
+        )
+    frames = _run(
+        pipelines.v2v,
+        job,
+        seed,
+        on_step,
+        video=[source] * job.frames,
+        strength=run_strength,
+        **common,
+    )
+    return Generated(frames, metadata)
+
+
+def _run(
+    pipe: DiffusionPipeline, job: Job, seed: int, on_step: StepHook | None, **call: Any
+) -> np.ndarray:
+    """One pipeline call with the job's shift, the seed's noise and the step hook."""
+    _set_shift(pipe, job.shift)
+
+    def step_end(pipeline: DiffusionPipeline, step: int, timestep: int, kwargs: dict) -> dict:
+        if on_step is not None:
+            on_step(step + 1, pipeline.num_timesteps)
+        return kwargs
+
+    output = pipe(
+        # A CPU generator gives the same noise for a seed on every device.
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+        output_type="np",
+        callback_on_step_end=step_end,
+        **call,
+    )
+    frames = output.frames[0]
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _set_shift(pipe: DiffusionPipeline, shift: float) -> None:
+    """Flow shift lives in the scheduler config (`flow_shift` for UniPC, `shift` for Euler)."""
+    config = pipe.scheduler.config
+    name = "flow_shift" if "flow_shift" in config else "shift"
+    if config.get(name) != shift:
+        pipe.scheduler = type(pipe.scheduler).from_config(config, **{name: shift})
