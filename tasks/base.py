@@ -15,6 +15,10 @@ from worker.settings import get_settings
 
 log = get_task_logger(__name__)
 
+#: Backoff of every network retry (reference download, upload, callback): exponential from
+#: 2 s with full jitter, capped far below the broker's visibility_timeout.
+NETWORK_RETRY = {"retry_backoff": 2, "retry_backoff_max": 300, "retry_jitter": True}
+
 
 class StageTask(Task):
     """A stage of one job's chain; the first argument of every stage is the job id.
@@ -66,9 +70,9 @@ class DeliveryTask(StageTask):
 
     abstract = True
     autoretry_for = (TransientError,)
-    retry_backoff = 2
-    retry_backoff_max = 300
-    retry_jitter = True
+    retry_backoff = NETWORK_RETRY["retry_backoff"]
+    retry_backoff_max = NETWORK_RETRY["retry_backoff_max"]
+    retry_jitter = NETWORK_RETRY["retry_jitter"]
     max_retries = None
 
     def retry(self, *args: Any, exc: BaseException | None = None, **options: Any) -> Any:

@@ -34,6 +34,8 @@ def test_the_demo_completes_text_reference_and_image_to_image_jobs(
     assert done.stdout.count("completed") == 4
     for task in ("t2v-1.3B none", "vace-1.3B start", "v2v-1.3B single"):
         assert task in done.stdout
+    assert "enhanced: A slow cinematic dolly shot" in done.stdout  # the tiny Qwen's sentence
+    assert "GET /health: ok" in done.stdout
     videos = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.mp4"))
     images = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.png"))
     thumbnails = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.thumb.webp"))

@@ -27,7 +27,7 @@ QUEUE = "wan_queue_enhanced"
 
 @pytest.fixture(scope="module")
 def env(stack_env: dict[str, str]) -> dict[str, str]:
-    db = stack_env["REDIS_URL"].removesuffix("/0") + "/2"
+    db = stack_env["REDIS_URL"].removesuffix("/0") + "/6"
     return stack_env | {"REDIS_URL": db, "PLATFORM_REDIS_URL": db, "PLATFORM_QUEUE": QUEUE}
 
 

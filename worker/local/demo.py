@@ -1,5 +1,5 @@
-"""`make demo`: text-to-video, text-to-image, a start-frame video and an image-to-image job
-end to end on this machine, then a table.
+"""`make demo`: text-to-video, an enhanced text-to-image, a start-frame video and an
+image-to-image job end to end on this machine, then a table and the API's /health.
 
 Everything runs as in production (the same worker commands, the bridge, RPUSH onto the
 platform list in both body shapes, signed callbacks, reference download through the SSRF
@@ -11,12 +11,14 @@ from a small HTTP server on 127.0.0.1, which REFERENCE_ALLOWED_HOSTS allows.
 from __future__ import annotations
 
 import io
+import secrets
 import sys
 import time
 import uuid
 from contextlib import ExitStack
 from typing import Any
 
+import httpx
 import numpy as np
 import redis
 from PIL import Image
@@ -25,7 +27,7 @@ from rich.table import Table
 
 from worker.local.image_server import ImageServer, Route
 from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import ROOT, WORKERS_AND_BRIDGE, LocalStack, RedisServer, redis_answers
+from worker.local.stack import ROOT, LocalStack, RedisServer, free_port, redis_answers
 from worker.settings import get_settings
 
 #: Scratch space of the demo: the tiny model, a private Redis, the process logs.
@@ -62,7 +64,7 @@ def demo_jobs(*, short: bool, reference_url: str) -> list[tuple[dict[str, Any], 
     }
     image = {
         "id": str(uuid.uuid4()),
-        "type": "image_fast",
+        "type": "image7b_fast_enhanced",  # Qwen rewrites the prompt first
         "prompt": "a lighthouse on a cliff under a starry sky",
         "user_id": "demo-user",
         "config": {"seed": 7},
@@ -88,6 +90,15 @@ def demo_jobs(*, short: bool, reference_url: str) -> list[tuple[dict[str, Any], 
         (start_frame, "object"),
         (image_to_image, "object"),
     ]
+
+
+def prompt_note(metadata: dict[str, Any]) -> str:
+    """What happened to the prompt: as given, or Qwen's rewrite, or why not."""
+    if "enhanced_prompt" in metadata:
+        return f"enhanced: {metadata['enhanced_prompt'][:60]}..."
+    if "enhancement_fallback_reason" in metadata:
+        return f"as given ({metadata['enhancement_fallback_reason']})"
+    return "as given"
 
 
 def run_demo(*, full: bool = False) -> int:
@@ -117,6 +128,16 @@ def run_demo(*, full: bool = False) -> int:
             )
         else:
             env["WAN_VACE_MODEL_PATH"] = str(vace_path)
+        qwen_path = settings.qwen_model_path
+        if qwen_path is None:
+            from worker.local.tiny_qwen import NOISE_WARNING as QWEN_WARNING
+            from worker.local.tiny_qwen import make_tiny_qwen
+
+            qwen_path = DEMO_DIR / "tiny-qwen"
+            if not (qwen_path / "config.json").exists():
+                make_tiny_qwen(qwen_path)
+            console.print(f"[bold yellow]QWEN_MODEL_PATH is unset:[/] {QWEN_WARNING}")
+        env["QWEN_MODEL_PATH"] = str(qwen_path)
         images = cleanup.enter_context(ImageServer("127.0.0.1"))
         reference_url = images.add("/reference.png", Route(reference_png(), "image/png"))
 
@@ -141,13 +162,12 @@ def run_demo(*, full: bool = False) -> int:
             "SPOOL_DIR": str(settings.spool_dir.resolve()),
             **platform.worker_env(),
             "REFERENCE_ALLOWED_HOSTS": "127.0.0.1",
+            "WAN_WORKER_API_KEY": secrets.token_hex(16),
+            "API_HOST": "127.0.0.1",
+            "API_PORT": str(free_port()),
         }
-        console.print("starting the generation, enhancement and media workers and the bridge")
-        stack = LocalStack(
-            env,
-            log_dir=DEMO_DIR / "logs" / time.strftime("%Y%m%d-%H%M%S"),
-            names=WORKERS_AND_BRIDGE,
-        )
+        console.print("starting the workers, the bridge and the HTTP API")
+        stack = LocalStack(env, log_dir=DEMO_DIR / "logs" / time.strftime("%Y%m%d-%H%M%S"))
         cleanup.callback(stack.stop)
         stack.start()
 
@@ -170,7 +190,8 @@ def run_demo(*, full: bool = False) -> int:
             console.print(f"RPUSH {queue}: {job['type']} job {job['id']} ({shape} shape)")
 
         table = Table(title="demo jobs")
-        for column in ("job", "type", "task", "status", "seconds", "output file", "thumbnail"):
+        columns = ("job", "type", "task", "prompt", "status", "seconds", "output file", "thumbnail")
+        for column in columns:
             table.add_column(column, overflow="fold")
         all_completed = True
         for job, _ in jobs:
@@ -188,15 +209,23 @@ def run_demo(*, full: bool = False) -> int:
                 job["id"][:8],
                 job["type"],
                 task,
+                prompt_note(metadata),
                 body["status"],
                 f"{seconds:.1f}",
                 output,
                 thumbnail,
             )
         console.print(table)
+        health = httpx.get(f"http://127.0.0.1:{env['API_PORT']}/health", timeout=10).json()
+        console.print(
+            f"GET /health: {health['status']}, workers {', '.join(health['workers'])}, "
+            f"models {sorted({m for w in health['workers'].values() for m in w['models']})}"
+        )
         console.print(f"process logs: {stack.log_dir}")
         if settings.wan_model_path is None:
             console.print(
                 "[yellow]reminder: these files are noise from the tiny random-weight model[/]"
             )
+        if settings.qwen_model_path is None:
+            console.print("[yellow]reminder: the tiny Qwen writes one fixed sentence[/]")
     return 0 if all_completed else 1
