@@ -27,7 +27,7 @@ from rich.table import Table
 
 from worker.local.image_server import ImageServer, Route
 from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import ROOT, LocalStack, RedisServer, free_port, redis_answers
+from worker.local.stack import FULL_STACK, ROOT, LocalStack, RedisServer, free_port, redis_answers
 from worker.settings import get_settings
 
 #: Scratch space of the demo: the tiny model, a private Redis, the process logs.
@@ -167,7 +167,8 @@ def run_demo(*, full: bool = False) -> int:
             "API_PORT": str(free_port()),
         }
         console.print("starting the workers, the bridge and the HTTP API")
-        stack = LocalStack(env, log_dir=DEMO_DIR / "logs" / time.strftime("%Y%m%d-%H%M%S"))
+        log_dir = DEMO_DIR / "logs" / time.strftime("%Y%m%d-%H%M%S")
+        stack = LocalStack(env, log_dir=log_dir, names=FULL_STACK)
         cleanup.callback(stack.stop)
         stack.start()
 

@@ -103,12 +103,12 @@ class RedisServer:
 
 
 class LocalStack:
-    """The workers, the bridge and the HTTP API as real subprocesses (or the `names` given)."""
+    """The workers and the bridge as real subprocesses, or the processes `names` lists."""
 
     def __init__(self, env: dict[str, str], *, log_dir: Path, names: tuple[str, ...] = ()) -> None:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.log_dir = log_dir
-        self.names = names or FULL_STACK
+        self.names = names or WORKERS_AND_BRIDGE
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, *, timeout_s: float = 120) -> LocalStack:
