@@ -5,9 +5,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
-from celery.signals import celeryd_after_setup
+from celery import Celery, Task
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    celeryd_after_setup,
+    task_postrun,
+    task_prerun,
+)
 
+from worker.observe import logs
 from worker.observe.loaded_models import LoadedModels
 from worker.records import get_records
 from worker.settings import get_settings
@@ -16,6 +23,29 @@ log = logging.getLogger(__name__)
 
 app = Celery("wan")
 app.config_from_object("celeryconfig")
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def use_our_log_format(logger: logging.Logger, **_: Any) -> None:
+    """LOG_FORMAT for every worker line; the pool children inherit it at the fork."""
+    logs.apply(logger, get_settings())
+
+
+@task_prerun.connect
+def enter_job_context(task_id: str, task: Task, args: tuple, **_: Any) -> None:
+    """Every line the task logs from here on names its job, stage, task and worker."""
+    fields = {"task_id": task_id, "worker": task.request.hostname or ""}
+    if getattr(task, "stage", "") and args:
+        fields |= {"job_id": str(args[0]), "stage": task.stage}
+    else:
+        fields |= logs.context_of_task(task_id)
+    logs.job_context.set(fields)
+
+
+@task_postrun.connect
+def leave_job_context(**_: Any) -> None:
+    logs.job_context.set(None)
 
 
 @celeryd_after_setup.connect

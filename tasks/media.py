@@ -6,6 +6,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+from celery.utils.log import get_task_logger
 
 from media import spool
 from media.checks import check_file
@@ -16,8 +17,11 @@ from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
 from worker.callback import completed_body, failed_body, post_callback
 from worker.jobs import BUCKET, FPS
+from worker.observe.logs import job_summary
 from worker.records import JobRecord, get_records
 from worker.settings import get_settings
+
+log = get_task_logger(__name__)
 
 CONTENT_TYPES = {"mp4": "video/mp4", "png": "image/png", "webp": "image/webp"}
 
@@ -103,3 +107,4 @@ def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None
     body = completed_body(record) if status == "completed" else failed_body(record)
     post_callback(get_settings(), body)
     records.write(job_id, status=status, final_callback=status)
+    log.info("job=%s finished %s", job_id, status, extra={"summary": job_summary(record, status)})

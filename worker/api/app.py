@@ -45,4 +45,5 @@ def main() -> None:
 
     settings = get_settings()
     log.info("HTTP API serving on %s:%d", settings.api_host, settings.api_port)
-    uvicorn.run(create_app(), host=settings.api_host, port=settings.api_port)
+    # log_config=None: uvicorn's lines go through the root logger, in LOG_FORMAT.
+    uvicorn.run(create_app(), host=settings.api_host, port=settings.api_port, log_config=None)
