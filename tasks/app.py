@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery, Task
@@ -12,9 +13,10 @@ from celery.signals import (
     celeryd_after_setup,
     task_postrun,
     task_prerun,
+    task_retry,
 )
 
-from worker.observe import logs
+from worker.observe import logs, metrics
 from worker.observe.loaded_models import LoadedModels
 from worker.records import get_records
 from worker.settings import get_settings
@@ -41,11 +43,31 @@ def enter_job_context(task_id: str, task: Task, args: tuple, **_: Any) -> None:
     else:
         fields |= logs.context_of_task(task_id)
     logs.job_context.set(fields)
+    _started_at[task_id] = time.perf_counter()
 
 
 @task_postrun.connect
-def leave_job_context(**_: Any) -> None:
+def leave_job_context(task_id: str, task: Task, state: str | None = None, **_: Any) -> None:
+    """Count the run's seconds per stage and outcome (SUCCESS, FAILURE, RETRY)."""
     logs.job_context.set(None)
+    started = _started_at.pop(task_id, None)
+    if started is not None and getattr(task, "stage", ""):
+        outcome = (state or "unknown").lower()
+        _metrics().observe(metrics.STAGE_SECONDS, time.perf_counter() - started, task.stage,
+                           outcome)  # fmt: skip
+
+
+@task_retry.connect
+def count_retry(sender: Task, **_: Any) -> None:
+    _metrics().count(metrics.RETRIES, getattr(sender, "stage", "") or sender.name)
+
+
+#: perf_counter at the start of each task run in this process, by task id.
+_started_at: dict[str, float] = {}
+
+
+def _metrics() -> metrics.Metrics:
+    return metrics.Metrics(get_records().redis)
 
 
 @celeryd_after_setup.connect

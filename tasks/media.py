@@ -18,6 +18,7 @@ from tasks.base import DeliveryTask, StageTask
 from worker.callback import completed_body, failed_body, post_callback
 from worker.jobs import BUCKET, FPS
 from worker.observe.logs import job_summary
+from worker.observe.metrics import JOBS, Metrics
 from worker.records import JobRecord, get_records
 from worker.settings import get_settings
 
@@ -108,3 +109,4 @@ def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None
     post_callback(get_settings(), body)
     records.write(job_id, status=status, final_callback=status)
     log.info("job=%s finished %s", job_id, status, extra={"summary": job_summary(record, status)})
+    Metrics(records.redis).count(JOBS, record.fields.get("job_type", ""), status)
