@@ -18,6 +18,7 @@ from celery.signals import (
 
 from worker.observe import logs, metrics
 from worker.observe.loaded_models import LoadedModels
+from worker.observe.progress import Progress
 from worker.records import get_records
 from worker.settings import get_settings
 
@@ -44,6 +45,8 @@ def enter_job_context(task_id: str, task: Task, args: tuple, **_: Any) -> None:
         fields |= logs.context_of_task(task_id)
     logs.job_context.set(fields)
     _started_at[task_id] = time.perf_counter()
+    if "stage" in fields and getattr(task, "stage", ""):
+        Progress(get_records(), fields["job_id"], task=task).stage_started(task.stage)
 
 
 @task_postrun.connect
@@ -51,7 +54,10 @@ def leave_job_context(task_id: str, task: Task, state: str | None = None, **_: A
     """Count the run's seconds per stage and outcome (SUCCESS, FAILURE, RETRY)."""
     logs.job_context.set(None)
     started = _started_at.pop(task_id, None)
-    if started is not None and getattr(task, "stage", ""):
+    stage = getattr(task, "stage", "")
+    if stage and state == "SUCCESS" and task.request.args:
+        Progress(get_records(), str(task.request.args[0]), task=task).stage_finished(stage)
+    if started is not None and stage:
         outcome = (state or "unknown").lower()
         _metrics().observe(metrics.STAGE_SECONDS, time.perf_counter() - started, task.stage,
                            outcome)  # fmt: skip

@@ -19,6 +19,7 @@ from worker.callback import completed_body, failed_body, post_callback
 from worker.jobs import BUCKET, FPS
 from worker.observe.logs import job_summary
 from worker.observe.metrics import JOBS, Metrics
+from worker.observe.progress import Progress
 from worker.records import JobRecord, get_records
 from worker.settings import get_settings
 
@@ -110,3 +111,4 @@ def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None
     records.write(job_id, status=status, final_callback=status)
     log.info("job=%s finished %s", job_id, status, extra={"summary": job_summary(record, status)})
     Metrics(records.redis).count(JOBS, record.fields.get("job_type", ""), status)
+    Progress(records, job_id, task=self).final(status)
