@@ -9,6 +9,7 @@ failing after `REFERENCE_RETRIES` retries makes the job text-only, and the callb
 from __future__ import annotations
 
 import secrets
+import threading
 from typing import TYPE_CHECKING
 
 from celery.utils.log import get_task_logger
@@ -21,7 +22,7 @@ from worker.callback import notify_processing
 from worker.errors import ReferenceUnusable, TransientError
 from worker.jobs import SEED_MAX, Job
 from worker.observe.loaded_models import LoadedModels
-from worker.observe.progress import Progress
+from worker.observe.progress import Notify, Progress
 from worker.records import get_records
 from worker.settings import Settings, get_settings
 
@@ -96,6 +97,20 @@ class GenerateTask(StageTask):
         return images, None
 
 
+def progress_callback(settings: Settings, job_id: str) -> Notify | None:
+    """With PROGRESS_CALLBACKS, `processing` callbacks carrying the progress, sent from a
+    thread of their own: the denoising loop never waits for the platform."""
+    if not settings.progress_callbacks:
+        return None
+
+    def notify(progress: dict) -> None:
+        threading.Thread(
+            target=notify_processing, args=(settings, job_id, progress), daemon=True
+        ).start()
+
+    return notify
+
+
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
 def generate(self: GenerateTask, job_id: str) -> None:
     from worker.generation import generate as run
@@ -118,7 +133,10 @@ def generate(self: GenerateTask, job_id: str) -> None:
     records.write(job_id, status="processing")
     notify_processing(settings, job_id)
 
-    progress = Progress(records, job_id, task=self)
+    progress = Progress(
+        records, job_id, task=self, notify=progress_callback(settings, job_id),
+        notify_every_s=settings.progress_callback_every_s,
+    )  # fmt: skip
 
     def on_step(done: int, total: int) -> None:
         progress.step("generate", done, total)
