@@ -115,6 +115,7 @@ def progress_callback(settings: Settings, job_id: str) -> Notify | None:
 def generate(self: GenerateTask, job_id: str) -> None:
     from worker.generation import generate as run
     from worker.generation.load import vace_model_dir
+    from worker.generation.provenance import describe
 
     settings = get_settings()
     records = get_records()
@@ -165,5 +166,9 @@ def generate(self: GenerateTask, job_id: str) -> None:
             "frames_path": str(path.resolve()),
             "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
             "metadata": job.reference_notes | generated.metadata,
+            "provenance": describe(
+                self.pipelines, job, seed=seed, wan_task=generated.metadata["wan_task"],
+                settings=settings,
+            ),
         },
-    )
+    )  # fmt: skip

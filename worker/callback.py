@@ -49,6 +49,8 @@ def completed_body(record: JobRecord) -> dict[str, Any]:
         **enhancement,
         # what ran (wan_task, reference_mode), references used or why not, i2i strength
         **generation.get("metadata", {}),
+        # what reproduces the result: model and revision, pipeline, scheduler, values used
+        "provenance": generation.get("provenance"),
     }
     return {
         "job_id": job.id,
