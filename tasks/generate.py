@@ -22,6 +22,7 @@ from worker.callback import notify_processing
 from worker.errors import ReferenceUnusable, TransientError
 from worker.jobs import SEED_MAX, Job
 from worker.observe.loaded_models import LoadedModels
+from worker.observe.metrics import Metrics
 from worker.observe.progress import Notify, Progress
 from worker.records import get_records
 from worker.settings import Settings, get_settings
@@ -114,6 +115,7 @@ def progress_callback(settings: Settings, job_id: str) -> Notify | None:
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
 def generate(self: GenerateTask, job_id: str) -> None:
     from worker.generation import generate as run
+    from worker.generation import gpu_memory
     from worker.generation.load import vace_model_dir
     from worker.generation.provenance import describe
 
@@ -153,6 +155,7 @@ def generate(self: GenerateTask, job_id: str) -> None:
         on_step=on_step,
     )
     self.note_loaded(settings)
+    peak_mib = gpu_memory.report(Metrics(records.redis), self.request.hostname)
     frames = generated.frames
     path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
     frame_num, height, width, _ = frames.shape
@@ -165,6 +168,7 @@ def generate(self: GenerateTask, job_id: str) -> None:
             "frame_num": frame_num,
             "frames_path": str(path.resolve()),
             "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
+            "peak_gpu_memory_mib": peak_mib,
             "metadata": job.reference_notes | generated.metadata,
             "provenance": describe(
                 self.pipelines, job, seed=seed, wan_task=generated.metadata["wan_task"],
