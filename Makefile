@@ -39,6 +39,7 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.job
 	$(PY) -m bench.enhance
 	$(PY) -m bench.references
+	$(PY) -m bench.progress
 
 clean:
 	rm -rf $(VENV) .demo spool outputs
