@@ -39,6 +39,12 @@ def test_celerys_own_lines_name_the_job_by_their_task_id() -> None:
     assert (line["job_id"], line["stage"]) == ("j-2", "encode")
 
 
+def test_a_task_of_no_job_logs_without_one() -> None:
+    line = render("text", "enhancing a prompt", task_id="abc", worker="enhance@host")
+
+    assert line.endswith("worker.test: enhancing a prompt")
+
+
 def test_the_text_format_is_for_people() -> None:
     line = render("text", "stage started", job_id="j-3", stage="upload")
 

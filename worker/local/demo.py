@@ -120,7 +120,7 @@ def show_progress(watcher: PubSub, jobs: list[dict[str, Any]]) -> dict[str, floa
             event = json.loads(message["data"])
             if event["job_id"] not in waiting:  # a finished job's last bookkeeping
                 continue
-            detail = event.get("status") or event.get("stage") or ""
+            detail = event.get("stage") or ""
             if event["event"] == "step":
                 detail = (
                     f"step {event['step']}/{event['total_steps']}, ETA {event['eta_seconds']:.0f} s"
@@ -128,7 +128,8 @@ def show_progress(watcher: PubSub, jobs: list[dict[str, Any]]) -> dict[str, floa
             if event.get("percent") is not None:
                 bars.update(bar[event["job_id"]], completed=event["percent"])
             bars.update(bar[event["job_id"]], detail=detail)
-            if event["event"] == "final":
+            if event["event"] == "final":  # the table below says how it ended
+                bars.update(bar[event["job_id"]], detail="finished")
                 waiting.discard(event["job_id"])
                 finished_at[event["job_id"]] = time.monotonic()
     return finished_at

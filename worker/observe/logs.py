@@ -75,7 +75,8 @@ class JobContext(logging.Filter):
         for name, value in fields.items():
             if not hasattr(record, name):
                 setattr(record, name, value)
-        record.job = f" [job={fields['job_id']} {fields.get('stage', '')}]" if fields else ""
+        job_id = fields.get("job_id")
+        record.job = f" [job={job_id} {fields.get('stage', '')}]" if job_id else ""
         return True
 
 
