@@ -45,9 +45,23 @@ def flower(
 
 @pytest.fixture(scope="module")
 def finished_job(flower: tuple, platform: LocalPlatform, stack_env: dict[str, str]) -> str:
-    """A job run while Flower listens to the workers' events."""
-    job = new_job("image_fast")
-    push(redis.Redis.from_url(stack_env["REDIS_URL"]), job)
+    """A job run while Flower listens to the workers' events.
+
+    Flower says it is ready before its event consumer is connected: a first job seen by
+    Flower proves it listens, so the second is seen whole.
+    """
+    url, credentials = flower
+    client = redis.Redis.from_url(stack_env["REDIS_URL"])
+    warm_up, job = new_job("image_fast"), new_job("image_fast")
+    push(client, warm_up)
+    platform.wait_for_final(warm_up["id"], timeout_s=JOB_TIMEOUT_S)
+
+    def seen() -> bool:
+        tasks = httpx.get(f"{url}/api/tasks", auth=credentials, timeout=10).json()
+        return any(task_id.startswith(warm_up["id"]) for task_id in tasks)
+
+    wait_until(seen, timeout_s=60, what="Flower sees the workers' events")
+    push(client, job)
     platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
     return job["id"]
 
