@@ -52,15 +52,21 @@ def finished_job(flower: tuple, platform: LocalPlatform, stack_env: dict[str, st
     """
     url, credentials = flower
     client = redis.Redis.from_url(stack_env["REDIS_URL"])
-    warm_up, job = new_job("image_fast"), new_job("image_fast")
-    push(client, warm_up)
-    platform.wait_for_final(warm_up["id"], timeout_s=JOB_TIMEOUT_S)
 
-    def seen() -> bool:
+    def seen(job_id: str) -> bool:
         tasks = httpx.get(f"{url}/api/tasks", auth=credentials, timeout=10).json()
-        return any(task_id.startswith(warm_up["id"]) for task_id in tasks)
+        return any(task_id.startswith(job_id) for task_id in tasks)
 
-    wait_until(seen, timeout_s=60, what="Flower sees the workers' events")
+    for _ in range(5):  # warm-up jobs until Flower has seen one
+        warm_up = new_job("image_fast")
+        push(client, warm_up)
+        platform.wait_for_final(warm_up["id"], timeout_s=JOB_TIMEOUT_S)
+        try:
+            wait_until(lambda w=warm_up["id"]: seen(w), timeout_s=5, what="Flower sees events")
+            break
+        except TimeoutError:
+            continue
+    job = new_job("image_fast")
     push(client, job)
     platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
     return job["id"]
