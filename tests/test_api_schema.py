@@ -79,7 +79,15 @@ def test_the_api_keeps_to_its_schema(
 def test_the_schema_documents_every_endpoint(api_schema: schemathesis.BaseSchema) -> None:
     paths = set(api_schema.raw_schema["paths"])
 
-    assert paths == {"/health", "/enhance", "/jobs", "/jobs/{job_id}", "/debug/env"}
+    assert paths == {
+        "/health",
+        "/enhance",
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/cancel",
+        "/jobs/{job_id}/retry",
+        "/debug/env",
+    }
 
 
 def test_the_interactive_docs_are_served(api_base_url: str) -> None:
