@@ -22,9 +22,12 @@ import redis
 from tests.conftest import JOB_TIMEOUT_S, api_url, auth, new_job
 from worker import dead_letters
 from worker.dead_letters import DeadLetters
+from worker.errors import JobCancelled
+from worker.jobs import parse_job
 from worker.local.platform import LocalPlatform
 from worker.local.stack import ROOT, LocalStack, free_port, wait_until
 from worker.records import STAGES, JobRecord, JobRecords
+from worker.settings import Settings
 
 #: Denoising steps of a job meant to be cancelled: long enough to catch it mid-denoise.
 LONG_STEPS = 100
@@ -103,6 +106,33 @@ def uploads_of(platform: LocalPlatform, job_id: str) -> list[str]:
 
 def statuses(platform: LocalPlatform, job_id: str) -> list[str]:
     return [callback.body["status"] for callback in platform.callbacks_for(job_id)]
+
+
+def test_a_step_hook_that_raises_stops_the_pipeline_before_the_vae_decode(
+    tiny_wan: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The workers' cancel relies on this: the generate task's step hook raises JobCancelled.
+    from worker.generation import Pipelines, generate
+
+    pipelines = Pipelines(Settings(_env_file=None, wan_model_path=tiny_wan, device="cpu"))
+    vae = pipelines.t2v.vae
+    decodes = []
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda *a, **kw: decodes.append(1) or decode(*a, **kw))
+    job = parse_job(new_job("video_fast") | {"id": "job-1"})
+    steps: list[int] = []
+
+    def cancel_at_2(done: int, total: int) -> None:
+        steps.append(done)
+        if done == 2:
+            raise JobCancelled("job job-1 was cancelled")
+
+    generate(pipelines, job.model_copy(update={"steps": 1}), seed=1, references={})
+    assert decodes == [1]  # a run to the end decodes once
+    with pytest.raises(JobCancelled):
+        generate(pipelines, job.model_copy(update={"steps": 4}), seed=1, references={},
+                 on_step=cancel_at_2)  # fmt: skip
+    assert steps == [1, 2] and decodes == [1]
 
 
 @pytest.mark.parametrize("by", ["cli", "api"])
