@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench redis-server clean
+.PHONY: demo test lint bench redis-server chromium clean
 
 # The project itself is installed (editable, no dependencies: requirements.txt pins them)
 # for its entry points: `celery -A tasks jobs ...` is found through `celery.commands`.
@@ -22,10 +22,16 @@ redis-server:
 		echo "redis-server missing: installing Debian's package"; \
 		apt-get update -qq && apt-get install -y -qq redis-server; }
 
+# The Flower browser test drives Debian's Chromium (Playwright cannot fetch browsers here).
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "chromium missing: installing Debian's package"; \
+		apt-get update -qq && apt-get install -y -qq chromium; }
+
 demo: $(INSTALLED) redis-server
 	$(PY) -m worker demo
 
-test: $(INSTALLED) redis-server lint
+test: $(INSTALLED) redis-server chromium lint
 	$(PY) -m pytest
 
 lint: $(INSTALLED)

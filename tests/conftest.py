@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import LocalStack, RedisServer, free_port
+from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port
 
 
 def _test_secret(name: str) -> str:
@@ -136,7 +136,7 @@ def stack_env(
 def stack(
     stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
-    local = LocalStack(stack_env, log_dir=tmp_path_factory.mktemp("logs"))
+    local = LocalStack(stack_env, log_dir=tmp_path_factory.mktemp("logs"), names=FULL_STACK)
     try:
         yield local.start()
     finally:

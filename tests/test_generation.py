@@ -236,3 +236,32 @@ def test_a_strength_under_one_step_still_runs_one_and_says_so(pipelines) -> None
     assert len(steps) == 1
     assert generated.metadata["denoise_strength"] == 0.05
     assert "one step was run" in generated.metadata["denoise_note"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("mode", "frame"), [("start", 0), ("end", -1)])
+def test_with_real_weights_the_kept_frame_is_closer_to_its_reference(mode: str, frame: int) -> None:
+    # Needs Wan2.1-T2V-1.3B and Wan2.1-VACE-1.3B (WAN_MODEL_PATH, WAN_VACE_MODEL_PATH) and a
+    # GPU: random-weight models cannot reproduce an image, so CI on CPU skips this.
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() or not os.environ.get("WAN_VACE_MODEL_PATH"):
+        pytest.skip("needs CUDA and real WAN_MODEL_PATH / WAN_VACE_MODEL_PATH weights")
+    from worker.generation import Pipelines
+
+    real = Pipelines(Settings(_env_file=None))
+    reference, other = picture(1, 480, 832), picture(2, 480, 832)
+    a_job = parse_job(
+        {"id": "gpu-1", "type": "video_fast", "prompt": "a calm landscape", "user_id": "u",
+         "metadata": {f"{mode}_reference_url": "u"},
+         "config": {"frame_num": 17, "num_inference_steps": 25}}
+    )  # fmt: skip
+
+    kept = run(real, a_job, references={mode: reference}).frames[frame].astype(float)
+
+    def distance(image: Image.Image) -> float:
+        return float(np.mean((kept - np.asarray(image, dtype=float)) ** 2))
+
+    assert distance(reference) < distance(other)

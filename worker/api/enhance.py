@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from celery.exceptions import TimeoutError as ResultTimeout
 from fastapi import APIRouter, Depends, HTTPException, status
 from kombu.exceptions import OperationalError
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.api.auth import Authorized
 from worker.jobs import PROMPT_MAX_CHARS, JobType
@@ -22,18 +22,15 @@ router = APIRouter(dependencies=[Authorized], tags=["enhance"])
 
 
 class EnhanceRequest(BaseModel):
-    prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS)
+    # Python's `re` here and in the schema's pattern: "\S" means what str.strip() means.
+    model_config = ConfigDict(regex_engine="python-re")
+
+    #: Some text: not only white space (the pattern), at most the job prompt limit.
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS, pattern=r"\S")
     #: The one enhancement model this worker runs (Qwen 2.5-7B Base).
     model: Literal["qwen_base"] = "qwen_base"
     #: Picks the prompt style (video or image) and length (fast or high).
     job_type: JobType = JobType.video_fast
-
-    @field_validator("prompt")
-    @classmethod
-    def _has_text(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must contain text, not only white space")
-        return prompt
 
 
 class EnhanceResponse(BaseModel):

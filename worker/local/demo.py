@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import io
 import secrets
+import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +30,7 @@ from rich.table import Table
 
 from worker.local.image_server import ImageServer, Route
 from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import ROOT, LocalStack, RedisServer, free_port, redis_answers
+from worker.local.stack import FULL_STACK, ROOT, LocalStack, RedisServer, free_port, redis_answers
 from worker.settings import get_settings
 
 #: Scratch space of the demo: the tiny model, a private Redis, the process logs.
@@ -101,43 +104,47 @@ def prompt_note(metadata: dict[str, Any]) -> str:
     return "as given"
 
 
+def tiny_model(
+    name: str, make: Callable[[Path], Path], variable: str = "", warning: str = ""
+) -> Path:
+    """A tiny random-weight model under .demo/, built on first use; says what it is."""
+    path = DEMO_DIR / name
+    if not path.is_dir():  # built aside and renamed: an interrupted build is never reused
+        partial = DEMO_DIR / f"{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        make(partial).rename(path)
+    if variable:
+        console.print(f"[bold yellow]{variable} is unset:[/] {warning}")
+    return path
+
+
 def run_demo(*, full: bool = False) -> int:
     """Run the demo; the exit status is 0 only if every job completed."""
     settings = get_settings()
     env: dict[str, str] = {"HF_HUB_OFFLINE": "1"}
     with ExitStack() as cleanup:
-        model_path = settings.wan_model_path
-        if model_path is None:
-            from worker.local.tiny_models import NOISE_WARNING, make_tiny_wan
+        from worker.local import tiny_models, tiny_qwen
 
-            model_path = DEMO_DIR / "tiny-wan"
-            if not (model_path / "model_index.json").exists():
-                make_tiny_wan(model_path)
-            console.print(f"[bold yellow]WAN_MODEL_PATH is unset:[/] {NOISE_WARNING}")
-        env["WAN_MODEL_PATH"] = str(model_path)
+        env["WAN_MODEL_PATH"] = str(
+            settings.wan_model_path
+            or tiny_model("tiny-wan", tiny_models.make_tiny_wan, "WAN_MODEL_PATH",
+                          tiny_models.NOISE_WARNING)
+        )  # fmt: skip
+        # A tiny VACE goes with the tiny WAN only: real T2V weights need real VACE weights.
         vace_path = settings.wan_vace_model_path
         if vace_path is None and settings.wan_model_path is None:
-            from worker.local.tiny_models import make_tiny_vace
-
-            vace_path = DEMO_DIR / "tiny-vace"
-            if not (vace_path / "model_index.json").exists():
-                make_tiny_vace(vace_path)
+            vace_path = tiny_model("tiny-vace", tiny_models.make_tiny_vace)
         if vace_path is None:
             console.print(
                 "[yellow]WAN_VACE_MODEL_PATH is unset: the reference-frame job is skipped[/]"
             )
         else:
             env["WAN_VACE_MODEL_PATH"] = str(vace_path)
-        qwen_path = settings.qwen_model_path
-        if qwen_path is None:
-            from worker.local.tiny_qwen import NOISE_WARNING as QWEN_WARNING
-            from worker.local.tiny_qwen import make_tiny_qwen
-
-            qwen_path = DEMO_DIR / "tiny-qwen"
-            if not (qwen_path / "config.json").exists():
-                make_tiny_qwen(qwen_path)
-            console.print(f"[bold yellow]QWEN_MODEL_PATH is unset:[/] {QWEN_WARNING}")
-        env["QWEN_MODEL_PATH"] = str(qwen_path)
+        env["QWEN_MODEL_PATH"] = str(
+            settings.qwen_model_path
+            or tiny_model("tiny-qwen", tiny_qwen.make_tiny_qwen, "QWEN_MODEL_PATH",
+                          tiny_qwen.NOISE_WARNING)
+        )  # fmt: skip
         images = cleanup.enter_context(ImageServer("127.0.0.1"))
         reference_url = images.add("/reference.png", Route(reference_png(), "image/png"))
 
@@ -167,7 +174,8 @@ def run_demo(*, full: bool = False) -> int:
             "API_PORT": str(free_port()),
         }
         console.print("starting the workers, the bridge and the HTTP API")
-        stack = LocalStack(env, log_dir=DEMO_DIR / "logs" / time.strftime("%Y%m%d-%H%M%S"))
+        log_dir = DEMO_DIR / "logs" / time.strftime("%Y%m%d-%H%M%S")
+        stack = LocalStack(env, log_dir=log_dir, names=FULL_STACK)
         cleanup.callback(stack.stop)
         stack.start()
 

@@ -28,6 +28,8 @@ COMMANDS: dict[str, list[str]] = {
     "cpu": ["celery", "-A", "tasks", "worker", "-Q", "cpu", "-n", "cpu@%h", "-l", "INFO"],
     "bridge": ["python", "-m", "worker", "bridge"],
     "api": ["python", "-m", "worker", "api"],
+    # Address, port and auth come from FLOWER_ADDRESS, FLOWER_PORT, FLOWER_BASIC_AUTH.
+    "flower": ["celery", "-A", "tasks", "flower"],
     # A small box: one worker holds WAN and Qwen (README, "One worker for a small box").
     "gpu+enhance": ["celery", "-A", "tasks", "worker", "-Q", "gpu,enhance", "-P", "prefork",
                     "-c", "1", "-n", "gpu@%h", "-l", "INFO"],
@@ -43,6 +45,7 @@ READY_MARKERS = {
     "cpu": " ready.",
     "bridge": "bridge serving",
     "api": "Application startup complete",
+    "flower": "Visit me at",
     "gpu+enhance": " ready.",
 }
 
@@ -103,12 +106,12 @@ class RedisServer:
 
 
 class LocalStack:
-    """The workers, the bridge and the HTTP API as real subprocesses (or the `names` given)."""
+    """The workers and the bridge as real subprocesses, or the processes `names` lists."""
 
     def __init__(self, env: dict[str, str], *, log_dir: Path, names: tuple[str, ...] = ()) -> None:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.log_dir = log_dir
-        self.names = names or FULL_STACK
+        self.names = names or WORKERS_AND_BRIDGE
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, *, timeout_s: float = 120) -> LocalStack:
