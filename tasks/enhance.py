@@ -21,6 +21,7 @@ from enhancement.prompts import Content, Quality
 from tasks.app import app
 from tasks.base import StageTask
 from worker.observe.loaded_models import LoadedModels
+from worker.observe.metrics import ENHANCEMENT_FALLBACKS, Metrics
 from worker.records import get_records
 from worker.settings import get_settings
 
@@ -84,6 +85,7 @@ def enhance(self: StageTask, job_id: str) -> None:
     if result.applied:
         log.info("job=%s prompt enhanced by %s", job_id, result.model)
     else:
+        Metrics(records.redis).count(ENHANCEMENT_FALLBACKS, result.fallback_reason or "")
         log.warning(
             "job=%s enhancement fell back (%s): %s", job_id, result.fallback_reason, result.detail
         )

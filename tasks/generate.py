@@ -22,6 +22,7 @@ from worker.errors import ReferenceUnusable, TransientError
 from worker.job_control import raise_if_cancelled
 from worker.jobs import SEED_MAX, Job
 from worker.observe.loaded_models import LoadedModels
+from worker.observe.progress import Progress
 from worker.records import get_records
 from worker.settings import Settings, get_settings
 
@@ -118,8 +119,10 @@ def generate(self: GenerateTask, job_id: str) -> None:
     records.write(job_id, status="processing")
     notify_processing(settings, job_id)
 
+    progress = Progress(records, job_id, task=self)
+
     def on_step(done: int, total: int) -> None:
-        records.update(job_id, progress={"step": done, "steps": total})
+        progress.step("generate", done, total)
         raise_if_cancelled(records, job_id)  # raised out of the pipeline: no VAE decode
 
     enhancement = record.value("enhancement") or {}

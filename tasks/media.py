@@ -6,6 +6,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+from celery.utils.log import get_task_logger
 
 from media import spool
 from media.checks import check_file
@@ -16,8 +17,13 @@ from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
 from worker.callback import FINAL_BODIES, post_callback
 from worker.jobs import BUCKET, FPS
+from worker.observe.logs import job_summary
+from worker.observe.metrics import JOBS, Metrics
+from worker.observe.progress import Progress
 from worker.records import JobRecord, get_records
 from worker.settings import get_settings
+
+log = get_task_logger(__name__)
 
 CONTENT_TYPES = {"mp4": "video/mp4", "png": "image/png", "webp": "image/webp"}
 
@@ -104,6 +110,10 @@ def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None
     """The final signed callback, retried hard; its status is written to the record once the
     platform has answered 2xx (never when no callback URL is configured)."""
     records = get_records()
-    post_callback(get_settings(), FINAL_BODIES[status](records.get(job_id)))
+    record = records.get(job_id)
+    post_callback(get_settings(), FINAL_BODIES[status](record))
     records.write(job_id, status=status, final_callback=status)
     records.callback_sent(job_id, status)
+    log.info("job=%s finished %s", job_id, status, extra={"summary": job_summary(record, status)})
+    Metrics(records.redis).count(JOBS, record.fields.get("job_type", ""), status)
+    Progress(records, job_id, task=self).final(status)

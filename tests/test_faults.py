@@ -182,7 +182,7 @@ def test_a_generation_killed_mid_way_runs_again_with_the_seed_chosen_the_first_t
 
     def denoising() -> bool:
         progress = records.get(job["id"]).value("progress")
-        return progress is not None and progress["step"] >= 1
+        return progress is not None and (progress.get("step") or 0) >= 1
 
     wait_until(denoising, timeout_s=JOB_TIMEOUT_S, what="denoising", interval_s=0.01)
     first_seed = records.get(job["id"]).value("seed")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -53,9 +52,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from worker.observe import logs
+
+    logs.configure(get_settings())
     parser = argparse.ArgumentParser(prog="python -m worker")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     commands.add_parser("config", help="print the effective settings, secrets masked").set_defaults(

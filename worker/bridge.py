@@ -18,6 +18,7 @@ import json
 import logging
 import socket
 import threading
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from kombu.exceptions import OperationalError
 from worker.dispatch import reject, seen_before, submit
 from worker.errors import InvalidJob
 from worker.jobs import decode_body, job_id_of, parse_job
+from worker.observe.logs import job_scope
 from worker.records import JobRecords, get_records
 from worker.settings import Settings, get_settings
 
@@ -121,12 +123,14 @@ class Bridge:
             job_id = job_id_of(body)
             if job_id is None:
                 raise InvalidJob("id", "missing, or not 1-128 letters, digits, '-' or '_'")
-            if not seen_before(self.records, job_id):
-                submit(self.records, parse_job(body), payload=_text(raw))
+            with job_scope(job_id=job_id, stage="bridge"):
+                if not seen_before(self.records, job_id):
+                    submit(self.records, parse_job(body), payload=_text(raw))
         except OUTAGES:
             raise
         except Exception as e:  # the broad catch at the loop's edge: one item, never the list
-            self.refuse(raw, job_id, body, e)
+            with job_scope(job_id=job_id, stage="bridge") if job_id else nullcontext():
+                self.refuse(raw, job_id, body, e)
 
     def refuse(
         self, raw: bytes, job_id: str | None, body: dict[str, Any], error: Exception

@@ -85,8 +85,10 @@ def failed_body(record: JobRecord) -> dict[str, Any]:
 
 
 def cancelled_body(record: JobRecord) -> dict[str, Any]:
-    """A cancelled job: no assets, and where it stopped (`queued` when it never started)."""
+    """A cancelled job: no assets, and where it stopped (`queued` when it never started;
+    `progress` says how far it got, e.g. the denoising step)."""
     fields = record.fields
+    progress = record.value("cancelled_progress") or {}
     return {
         "job_id": record.job_id,
         "status": "cancelled",
@@ -94,7 +96,11 @@ def cancelled_body(record: JobRecord) -> dict[str, Any]:
         "assets": [],
         "metadata": {
             "cancelled_stage": fields.get("cancelled_stage"),
-            "progress": record.value("progress"),
+            "progress": {
+                name: progress[name]
+                for name in ("stage", "step", "total_steps", "percent")
+                if name in progress
+            },
             "job_type": fields.get("job_type"),
             "wan_task": WAN_TASK,
             "timestamp": datetime.now(UTC).isoformat(),

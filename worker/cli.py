@@ -82,7 +82,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
         ("status", view.status),
         ("stage", view.stage),
         ("created", _when(view.created_at)),
-        ("progress", view.progress and f"step {view.progress.step} of {view.progress.steps}"),
+        ("progress", _progress(view.progress)),
         ("seed", view.seed),
         ("error", view.error and f"{view.error.stage}: {view.error.type}: {view.error.message}"),
         ("delivery error", view.delivery_error and view.delivery_error.message),
@@ -180,6 +180,16 @@ def _print_json(data: BaseModel | list[BaseModel]) -> None:
     items = data if isinstance(data, list) else [data]
     dumped = [item.model_dump(mode="json") for item in items]
     click.echo(json.dumps(dumped if isinstance(data, list) else dumped[0], indent=2))
+
+
+def _progress(event: dict[str, Any] | None) -> str | None:
+    """`42.5 % (generate, step 12 of 25)` from the latest progress event."""
+    if not event or event.get("percent") is None:
+        return None
+    where = event.get("stage") or event.get("status")
+    if "step" in event:
+        where = f"{where}, step {event['step']} of {event['total_steps']}"
+    return f"{event['percent']} % ({where})"
 
 
 def _when(at: float | None) -> str | None:

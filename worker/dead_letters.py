@@ -11,6 +11,8 @@ import time
 
 import redis
 
+from worker.observe.metrics import DEAD_LETTERS, Metrics
+
 KEY = "wan:dead_letters"
 
 
@@ -19,7 +21,8 @@ class DeadLetters:
         self.redis = client
 
     def add(self, job_id: str) -> None:
-        self.redis.zadd(KEY, {job_id: time.time()}, nx=True)
+        if self.redis.zadd(KEY, {job_id: time.time()}, nx=True):
+            Metrics(self.redis).count(DEAD_LETTERS)
 
     def remove(self, job_id: str) -> None:
         """Take a job out, e.g. when it is retried."""

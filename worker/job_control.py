@@ -19,6 +19,7 @@ from enum import Enum
 
 from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
+from worker.observe.metrics import CANCELLATIONS, Metrics
 from worker.records import STAGES, JobRecord, JobRecords
 
 
@@ -73,7 +74,7 @@ STAGE_BOOKKEEPING = ("attempts", "started", "finished", "first_started")
 #: What says how a job ended; a retry clears it (the job's history stays in `retries`).
 OUTCOME_FIELDS = (
     "error", "error_stage", "error_type", *DELIVERY_ERROR_FIELDS,
-    "cancel_requested_at", "cancelled_at", "cancelled_stage",
+    "cancel_requested_at", "cancelled_at", "cancelled_stage", "cancelled_progress",
 )  # fmt: skip
 
 
@@ -89,6 +90,7 @@ def cancel(records: JobRecords, job_id: str) -> Answer:
             Outcome.REFUSED, job_id, status, f"job {job_id} is {status}: too late to cancel"
         )
     if decision == "stopped":
+        Metrics(records.redis).count(CANCELLATIONS)
         send_final_callback(job_id, "cancelled")
         return Answer(
             Outcome.DONE, job_id, "cancelled", f"job {job_id} cancelled before it started"
@@ -110,11 +112,17 @@ def raise_if_cancelled(records: JobRecords, job_id: str) -> None:
 
 
 def finish_cancelled(records: JobRecords, job_id: str, *, stage: str) -> bool:
-    """Leave the record saying the job is cancelled; True for the one caller that must send
-    the `cancelled` callback (a queued job's canceller may have sent it already)."""
-    first = records.redis.hsetnx(records.key(job_id), "cancelled_at", repr(time.time()))
-    records.write(job_id, status="cancelled", **({"cancelled_stage": stage} if first else {}))
-    return bool(first)
+    """Leave the record saying the job is cancelled, where, and how far it got (the progress
+    event of then: later stages overwrite `progress`); True for the one caller that must
+    send the `cancelled` callback (a queued job's canceller may have sent it already)."""
+    key = records.key(job_id)
+    if not records.redis.hsetnx(key, "cancelled_at", repr(time.time())):
+        records.write(job_id, status="cancelled")
+        return False
+    progress = (records.redis.hget(key, "progress") or b"{}").decode()
+    records.write(job_id, status="cancelled", cancelled_stage=stage, cancelled_progress=progress)
+    Metrics(records.redis).count(CANCELLATIONS)
+    return True
 
 
 def send_final_callback(job_id: str, status: str) -> None:

@@ -35,11 +35,6 @@ class Asset(BaseModel):
     thumbnail_url: str
 
 
-class Progress(BaseModel):
-    step: int
-    steps: int
-
-
 class JobView(BaseModel):
     """The job record as the platform and the on-call engineer read it."""
 
@@ -50,7 +45,9 @@ class JobView(BaseModel):
     created_at: float | None
     attempts: dict[str, int]
     timings: dict[str, StageTiming]
-    progress: Progress | None
+    #: The latest progress event (`stage`, `step`, `total_steps`, `percent`, ...), or the
+    #: `final` one; GET /jobs/{id}/events streams them all.
+    progress: dict[str, Any] | None
     error: JobError | None
     #: An undelivered final callback (status `delivery_failed`); `error` stays the job's own.
     delivery_error: JobError | None
@@ -102,7 +99,6 @@ def job_view(record: JobRecord) -> JobView:
         job = record.job
         assets = [Asset(type=job.content_type, url=job.asset_key, thumbnail_url=job.thumbnail_key)]
     generation = record.value("generation") or {}
-    progress = record.value("progress")
     return JobView(
         job_id=record.job_id,
         job_type=fields.get("job_type"),
@@ -111,7 +107,7 @@ def job_view(record: JobRecord) -> JobView:
         created_at=_float_or_none(fields.get("claimed_at")),
         attempts={stage: int(fields.get(f"attempts:{stage}", 0)) for stage in stages},
         timings=timings,
-        progress=None if progress is None else Progress(**progress),
+        progress=record.value("progress"),
         error=_error(fields, "error"),
         delivery_error=_error(fields, "delivery_error"),
         assets=assets,

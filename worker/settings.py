@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     #: How long a job record lives in Redis after its last update, seconds.
     job_record_ttl_s: int = 7 * 24 * 3600
 
+    #: `json` (one object per line, with job_id) or `text`; unset: text on a terminal only.
+    log_format: Literal["json", "text"] | None = None
+
     #: Deadline of one Qwen generation, seconds (transformers' `max_time`).
     enhance_timeout_s: float = 60.0
     #: How long `POST /enhance` waits for the enhance queue beyond the deadline (a model

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from worker.api import debug, enhance, health, jobs
+from worker.api import debug, enhance, events, health, jobs, metrics
 from worker.api.registration import register
 from worker.settings import get_settings
 
@@ -34,7 +34,7 @@ def create_app() -> FastAPI:
         version="0.1.0",
         lifespan=_lifespan,
     )
-    for module in (health, enhance, jobs, debug):
+    for module in (health, metrics, enhance, jobs, events, debug):
         app.include_router(module.router)
     return app
 
@@ -45,4 +45,5 @@ def main() -> None:
 
     settings = get_settings()
     log.info("HTTP API serving on %s:%d", settings.api_host, settings.api_port)
-    uvicorn.run(create_app(), host=settings.api_host, port=settings.api_port)
+    # log_config=None: uvicorn's lines go through the root logger, in LOG_FORMAT.
+    uvicorn.run(create_app(), host=settings.api_host, port=settings.api_port, log_config=None)

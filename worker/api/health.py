@@ -46,7 +46,8 @@ class Health(BaseModel):
 
 
 @cache
-def _client(url: str) -> redis.Redis:
+def redis_client(url: str) -> redis.Redis:
+    """A client with short timeouts, one per URL, for probes that must answer fast."""
     return redis.Redis.from_url(
         url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
     )
@@ -66,8 +67,8 @@ def _workers(broker: redis.Redis) -> dict[str, WorkerView]:
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 def health(settings: Annotated[Settings, Depends(get_settings)]) -> Health | JSONResponse:
-    broker = _client(settings.redis_url)
-    platform = _client(settings.platform_redis_url or settings.redis_url)
+    broker = redis_client(settings.redis_url)
+    platform = redis_client(settings.platform_redis_url or settings.redis_url)
     try:
         depths = {queue: int(broker.llen(queue)) for queue in QUEUES}
         depths["platform"] = int(platform.llen(settings.platform_queue))

@@ -11,6 +11,8 @@ from a small HTTP server on 127.0.0.1, which REFERENCE_ALLOWED_HOSTS allows.
 from __future__ import annotations
 
 import io
+import json
+import logging
 import secrets
 import shutil
 import sys
@@ -25,12 +27,15 @@ import httpx
 import numpy as np
 import redis
 from PIL import Image
+from redis.client import PubSub
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from worker.local.image_server import ImageServer, Route
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import FULL_STACK, ROOT, LocalStack, RedisServer, free_port, redis_answers
+from worker.observe.progress import channel
 from worker.settings import get_settings
 
 #: Scratch space of the demo: the tiny model, a private Redis, the process logs.
@@ -95,6 +100,40 @@ def demo_jobs(*, short: bool, reference_url: str) -> list[tuple[dict[str, Any], 
     ]
 
 
+def show_progress(watcher: PubSub, jobs: list[dict[str, Any]]) -> dict[str, float]:
+    """A live bar per job, fed by the same progress events as GET /jobs/{id}/events.
+
+    Returns when every job reached its final status: when each did (time.monotonic()).
+    """
+    finished_at: dict[str, float] = {}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[detail]}"), console=console,
+    ) as bars:  # fmt: skip
+        bar = {job["id"]: bars.add_task(job["type"], total=100, detail="queued") for job in jobs}
+        waiting = set(bar)
+        deadline = time.monotonic() + JOB_TIMEOUT_S * len(jobs)
+        while waiting and time.monotonic() < deadline:
+            message = watcher.get_message(timeout=1.0)
+            if message is None:
+                continue
+            event = json.loads(message["data"])
+            if event["job_id"] not in waiting:  # a finished job's last bookkeeping
+                continue
+            detail = event.get("status") or event.get("stage") or ""
+            if event["event"] == "step":
+                detail = (
+                    f"step {event['step']}/{event['total_steps']}, ETA {event['eta_seconds']:.0f} s"
+                )
+            if event.get("percent") is not None:
+                bars.update(bar[event["job_id"]], completed=event["percent"])
+            bars.update(bar[event["job_id"]], detail=detail)
+            if event["event"] == "final":
+                waiting.discard(event["job_id"])
+                finished_at[event["job_id"]] = time.monotonic()
+    return finished_at
+
+
 def prompt_note(metadata: dict[str, Any]) -> str:
     """What happened to the prompt: as given, or Qwen's rewrite, or why not."""
     if "enhanced_prompt" in metadata:
@@ -121,6 +160,7 @@ def tiny_model(
 def run_demo(*, full: bool = False) -> int:
     """Run the demo; the exit status is 0 only if every job completed."""
     settings = get_settings()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo's own calls are no news
     env: dict[str, str] = {"HF_HUB_OFFLINE": "1"}
     with ExitStack() as cleanup:
         from worker.local import tiny_models, tiny_qwen
@@ -191,12 +231,15 @@ def run_demo(*, full: bool = False) -> int:
                 f"the start-frame job to {CPU_REFERENCE_CONFIG}"
             )
         client = redis.Redis.from_url(redis_url)
+        watcher = client.pubsub(ignore_subscribe_messages=True)
+        watcher.subscribe(*(channel(job["id"]) for job, _ in jobs))  # before the first push
         pushed_at = {}
         for job, shape in jobs:
             client.rpush(queue, queue_body(job, shape=shape))
             pushed_at[job["id"]] = time.monotonic()
             console.print(f"RPUSH {queue}: {job['type']} job {job['id']} ({shape} shape)")
 
+        finished_at = show_progress(watcher, [job for job, _ in jobs])
         table = Table(title="demo jobs")
         columns = ("job", "type", "task", "prompt", "status", "seconds", "output file", "thumbnail")
         for column in columns:
@@ -204,7 +247,7 @@ def run_demo(*, full: bool = False) -> int:
         all_completed = True
         for job, _ in jobs:
             body = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body
-            seconds = time.monotonic() - pushed_at[job["id"]]
+            seconds = finished_at.get(job["id"], time.monotonic()) - pushed_at[job["id"]]
             output = thumbnail = body.get("error_message") or ""
             metadata = body.get("metadata", {})
             task = f"{metadata.get('wan_task', '')} {metadata.get('reference_mode', '')}"

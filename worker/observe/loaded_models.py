@@ -13,6 +13,8 @@ from typing import Any
 
 import redis
 
+from worker.observe.metrics import MODEL_LOADS, Metrics
+
 KEY = "wan:loaded_models"
 
 
@@ -27,6 +29,7 @@ class LoadedModels:
         models = self.of(node)
         if loaded:
             models[model] = {"path": path, "pid": os.getpid(), "loaded_at": time.time()}
+            Metrics(self.redis).count(MODEL_LOADS, model)
         else:
             models.pop(model, None)
         self.redis.hset(KEY, node, json.dumps(models))

@@ -1,0 +1,51 @@
+"""GET /metrics as Prometheus scrapes it: parseable, and moving when jobs run or fail."""
+
+from __future__ import annotations
+
+import httpx
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import JOB_TIMEOUT_S, api_url, new_job, push
+from worker.local.platform import LocalPlatform
+from worker.local.stack import LocalStack
+
+
+def scrape(env: dict[str, str]) -> dict[tuple[str, tuple], float]:
+    """Every sample as {(name, sorted labels): value}; no auth, like Prometheus."""
+    response = httpx.get(f"{api_url(env)}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_counters_and_histograms_move_when_a_job_completes_and_one_fails(
+    stack: LocalStack, stack_env: dict[str, str], platform: LocalPlatform,
+    platform_list: redis.Redis,
+) -> None:  # fmt: skip
+    completed = ("wan_jobs_total", (("job_type", "image_fast"), ("status", "completed")))
+    failed = ("wan_jobs_total", (("job_type", "image_fast"), ("status", "failed")))
+    generate_runs = ("wan_stage_seconds_count", (("outcome", "success"), ("stage", "generate")))
+    before = scrape(stack_env)
+
+    good, bad = new_job("image_fast"), new_job("image_fast")
+    bad["config"]["resolution"] = "100x100"
+    push(platform_list, good)
+    push(platform_list, bad)
+    platform.wait_for_final(good["id"], timeout_s=JOB_TIMEOUT_S)
+    platform.wait_for_final(bad["id"], timeout_s=JOB_TIMEOUT_S)
+    after = scrape(stack_env)
+
+    assert after[completed] == before.get(completed, 0) + 1
+    assert after[failed] == before.get(failed, 0) + 1
+    assert after[generate_runs] >= before.get(generate_runs, 0) + 1
+    bucket = ("wan_stage_seconds_bucket", (("le", "+Inf"), ("outcome", "success"),
+                                           ("stage", "generate")))  # fmt: skip
+    assert after[bucket] == after[generate_runs]
+    for queue in ("gpu", "enhance", "cpu", "platform"):
+        assert ("wan_queue_depth", (("queue", queue),)) in after
+    assert any(name == "wan_model_loads_total" for name, _ in after)

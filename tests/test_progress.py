@@ -1,0 +1,108 @@
+"""Progress as the frontend sees it: Server-Sent Events from GET /jobs/{id}/events."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import redis
+
+from tests.conftest import JOB_TIMEOUT_S, api_url, auth, new_job, push
+from worker.local.platform import LocalPlatform
+from worker.local.stack import LocalStack, wait_until
+from worker.records import JobRecords
+
+STAGES = ("enhance", "generate", "encode", "thumbnail", "upload")
+
+
+def sse_events(url: str) -> Iterator[dict[str, Any]]:
+    """The `data` of each event of a stream, as JSON, until the server ends it."""
+    with httpx.stream("GET", url, headers=auth(), timeout=JOB_TIMEOUT_S) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                yield json.loads(line.removeprefix("data:").strip())
+
+
+class Listener(threading.Thread):
+    """Reads one job's stream in the background; `events` in arrival order."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.events: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        for event in sse_events(self.url):
+            self.events.append(event)
+
+
+def test_the_stream_shows_every_stage_and_step_with_a_rising_percent_and_ends_with_the_status(
+    stack: LocalStack, stack_env: dict[str, str], platform_list: redis.Redis
+) -> None:
+    # Given a subscriber listening before the job exists (the frontend right after queue-job)
+    job = new_job("video_fast")
+    job["config"]["num_inference_steps"] = 6
+    listener = Listener(f"{api_url(stack_env)}/jobs/{job['id']}/events")
+    listener.start()
+    wait_until(lambda: listener.events, timeout_s=10, what="the snapshot")
+
+    # When the platform pushes the job and it runs
+    push(platform_list, job)
+    listener.join(timeout=JOB_TIMEOUT_S)
+
+    # Then: the snapshot, every stage's start and end, every step, a rising percent, the status
+    events = listener.events
+    assert events[0]["event"] == "snapshot" and events[0]["status"] is None
+    assert events[-1] == events[-1] | {"event": "final", "status": "completed", "percent": 100.0}
+    for stage in STAGES:
+        kinds = [e["event"] for e in events if e.get("stage") == stage]
+        assert kinds[0] == "stage_started" and kinds[-1] == "stage_finished", stage
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(e["total_steps"] == 6 and e["eta_seconds"] >= 0 for e in steps)
+    assert steps[-1]["eta_seconds"] == 0
+    percents = [e["percent"] for e in events if e.get("percent") is not None]
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    view = httpx.get(f"{api_url(stack_env)}/jobs/{job['id']}", headers=auth(), timeout=10).json()
+    assert view["status"] == "completed"
+
+
+def test_a_late_subscriber_gets_the_current_state_first_and_the_final_status(
+    stack: LocalStack, stack_env: dict[str, str], platform: LocalPlatform,
+    platform_list: redis.Redis,
+) -> None:  # fmt: skip
+    job = new_job("video_fast")
+    job["config"]["num_inference_steps"] = 40
+    push(platform_list, job)
+    records = JobRecords(platform_list, ttl_s=60)
+
+    def denoising() -> bool:
+        progress = records.get(job["id"]).value("progress") or {}
+        return (progress.get("step") or 0) >= 2
+
+    wait_until(denoising, timeout_s=JOB_TIMEOUT_S, what="denoising", interval_s=0.02)
+    events = list(sse_events(f"{api_url(stack_env)}/jobs/{job['id']}/events"))
+
+    snapshot = events[0]
+    assert snapshot["event"] == "snapshot" and snapshot["status"] == "processing"
+    assert snapshot["stage"] == "generate" and snapshot["progress"]["step"] >= 2
+    assert events[-1]["event"] == "final" and events[-1]["status"] == "completed"
+
+
+def test_a_finished_job_streams_its_snapshot_and_final_status_at_once(
+    stack: LocalStack, stack_env: dict[str, str], platform: LocalPlatform,
+    platform_list: redis.Redis,
+) -> None:  # fmt: skip
+    job = new_job("image_fast")
+    push(platform_list, job)
+    platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
+
+    events = list(sse_events(f"{api_url(stack_env)}/jobs/{job['id']}/events"))
+
+    assert [e["event"] for e in events] == ["snapshot", "final"]
+    assert events[-1]["status"] == "completed"

@@ -1,0 +1,55 @@
+"""GET /metrics, no auth (like /health): Prometheus text for the whole system.
+
+The counters and histograms every process wrote to Redis, plus live queue depths of the
+Celery queues and the platform list: what an autoscaler or an alert watches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+import redis
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.api.health import QUEUES, redis_client
+from worker.observe.metrics import Metrics
+from worker.settings import Settings, get_settings
+
+router = APIRouter(tags=["health"])
+
+
+class _QueueDepths(Collector):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "wan_queue_depth", "Messages waiting, by queue.", labels=["queue"]
+        )
+        broker = redis_client(self.settings.redis_url)
+        for queue in QUEUES:
+            depth.add_metric([queue], broker.llen(queue))
+        platform = redis_client(self.settings.platform_redis_url or self.settings.redis_url)
+        depth.add_metric(["platform"], platform.llen(self.settings.platform_queue))
+        yield depth
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 503: {"description": "no Redis"}},
+)
+def metrics(settings: Annotated[Settings, Depends(get_settings)]) -> Response:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_QueueDepths(settings))
+    registry.register(Metrics(redis_client(settings.redis_url)).collector())
+    try:
+        body = generate_latest(registry)
+    except redis.RedisError as e:
+        return Response(f"Redis unreachable: {e}\n", status_code=503, media_type="text/plain")
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

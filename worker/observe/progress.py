@@ -1,0 +1,96 @@
+"""Progress of one job, per stage and per denoising step, for everyone who watches it.
+
+Each event goes out three ways: a Redis pub/sub message on `wan:progress:{job_id}` (the
+API's Server-Sent Events stream), the job record's `progress` field (throttled; what a
+late subscriber and GET /jobs/{id} read first), and, from inside a Celery task, the task's
+custom `PROGRESS` state plus a `task-progress` event, so Flower shows it too.
+
+`percent` runs over the whole job: each stage owns a share (generation most of it) and
+the denoising steps fill generation's share. `eta_seconds` comes from this job's own
+measured step times; outside the denoising loop it is unknown (null).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from celery import Task
+
+from worker.records import JobRecords
+
+CHANNEL_PREFIX = "wan:progress:"
+#: Share of the whole job per stage, in chain order; generation is nearly all of it.
+STAGE_SHARES = {
+    "enhance": 0.03,
+    "generate": 0.85,
+    "encode": 0.06,
+    "thumbnail": 0.01,
+    "upload": 0.04,
+    "callback": 0.01,
+}
+#: The record's `progress` field is written at most this often (stage edges always).
+RECORD_EVERY_S = 0.5
+
+
+def channel(job_id: str) -> str:
+    return f"{CHANNEL_PREFIX}{job_id}"
+
+
+def percent(stage: str, fraction: float) -> float:
+    """Percent of the whole job done when `stage` is `fraction` done."""
+    before = 0.0
+    for name, share in STAGE_SHARES.items():
+        if name == stage:
+            return round(100 * (before + share * min(max(fraction, 0.0), 1.0)), 1)
+        before += share
+    return 0.0
+
+
+class Progress:
+    """Reports one job's progress; a reporter lives for one task run."""
+
+    def __init__(self, records: JobRecords, job_id: str, *, task: Task | None = None) -> None:
+        self.records = records
+        self.job_id = job_id
+        self.task = task
+        self._stage_started = time.monotonic()
+        self._recorded_at = 0.0
+
+    def stage_started(self, stage: str) -> None:
+        self._stage_started = time.monotonic()
+        self._emit({"event": "stage_started", "stage": stage, "percent": percent(stage, 0)})
+
+    def step(self, stage: str, done: int, total: int) -> None:
+        """After denoising step `done` of `total`: the ETA from this run's mean step time."""
+        mean_step_s = (time.monotonic() - self._stage_started) / max(done, 1)
+        self._emit(
+            {
+                "event": "step",
+                "stage": stage,
+                "step": done,
+                "total_steps": total,
+                "percent": percent(stage, done / total),
+                "eta_seconds": round(mean_step_s * (total - done), 2),
+            },
+            edge=done == total,
+        )
+
+    def stage_finished(self, stage: str) -> None:
+        self._emit({"event": "stage_finished", "stage": stage, "percent": percent(stage, 1)})
+
+    def final(self, status: str) -> None:
+        """The job's final status: the last event of its stream."""
+        done = 100.0 if status == "completed" else None
+        self._emit({"event": "final", "status": status, "percent": done})
+
+    def _emit(self, event: dict[str, Any], *, edge: bool = True) -> None:
+        event = {"job_id": self.job_id, "eta_seconds": None, **event, "at": time.time()}
+        self.records.redis.publish(channel(self.job_id), json.dumps(event))
+        if edge or time.monotonic() - self._recorded_at >= RECORD_EVERY_S:
+            self.records.update(self.job_id, progress=event)
+            self._recorded_at = time.monotonic()
+        if self.task is not None and self.task.request.id:
+            self.task.update_state(state="PROGRESS", meta=event)
+            self.task.send_event("task-progress", **event)
