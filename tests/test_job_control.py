@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from tests.conftest import JOB_TIMEOUT_S, api_url, auth, new_job
+from tests.test_metrics import scrape
 from worker import dead_letters
 from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
@@ -180,6 +181,8 @@ def test_a_queued_job_is_cancelled_at_once_never_starts_and_can_be_retried(
 ) -> None:
     # Given a job queued behind a running one (the one pool child is busy)
     running, queued = long_job(), new_job("image_fast")
+    cancellations = ("wan_cancellations_total", ())
+    before = scrape(env).get(cancellations, 0)
     post(env, running)
     wait_for_step(client, running["id"])
     post(env, queued)
@@ -211,6 +214,7 @@ def test_a_queued_job_is_cancelled_at_once_never_starts_and_can_be_retried(
     assert statuses(platform, queued["id"]) == ["cancelled"]
     assert "started:generate" not in record(client, queued["id"]).fields
     assert uploads_of(platform, queued["id"]) == []
+    assert scrape(env)[cancellations] == before + 2
 
     # When the cancelled job is sent again, it runs to the end
     retried = api(env, queued["id"], "retry")
