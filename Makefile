@@ -42,6 +42,7 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.job
 	$(PY) -m bench.enhance
 	$(PY) -m bench.references
+	$(PY) -m bench.progress
 
 clean:
 	rm -rf $(VENV) .demo spool outputs

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -20,19 +19,6 @@ from enhancement.model import Sampling
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "wan:enhance:"
-
-
-def model_revision(path: Path) -> str:
-    """A short fingerprint of a model directory: file names, sizes and modification times.
-
-    Reading 15 GB of weights to hash them would cost more than the generation it saves;
-    a changed or re-copied model gets a new revision, which only costs a cache miss.
-    """
-    digest = hashlib.sha256(str(path.resolve()).encode())
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
 
 
 class EnhancementCache:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from enhancement.cache import EnhancementCache, model_revision
+from enhancement.cache import EnhancementCache
 from enhancement.model import QwenModel, Sampling
 from enhancement.output import RejectedOutput, clean_continuation
 from enhancement.prompts import Content, Quality, completion_prompt
+from worker.model_files import model_revision
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ failing after `REFERENCE_RETRIES` retries makes the job text-only, and the callb
 from __future__ import annotations
 
 import secrets
+import threading
 from typing import TYPE_CHECKING
 
 from celery.utils.log import get_task_logger
@@ -22,7 +23,8 @@ from worker.errors import ReferenceUnusable, TransientError
 from worker.job_control import raise_if_cancelled
 from worker.jobs import SEED_MAX, Job
 from worker.observe.loaded_models import LoadedModels
-from worker.observe.progress import Progress
+from worker.observe.metrics import Metrics
+from worker.observe.progress import Notify, Progress
 from worker.records import get_records
 from worker.settings import Settings, get_settings
 
@@ -97,10 +99,26 @@ class GenerateTask(StageTask):
         return images, None
 
 
+def progress_callback(settings: Settings, job_id: str) -> Notify | None:
+    """With PROGRESS_CALLBACKS, `processing` callbacks carrying the progress, sent from a
+    thread of their own: the denoising loop never waits for the platform."""
+    if not settings.progress_callbacks:
+        return None
+
+    def notify(progress: dict) -> None:
+        threading.Thread(
+            target=notify_processing, args=(settings, job_id, progress), daemon=True
+        ).start()
+
+    return notify
+
+
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
 def generate(self: GenerateTask, job_id: str) -> None:
     from worker.generation import generate as run
+    from worker.generation import gpu_memory
     from worker.generation.load import vace_model_dir
+    from worker.generation.provenance import describe
 
     settings = get_settings()
     records = get_records()
@@ -119,7 +137,10 @@ def generate(self: GenerateTask, job_id: str) -> None:
     records.write(job_id, status="processing")
     notify_processing(settings, job_id)
 
-    progress = Progress(records, job_id, task=self)
+    progress = Progress(
+        records, job_id, task=self, notify=progress_callback(settings, job_id),
+        notify_every_s=settings.progress_callback_every_s,
+    )  # fmt: skip
 
     def on_step(done: int, total: int) -> None:
         progress.step("generate", done, total)
@@ -136,6 +157,7 @@ def generate(self: GenerateTask, job_id: str) -> None:
         on_step=on_step,
     )
     self.note_loaded(settings)
+    peak_mib = gpu_memory.report(Metrics(records.redis), self.request.hostname)
     frames = generated.frames
     path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
     frame_num, height, width, _ = frames.shape
@@ -148,6 +170,11 @@ def generate(self: GenerateTask, job_id: str) -> None:
             "frame_num": frame_num,
             "frames_path": str(path.resolve()),
             "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
+            "peak_gpu_memory_mib": peak_mib,
             "metadata": job.reference_notes | generated.metadata,
+            "provenance": describe(
+                self.pipelines, job, seed=seed, wan_task=generated.metadata["wan_task"],
+                settings=settings,
+            ),
         },
-    )
+    )  # fmt: skip

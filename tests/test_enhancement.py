@@ -14,13 +14,14 @@ import redis
 import torch
 
 from enhancement import Enhancer
-from enhancement.cache import EnhancementCache, model_revision
+from enhancement.cache import EnhancementCache
 from enhancement.model import QwenModel, Sampling
 from enhancement.output import RejectedOutput, clean_continuation
 from enhancement.prompts import ANSWER_LABEL, completion_prompt
 from worker.jobs import PROMPT_MAX_CHARS
 from worker.local.stack import RedisServer, wait_until
 from worker.local.tiny_qwen import ENHANCED_TEXT, make_tiny_qwen
+from worker.model_files import model_revision
 
 SAMPLING = Sampling(
     temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1, max_new_tokens=120

@@ -51,7 +51,8 @@ def test_every_line_of_a_job_is_json_with_its_job_id_and_one_summary_ends_it(
     job = new_job("video_fast")
     push(platform_list, job)
     platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
-    wait_until(lambda: "finished completed" in stack.log("cpu"), timeout_s=10, what="summary")
+    summary_line = f"job={job['id']} finished completed"
+    wait_until(lambda: summary_line in stack.log("cpu"), timeout_s=10, what="the summary line")
 
     lines = [
         line

@@ -106,3 +106,35 @@ def test_a_finished_job_streams_its_snapshot_and_final_status_at_once(
 
     assert [e["event"] for e in events] == ["snapshot", "final"]
     assert events[-1]["status"] == "completed"
+
+
+def test_progress_callbacks_reach_the_platform_at_most_once_per_ten_percent_and_interval(
+    stack_env: dict[str, str], platform: LocalPlatform, tmp_path_factory
+) -> None:
+    # Given workers with PROGRESS_CALLBACKS on (a Redis database of their own)
+    db = stack_env["REDIS_URL"].removesuffix("/0") + "/14"
+    queue = "wan_queue_progress"
+    env = stack_env | {
+        "REDIS_URL": db, "PLATFORM_REDIS_URL": db, "PLATFORM_QUEUE": queue,
+        "PROGRESS_CALLBACKS": "true", "PROGRESS_CALLBACK_EVERY_S": "0.5",
+    }  # fmt: skip
+    workers = LocalStack(env, log_dir=tmp_path_factory.mktemp("progress-logs")).start()
+    job = new_job("video_fast")
+    job["config"] |= {"num_inference_steps": 60}
+    try:
+        # When a generation of a few seconds runs
+        redis.Redis.from_url(db).rpush(queue, json.dumps(job))
+        platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
+    finally:
+        workers.stop()
+
+    # Then signed processing callbacks carried the progress, spaced as promised
+    callbacks = platform.callbacks_for(job["id"])
+    updates = [c for c in callbacks if "progress" in (c.body.get("metadata") or {})]
+    assert len(updates) >= 2, "too few progress callbacks during a generation of seconds"
+    assert callbacks[-1].body["status"] == "completed"
+    progress = [c.body["metadata"]["progress"] for c in updates]
+    assert all(p["stage"] == "generate" and 0 < p["percent"] <= 100 for p in progress)
+    for earlier, later in zip(progress, progress[1:], strict=False):
+        assert later["percent"] - earlier["percent"] >= 10
+        assert later["at"] - earlier["at"] >= 0.5

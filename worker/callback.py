@@ -49,6 +49,8 @@ def completed_body(record: JobRecord) -> dict[str, Any]:
         **enhancement,
         # what ran (wan_task, reference_mode), references used or why not, i2i strength
         **generation.get("metadata", {}),
+        # what reproduces the result: model and revision, pipeline, scheduler, values used
+        "provenance": generation.get("provenance"),
     }
     return {
         "job_id": job.id,
@@ -112,8 +114,11 @@ def cancelled_body(record: JobRecord) -> dict[str, Any]:
 FINAL_BODIES = {"completed": completed_body, "failed": failed_body, "cancelled": cancelled_body}
 
 
-def processing_body(job_id: str) -> dict[str, Any]:
-    return {"job_id": job_id, "status": "processing", "error_message": None, "assets": []}
+def processing_body(job_id: str, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = {"job_id": job_id, "status": "processing", "error_message": None, "assets": []}
+    if progress is not None:
+        body["metadata"] = {"progress": progress}
+    return body
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -162,10 +167,12 @@ def post_callback(settings: Settings, body: dict[str, Any]) -> None:
     )
 
 
-def notify_processing(settings: Settings, job_id: str) -> None:
+def notify_processing(
+    settings: Settings, job_id: str, progress: dict[str, Any] | None = None
+) -> None:
     """Best effort: a lost `processing` callback must not stop the generation."""
     try:
-        post_callback(settings, processing_body(job_id))
+        post_callback(settings, processing_body(job_id, progress))
     except JobError as e:
         log.warning("job=%s processing callback not delivered: %s", job_id, e)
     else:

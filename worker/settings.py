@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     #: How long a job record lives in Redis after its last update, seconds.
     job_record_ttl_s: int = 7 * 24 * 3600
 
+    #: Send `processing` callbacks with `metadata.progress` while generating (throttled).
+    progress_callbacks: bool = False
+    #: ... at most one per 10 % of the job and per this many seconds.
+    progress_callback_every_s: float = 5.0
+
     #: `json` (one object per line, with job_id) or `text`; unset: text on a terminal only.
     log_format: Literal["json", "text"] | None = None
 

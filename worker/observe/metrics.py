@@ -16,7 +16,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -31,7 +35,8 @@ class Metric:
     name: str
     help: str
     labels: tuple[str, ...]
-    buckets: tuple[float, ...] = ()  # empty: a counter
+    buckets: tuple[float, ...] = ()  # empty: a counter (or a gauge, with gauge=True)
+    gauge: bool = False
 
 
 JOBS = Metric("wan_jobs_total", "Jobs by type and final status.", ("job_type", "status"))
@@ -45,8 +50,14 @@ ENHANCEMENT_FALLBACKS = Metric(
 )
 DEAD_LETTERS = Metric("wan_dead_letters_total", "Jobs moved to the dead-letter set.", ())
 CANCELLATIONS = Metric("wan_cancellations_total", "Jobs cancelled.", ())
+GPU_MEMORY = Metric(
+    "wan_gpu_memory_bytes",
+    "CUDA memory of each generation worker after its last job: in use, and that job's peak.",
+    ("worker", "kind"),
+    gauge=True,
+)
 ALL = (JOBS, STAGE_SECONDS, RETRIES, MODEL_LOADS, ENHANCEMENT_FALLBACKS, DEAD_LETTERS,
-       CANCELLATIONS)  # fmt: skip
+       CANCELLATIONS, GPU_MEMORY)  # fmt: skip
 
 
 class Metrics:
@@ -57,6 +68,9 @@ class Metrics:
 
     def count(self, metric: Metric, *labels: str, by: float = 1) -> None:
         self._write(metric, lambda pipe, key: pipe.hincrbyfloat(key, _field(labels), by))
+
+    def set(self, metric: Metric, value: float, *labels: str) -> None:
+        self._write(metric, lambda pipe, key: pipe.hset(key, _field(labels), value))
 
     def observe(self, metric: Metric, value: float, *labels: str) -> None:
         bucket = bisect_left(metric.buckets, value)  # the first bucket holding the value
@@ -92,7 +106,8 @@ class _RedisCollector(Collector):
             raw = self.redis.hgetall(KEY_PREFIX + metric.name)
             entries = [(*json.loads(field), float(value)) for field, value in raw.items()]
             if not metric.buckets:
-                family = CounterMetricFamily(metric.name, metric.help, labels=metric.labels)
+                kind = GaugeMetricFamily if metric.gauge else CounterMetricFamily
+                family = kind(metric.name, metric.help, labels=metric.labels)
                 for labels, _, value in entries:
                     family.add_metric(labels, value)
                 yield family

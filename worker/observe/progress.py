@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -32,6 +33,11 @@ STAGE_SHARES = {
 }
 #: The record's `progress` field is written at most this often (stage edges always).
 RECORD_EVERY_S = 0.5
+#: Progress callbacks to the platform: at most one per this many percent of the job.
+CALLBACK_EVERY_PERCENT = 10.0
+
+#: Posts a progress callback to the platform (best effort, must not block the GPU).
+Notify = Callable[[dict[str, Any]], None]
 
 
 def channel(job_id: str) -> str:
@@ -51,12 +57,23 @@ def percent(stage: str, fraction: float) -> float:
 class Progress:
     """Reports one job's progress; a reporter lives for one task run."""
 
-    def __init__(self, records: JobRecords, job_id: str, *, task: Task | None = None) -> None:
+    def __init__(
+        self,
+        records: JobRecords,
+        job_id: str,
+        *,
+        task: Task | None = None,
+        notify: Notify | None = None,
+        notify_every_s: float = 5.0,
+    ) -> None:
         self.records = records
         self.job_id = job_id
         self.task = task
+        self.notify = notify
+        self.notify_every_s = notify_every_s
         self._stage_started = time.monotonic()
         self._recorded_at = 0.0
+        self._notified = (0.0, time.monotonic())  # (percent, when) of the last callback
 
     def stage_started(self, stage: str) -> None:
         self._stage_started = time.monotonic()
@@ -65,17 +82,23 @@ class Progress:
     def step(self, stage: str, done: int, total: int) -> None:
         """After denoising step `done` of `total`: the ETA from this run's mean step time."""
         mean_step_s = (time.monotonic() - self._stage_started) / max(done, 1)
-        self._emit(
-            {
-                "event": "step",
-                "stage": stage,
-                "step": done,
-                "total_steps": total,
-                "percent": percent(stage, done / total),
-                "eta_seconds": round(mean_step_s * (total - done), 2),
-            },
-            edge=done == total,
+        event = {
+            "event": "step",
+            "stage": stage,
+            "step": done,
+            "total_steps": total,
+            "percent": percent(stage, done / total),
+            "eta_seconds": round(mean_step_s * (total - done), 2),
+        }
+        sent = self._emit(event, edge=done == total)
+        last_percent, last_at = self._notified
+        due = (
+            event["percent"] - last_percent >= CALLBACK_EVERY_PERCENT
+            and time.monotonic() - last_at >= self.notify_every_s
         )
+        if self.notify is not None and due:
+            self._notified = (event["percent"], time.monotonic())
+            self.notify({k: v for k, v in sent.items() if k != "event"})
 
     def stage_finished(self, stage: str) -> None:
         self._emit({"event": "stage_finished", "stage": stage, "percent": percent(stage, 1)})
@@ -85,7 +108,8 @@ class Progress:
         done = 100.0 if status == "completed" else None
         self._emit({"event": "final", "status": status, "percent": done})
 
-    def _emit(self, event: dict[str, Any], *, edge: bool = True) -> None:
+    def _emit(self, event: dict[str, Any], *, edge: bool = True) -> dict[str, Any]:
+        """Publish, record (throttled) and report to Celery; returns what was sent."""
         event = {"job_id": self.job_id, "eta_seconds": None, **event, "at": time.time()}
         self.records.redis.publish(channel(self.job_id), json.dumps(event))
         if edge or time.monotonic() - self._recorded_at >= RECORD_EVERY_S:
@@ -94,3 +118,4 @@ class Progress:
         if self.task is not None and self.task.request.id:
             self.task.update_state(state="PROGRESS", meta=event)
             self.task.send_event("task-progress", **event)
+        return event
