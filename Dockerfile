@@ -48,11 +48,13 @@ WORKDIR /app
 # so a developer's .env (secrets; Settings reads ./.env), .venv, .git, spool/ and
 # outputs/ never end up baked into the image. Owned by root: the workers can read the
 # code but not change it.
-COPY celeryconfig.py ./
+COPY pyproject.toml celeryconfig.py ./
 COPY tasks/ ./tasks/
 COPY worker/ ./worker/
 COPY enhancement/ ./enhancement/
 COPY media/ ./media/
+# The code as an installed package too, for its entry points (`celery -A tasks jobs ...`).
+RUN pip install --no-deps --no-build-isolation --editable .
 
 USER app
 

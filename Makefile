@@ -1,15 +1,18 @@
 # Every target sets up what it needs: a fresh machine runs `make demo` or `make test` directly.
 VENV := .venv
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+INSTALLED := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test lint bench redis-server chromium clean
 
-$(INSTALLED): requirements.txt
+# The project itself is installed (editable, no dependencies: requirements.txt pins them)
+# for its entry points: `celery -A tasks jobs ...` is found through `celery.commands`.
+$(INSTALLED): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --editable .
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -9,7 +9,8 @@ from celery import Task
 from celery.utils.log import get_task_logger
 
 from media import spool
-from worker.errors import DeliveryFailed, TransientError
+from worker.errors import DeliveryFailed, JobCancelled, TransientError
+from worker.job_control import finish_cancelled, raise_if_cancelled, send_final_callback
 from worker.records import get_records
 from worker.settings import get_settings
 
@@ -25,7 +26,7 @@ class StageTask(Task):
 
     Each run notes its start and end in the job record. A stage that fails for good leaves
     the record saying which stage failed and why, frees the job's spool, and sends the
-    `failed` callback.
+    `failed` callback. A cancelled job's stage stops before it starts.
     """
 
     abstract = True
@@ -33,11 +34,17 @@ class StageTask(Task):
     stage: str = ""
     #: Whether a final failure of this stage sends the `failed` callback.
     reports_failure: bool = True
+    #: Whether a cancel stops the job before this stage (not before its final callback).
+    cancellable: bool = True
+    #: A cancel is expected: Celery logs it without a traceback.
+    throws = (JobCancelled,)
 
     def __call__(self, job_id: str, *args: Any, **kwargs: Any) -> Any:
         records = get_records()
         attempt = records.stage_started(job_id, self.stage)
         log.info("job=%s stage %s started (delivery %d)", job_id, self.stage, attempt)
+        if self.cancellable:  # after the start is noted: a cancel sees this stage as started
+            raise_if_cancelled(records, job_id)
         result = super().__call__(job_id, *args, **kwargs)
         records.stage_finished(job_id, self.stage)
         return result
@@ -46,15 +53,18 @@ class StageTask(Task):
         self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
     ) -> None:
         job_id = args[0]
-        log.error("job=%s stage %s failed: %s: %s", job_id, self.stage, type(exc).__name__, exc)
         spool.remove_job(get_settings().spool_dir, job_id)  # no later stage will read it
+        if isinstance(exc, JobCancelled):
+            log.info("job=%s cancelled at stage %s", job_id, self.stage)
+            if finish_cancelled(get_records(), job_id, stage=self.stage):
+                send_final_callback(job_id, "cancelled")
+            return
+        log.error("job=%s stage %s failed: %s: %s", job_id, self.stage, type(exc).__name__, exc)
         if not self.reports_failure:  # the final callback itself: the job's own outcome stays
             get_records().delivery_failed(job_id, stage=self.stage, error=exc)
             return
         get_records().fail(job_id, stage=self.stage, error=exc)
-        from tasks.media import callback  # the media module imports this one
-
-        callback.apply_async((job_id, "failed"), task_id=f"{job_id}:callback:failed")
+        send_final_callback(job_id, "failed")
 
 
 class DeliveryTask(StageTask):

@@ -8,13 +8,24 @@ from celery.canvas import Signature
 from tasks.enhance import enhance
 from tasks.generate import generate
 from tasks.media import callback, encode, thumbnail, upload
+from worker.records import STAGES
+
+#: The stage tasks in chain order, by the names records use.
+STAGE_TASKS = {
+    task.stage: task for task in (enhance, generate, encode, thumbnail, upload, callback)
+}
 
 
-def stage_task_id(job_id: str, stage: str) -> str:
-    return f"{job_id}:{stage}"
+def stage_task_id(job_id: str, stage: str, run: int = 0) -> str:
+    """`{job_id}:{stage}`; an operator's n-th retry gets fresh ids, `{job_id}:{stage}:retry{n}`."""
+    return f"{job_id}:{stage}" if run == 0 else f"{job_id}:{stage}:retry{run}"
 
 
-def build_chain(job_id: str) -> Signature:
-    """`enhance -> generate -> encode -> thumbnail -> upload -> callback`; see celeryconfig."""
-    stages = (enhance, generate, encode, thumbnail, upload, callback)
-    return chain(task.si(job_id).set(task_id=stage_task_id(job_id, task.stage)) for task in stages)
+def build_chain(job_id: str, *, from_stage: str = STAGES[0], run: int = 0) -> Signature:
+    """`enhance -> generate -> encode -> thumbnail -> upload -> callback`, or its tail from
+    `from_stage` for a retry; routes in celeryconfig."""
+    stages = STAGES[STAGES.index(from_stage) :]
+    return chain(
+        STAGE_TASKS[stage].si(job_id).set(task_id=stage_task_id(job_id, stage, run))
+        for stage in stages
+    )

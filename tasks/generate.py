@@ -20,6 +20,7 @@ from tasks.app import app
 from tasks.base import NETWORK_RETRY, StageTask
 from worker.callback import notify_processing
 from worker.errors import ReferenceUnusable, TransientError
+from worker.job_control import raise_if_cancelled
 from worker.jobs import SEED_MAX, Job
 from worker.observe.loaded_models import LoadedModels
 from worker.observe.metrics import Metrics
@@ -143,6 +144,7 @@ def generate(self: GenerateTask, job_id: str) -> None:
 
     def on_step(done: int, total: int) -> None:
         progress.step("generate", done, total)
+        raise_if_cancelled(records, job_id)  # raised out of the pipeline: no VAE decode
 
     enhancement = record.value("enhancement") or {}
     job = job.model_copy(update={"prompt": enhancement.get("enhanced_prompt") or job.prompt})

@@ -15,7 +15,7 @@ from media.storage import Storage, make_storage
 from media.thumbnail import make_thumbnail, middle_frame
 from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
-from worker.callback import completed_body, failed_body, post_callback
+from worker.callback import FINAL_BODIES, post_callback
 from worker.jobs import BUCKET, FPS
 from worker.observe.logs import job_summary
 from worker.observe.metrics import JOBS, Metrics
@@ -99,16 +99,21 @@ def upload(self: DeliveryTask, job_id: str) -> None:
 
 
 @app.task(
-    base=DeliveryTask, bind=True, name="wan.callback", stage="callback", reports_failure=False
+    base=DeliveryTask,
+    bind=True,
+    name="wan.callback",
+    stage="callback",
+    reports_failure=False,
+    cancellable=False,
 )
 def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None:
     """The final signed callback, retried hard; its status is written to the record once the
     platform has answered 2xx (never when no callback URL is configured)."""
     records = get_records()
     record = records.get(job_id)
-    body = completed_body(record) if status == "completed" else failed_body(record)
-    post_callback(get_settings(), body)
+    post_callback(get_settings(), FINAL_BODIES[status](record))
     records.write(job_id, status=status, final_callback=status)
+    records.callback_sent(job_id, status)
     log.info("job=%s finished %s", job_id, status, extra={"summary": job_summary(record, status)})
     Metrics(records.redis).count(JOBS, record.fields.get("job_type", ""), status)
     Progress(records, job_id, task=self).final(status)

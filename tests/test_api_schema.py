@@ -84,7 +84,7 @@ def test_the_schema_documents_every_endpoint(api_schema: schemathesis.BaseSchema
 
     assert paths == {
         "/health", "/metrics", "/enhance", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/events",
-        "/debug/env",
+        "/jobs/{job_id}/cancel", "/jobs/{job_id}/retry", "/debug/env",
     }  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import httpx
 
 from worker.errors import DeliveryFailed, JobError, TransientError, error_for_status
 from worker.jobs import WAN_TASK
-from worker.records import JobRecord
+from worker.records import JobRecord, get_records
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,34 @@ def failed_body(record: JobRecord) -> dict[str, Any]:
     }
 
 
+def cancelled_body(record: JobRecord) -> dict[str, Any]:
+    """A cancelled job: no assets, and where it stopped (`queued` when it never started;
+    `progress` says how far it got, e.g. the denoising step)."""
+    fields = record.fields
+    progress = record.value("cancelled_progress") or {}
+    return {
+        "job_id": record.job_id,
+        "status": "cancelled",
+        "error_message": None,
+        "assets": [],
+        "metadata": {
+            "cancelled_stage": fields.get("cancelled_stage"),
+            "progress": {
+                name: progress[name]
+                for name in ("stage", "step", "total_steps", "percent")
+                if name in progress
+            },
+            "job_type": fields.get("job_type"),
+            "wan_task": WAN_TASK,
+            "timestamp": datetime.now(UTC).isoformat(),
+        },
+    }
+
+
+#: The body of each final status.
+FINAL_BODIES = {"completed": completed_body, "failed": failed_body, "cancelled": cancelled_body}
+
+
 def processing_body(job_id: str, progress: dict[str, Any] | None = None) -> dict[str, Any]:
     body = {"job_id": job_id, "status": "processing", "error_message": None, "assets": []}
     if progress is not None:
@@ -147,3 +175,5 @@ def notify_processing(
         post_callback(settings, processing_body(job_id, progress))
     except JobError as e:
         log.warning("job=%s processing callback not delivered: %s", job_id, e)
+    else:
+        get_records().callback_sent(job_id, "processing")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from worker.job_control import send_final_callback
 from worker.jobs import Job
 from worker.records import JobRecords
 
@@ -53,9 +54,7 @@ def reject(
     The record is marked dispatched only once the callback is published: a broker error in
     between leaves the claim open, so the caller's next attempt sends the callback again.
     """
-    from tasks.media import callback
-
     records.write(job_id, payload=payload, job_type=job_type)
     records.fail(job_id, stage="validate", error=error)
-    callback.apply_async((job_id, "failed"), task_id=f"{job_id}:callback:failed")
+    send_final_callback(job_id, "failed")
     records.mark_dispatched(job_id)

@@ -35,6 +35,10 @@ class ReferenceUnusable(JobError):
     """A reference image refused, missing or undecodable for good: the job runs text-only."""
 
 
+class JobCancelled(JobError):
+    """The job was cancelled: it stops where it is and reports `cancelled`; never retried."""
+
+
 class DeliveryRejected(JobError):
     """The platform refused a request for good (a 3xx or a 4xx other than 429)."""
 

@@ -6,11 +6,13 @@ is read back from here, so any stage can run again after a crash.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -21,6 +23,11 @@ from worker.jobs import Job
 from worker.settings import get_settings
 
 KEY_PREFIX = "wan:job:"
+#: Every job id with a record, scored by when it was first claimed: `jobs list` reads it
+#: newest first and pages through it, instead of scanning every key of the broker's Redis.
+INDEX_KEY = "wan:jobs"
+#: The chain's stages in order, as records name them.
+STAGES = ("enhance", "generate", "encode", "thumbnail", "upload", "callback")
 #: Statuses after which the platform expects no more callbacks for a job.
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 #: How long a claim on a job id keeps others off it, seconds. Claim to dispatch takes
@@ -31,7 +38,8 @@ Claim = Literal["claimed", "dispatched", "held"]
 
 #: Atomically: a dispatched job stays dispatched; a claim of another owner whose lease runs
 #: is left alone; otherwise the caller holds the claim for the lease from Redis's own clock
-#: (one clock for every host). KEYS: the record; ARGV: owner, lease seconds, record TTL.
+#: (one clock for every host), and the job id enters the index. KEYS: the record, the index;
+#: ARGV: owner, lease seconds, record TTL, job id.
 _CLAIM_SCRIPT = """
 if redis.call('HEXISTS', KEYS[1], 'dispatched_at') == 1 then return 'dispatched' end
 local t = redis.call('TIME')
@@ -42,6 +50,7 @@ if owner and owner ~= ARGV[1] and now < expires then return 'held' end
 redis.call('HSET', KEYS[1], 'claim_owner', ARGV[1],
            'claim_expires_at', string.format('%.6f', now + tonumber(ARGV[2])))
 redis.call('HSETNX', KEYS[1], 'claimed_at', string.format('%.6f', now))
+redis.call('ZADD', KEYS[2], 'NX', now, ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 'claimed'
 """
@@ -129,7 +138,8 @@ class JobRecords:
         (sent or answered before), or `held` (another owner's claim is still within its lease).
         """
         outcome = self._claim(
-            keys=[self.key(job_id)], args=[self.owner, self.claim_lease_s, self.ttl_s]
+            keys=[self.key(job_id), INDEX_KEY],
+            args=[self.owner, self.claim_lease_s, self.ttl_s, job_id],
         )
         return outcome.decode()
 
@@ -144,9 +154,36 @@ class JobRecords:
         return bool(self.redis.hexists(self.key(job_id), "dispatched_at"))
 
     def get(self, job_id: str) -> JobRecord:
-        raw = self.redis.hgetall(self.key(job_id))
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        return JobRecord(job_id=job_id, fields=fields)
+        return _record(job_id, self.redis.hgetall(self.key(job_id)))
+
+    def newest(self, *, page: int = 200) -> Iterator[JobRecord]:
+        """Every record, newest claim first, read a page at a time from the index (a job
+        claimed while this runs may shift a page and show up twice or not at all)."""
+        self.prune_index()
+        for start in itertools.count(0, page):
+            job_ids = [m.decode() for m in self.redis.zrevrange(INDEX_KEY, start, start + page - 1)]
+            if not job_ids:
+                return
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hgetall(self.key(job_id))
+                raws = pipe.execute()
+            yield from (
+                _record(job_id, raw) for job_id, raw in zip(job_ids, raws, strict=True) if raw
+            )
+
+    def prune_index(self) -> int:
+        """Drop index entries whose record expired; only claims older than the record TTL
+        can be gone (every write renews a record). How many were dropped."""
+        old = self.redis.zrangebyscore(INDEX_KEY, "-inf", time.time() - self.ttl_s)
+        if not old:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for member in old:
+                pipe.exists(self.key(member.decode()))
+            alive = pipe.execute()
+        gone = [member for member, exists in zip(old, alive, strict=True) if not exists]
+        return int(self.redis.zrem(INDEX_KEY, *gone)) if gone else 0
 
     def write(self, job_id: str, **fields: str) -> None:
         """Set text fields as they are."""
@@ -183,6 +220,10 @@ class JobRecords:
     def stage_finished(self, job_id: str, stage: str) -> None:
         self.write(job_id, **{f"finished:{stage}": repr(time.time())})
 
+    def callback_sent(self, job_id: str, status: str) -> None:
+        """Note when the platform accepted a callback of this status."""
+        self.write(job_id, **{f"callback_sent:{status}": repr(time.time())})
+
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """Leave the record saying which stage failed, and why."""
         self.write(job_id, status="failed", **_error_fields("error", stage, error))
@@ -192,6 +233,10 @@ class JobRecords:
         self.write(
             job_id, status="delivery_failed", **_error_fields("delivery_error", stage, error)
         )
+
+
+def _record(job_id: str, raw: dict[bytes, bytes]) -> JobRecord:
+    return JobRecord(job_id=job_id, fields={k.decode(): v.decode() for k, v in raw.items()})
 
 
 def _error_fields(name: str, stage: str, error: BaseException) -> dict[str, str]:

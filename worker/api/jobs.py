@@ -1,7 +1,8 @@
-"""POST /jobs and GET /jobs/{id}: the platform list's job body over HTTP, and the job record.
+"""POST /jobs, GET /jobs/{id}, and cancel and retry: jobs over HTTP.
 
 A job posted here is validated by the same job model and started by the same submit path
-as the bridge, so the same id twice (here, on the list, or both) starts one chain.
+as the bridge, so the same id twice (here, on the list, or both) starts one chain. The job
+view, cancel and retry are the ones `celery -A tasks jobs` uses.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from worker.api.auth import Authorized
 from worker.dispatch import seen_before, submit
 from worker.errors import InvalidJob
+from worker.job_control import Answer, Outcome, cancel, retry
+from worker.job_views import JobView, job_view
 from worker.jobs import PROMPT_MAX_CHARS, SAFE_ID, JobType, parse_job
-from worker.records import JobRecord, get_records
+from worker.records import get_records
 
 log = logging.getLogger(__name__)
 
@@ -32,40 +35,6 @@ class Accepted(BaseModel):
     status: str
     #: False when the id was seen before: nothing new started, `status` is the job's own.
     created: bool
-
-
-class StageTiming(BaseModel):
-    started_at: float
-    finished_at: float | None
-    seconds: float | None
-
-
-class JobError(BaseModel):
-    message: str
-    type: str | None
-    stage: str | None
-
-
-class Asset(BaseModel):
-    type: Literal["video", "image"]
-    url: str
-    thumbnail_url: str
-
-
-class JobView(BaseModel):
-    """The job record as the platform and the on-call engineer read it."""
-
-    job_id: str
-    job_type: str | None
-    status: str | None
-    stage: str | None
-    attempts: dict[str, int]
-    timings: dict[str, StageTiming]
-    error: JobError | None
-    assets: list[Asset]
-    seed: int | None
-    enhancement: dict[str, Any] | None
-    final_callback: str | None
 
 
 class JobBody(BaseModel):
@@ -139,45 +108,51 @@ def get_job(job_id: JobId) -> JobView:
     return job_view(record)
 
 
-def job_view(record: JobRecord) -> JobView:
-    fields = record.fields
-    stages = sorted(  # chain order: by first start
-        (name.removeprefix("started:") for name in fields if name.startswith("started:")),
-        key=lambda stage: float(fields[f"started:{stage}"]),
-    )
-    seconds = record.stage_seconds()
-    timings = {
-        stage: StageTiming(
-            started_at=float(fields[f"started:{stage}"]),
-            finished_at=_float_or_none(fields.get(f"finished:{stage}")),
-            seconds=seconds.get(stage),
-        )
-        for stage in stages
-    }
-    error = None
-    if "error" in fields:
-        error = JobError(
-            message=fields["error"], type=fields.get("error_type"), stage=fields.get("error_stage")
-        )
-    assets = []
-    if record.value("uploaded") and "job" in fields:
-        job = record.job
-        assets = [Asset(type=job.content_type, url=job.asset_key, thumbnail_url=job.thumbnail_key)]
-    generation = record.value("generation") or {}
-    return JobView(
-        job_id=record.job_id,
-        job_type=fields.get("job_type"),
-        status=record.status,
-        stage=fields.get("stage") or None,
-        attempts={stage: int(fields.get(f"attempts:{stage}", 0)) for stage in stages},
-        timings=timings,
-        error=error,
-        assets=assets,
-        seed=generation.get("seed", record.value("seed")),
-        enhancement=record.value("enhancement"),
-        final_callback=fields.get("final_callback"),
-    )
+class ControlAnswer(BaseModel):
+    job_id: str
+    #: The job's status after the request.
+    status: str | None
+    message: str
 
 
-def _float_or_none(text: str | None) -> float | None:
-    return None if text is None else float(text)
+class RetryOptions(BaseModel):
+    #: Run the whole chain again instead of starting at the stage the job stopped at.
+    from_start: bool = False
+    #: Send a running or completed job again anyway.
+    force: bool = False
+
+
+#: A request the job's state does not allow, or no such job.
+REFUSALS = {
+    404: {"description": "no such job"},
+    409: {"description": "refused in the job's state (the detail says why)"},
+}
+
+
+@router.post("/jobs/{job_id}/cancel", responses=REFUSALS)
+def cancel_job(job_id: JobId) -> ControlAnswer:
+    """Cancel a job: a queued one at once, a running one at its next denoising step or stage.
+
+    Both end with the `cancelled` callback, nothing uploaded. A job that already ended
+    (completed, failed) is refused with 409.
+    """
+    return _answer(cancel(get_records(), job_id))
+
+
+@router.post("/jobs/{job_id}/retry", responses=REFUSALS)
+def retry_job(job_id: JobId, options: RetryOptions | None = None) -> ControlAnswer:
+    """Send a failed or cancelled job again from the stage it stopped at, with new task ids.
+
+    A running or completed job is refused with 409 unless `force`. An undelivered final
+    callback is sent again; nothing else runs.
+    """
+    options = options or RetryOptions()
+    return _answer(retry(get_records(), job_id, from_start=options.from_start, force=options.force))
+
+
+def _answer(answer: Answer) -> ControlAnswer:
+    if answer.outcome is Outcome.NOT_FOUND:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, answer.message)
+    if answer.outcome is Outcome.REFUSED:
+        raise HTTPException(status.HTTP_409_CONFLICT, answer.message)
+    return ControlAnswer(job_id=answer.job_id, status=answer.status, message=answer.message)

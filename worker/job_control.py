@@ -1,0 +1,212 @@
+"""What an operator or the platform can do to a job: cancel it, send it again.
+
+Shared by `POST /jobs/{id}/cancel|retry` and `celery -A tasks jobs cancel|retry`; each
+answers an `Outcome` that the API turns into a status code and the CLI into an exit code.
+
+Cancel is a flag in the job record (`cancel_requested_at`). A job still `queued` is
+cancelled at once: its `cancelled` callback goes out now, and any of its stages that comes
+up later stops before doing anything. A job past that point is stopped by the worker: at
+the next denoising step (the step hook raises, so the VAE never decodes) or before its next
+stage, and the worker sends the callback. The final callback itself is never stopped: a
+cancel that comes once the files are uploaded is too late, and the job completes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+from worker.dead_letters import DeadLetters
+from worker.errors import JobCancelled
+from worker.observe.metrics import CANCELLATIONS, Metrics
+from worker.records import STAGES, JobRecord, JobRecords
+
+
+class Outcome(Enum):
+    """How a request ended; the value is the CLI's exit code."""
+
+    DONE = 0
+    NOT_FOUND = 1
+    REFUSED = 2
+
+
+@dataclass(frozen=True)
+class Answer:
+    outcome: Outcome
+    job_id: str
+    #: The job's status after the request, None when there is no such job.
+    status: str | None
+    message: str
+
+
+#: Statuses of a job that is still on its way (a cancel is taken, a retry is refused).
+RUNNING_STATUSES = frozenset({"queued", "processing"})
+
+#: Atomically: decide what a cancel request does. KEYS: the record; ARGV: now.
+#: `missing`, `cancelled` (before), `refused:<status>`, `stopped` (a queued job, cancelled
+#: here: the caller sends the callback) or `requested` (the worker stops it).
+_CANCEL_SCRIPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'cancelled' then return 'cancelled' end
+if status ~= 'queued' and status ~= 'processing' then return 'refused:' .. status end
+redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[1])
+if status == 'queued' and redis.call('HSETNX', KEYS[1], 'cancelled_at', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_stage', 'queued')
+  return 'stopped'
+end
+return 'requested'
+"""
+
+#: What each stage leaves in the record; a retry from a stage clears it and what follows.
+STAGE_OUTPUTS = {
+    "enhance": ("enhancement",),
+    "generate": ("generation", "progress"),
+    "encode": ("output",),
+    "thumbnail": ("thumbnail",),
+    "upload": ("uploaded",),
+    "callback": ("final_callback",),
+}
+DELIVERY_ERROR_FIELDS = ("delivery_error", "delivery_error_stage", "delivery_error_type")
+#: Per-stage fields of the record (`attempts:generate`, ...).
+STAGE_BOOKKEEPING = ("attempts", "started", "finished", "first_started")
+#: What says how a job ended; a retry clears it (the job's history stays in `retries`).
+OUTCOME_FIELDS = (
+    "error", "error_stage", "error_type", *DELIVERY_ERROR_FIELDS,
+    "cancel_requested_at", "cancelled_at", "cancelled_stage", "cancelled_progress",
+)  # fmt: skip
+
+
+def cancel(records: JobRecords, job_id: str) -> Answer:
+    """Cancel a job: at once if it is queued, else at its next step or stage."""
+    script = records.redis.register_script(_CANCEL_SCRIPT)
+    decision = script(keys=[records.key(job_id)], args=[repr(time.time())]).decode()
+    if decision == "missing":
+        return Answer(Outcome.NOT_FOUND, job_id, None, f"no job {job_id}")
+    if decision.startswith("refused:"):
+        status = decision.removeprefix("refused:")
+        return Answer(
+            Outcome.REFUSED, job_id, status, f"job {job_id} is {status}: too late to cancel"
+        )
+    if decision == "stopped":
+        Metrics(records.redis).count(CANCELLATIONS)
+        send_final_callback(job_id, "cancelled")
+        return Answer(
+            Outcome.DONE, job_id, "cancelled", f"job {job_id} cancelled before it started"
+        )
+    if decision == "cancelled":
+        return Answer(Outcome.DONE, job_id, "cancelled", f"job {job_id} was cancelled before")
+    return Answer(
+        Outcome.DONE,
+        job_id,
+        records.get(job_id).status,
+        f"job {job_id} will stop at its next step or stage",
+    )
+
+
+def raise_if_cancelled(records: JobRecords, job_id: str) -> None:
+    """The one check every stage and every denoising step makes."""
+    if records.redis.hexists(records.key(job_id), "cancel_requested_at"):
+        raise JobCancelled(f"job {job_id} was cancelled")
+
+
+def finish_cancelled(records: JobRecords, job_id: str, *, stage: str) -> bool:
+    """Leave the record saying the job is cancelled, where, and how far it got (the progress
+    event of then: later stages overwrite `progress`); True for the one caller that must
+    send the `cancelled` callback (a queued job's canceller may have sent it already)."""
+    key = records.key(job_id)
+    if not records.redis.hsetnx(key, "cancelled_at", repr(time.time())):
+        records.write(job_id, status="cancelled")
+        return False
+    progress = (records.redis.hget(key, "progress") or b"{}").decode()
+    records.write(job_id, status="cancelled", cancelled_stage=stage, cancelled_progress=progress)
+    Metrics(records.redis).count(CANCELLATIONS)
+    return True
+
+
+def send_final_callback(job_id: str, status: str) -> None:
+    """Queue the final `failed` or `cancelled` callback on the media workers."""
+    from tasks.media import callback  # Celery's app, only once there is something to send
+
+    callback.apply_async((job_id, status), task_id=f"{job_id}:callback:{status}")
+
+
+def retry(
+    records: JobRecords, job_id: str, *, from_start: bool = False, force: bool = False
+) -> Answer:
+    """Send a job again from the stage it stopped at (or from the start) with new task ids.
+
+    Refuses a job that is running or completed unless `force`, and one that never passed
+    validation. A job whose final callback was not delivered gets that callback again;
+    nothing else runs. A retried job leaves the dead letters.
+    """
+    from tasks.chain import build_chain  # Celery's app, only once there is something to send
+
+    record = records.get(job_id)
+    if record.status is None:
+        return Answer(Outcome.NOT_FOUND, job_id, None, f"no job {job_id}")
+    if refusal := _retry_refusal(record, force=force):
+        return Answer(Outcome.REFUSED, job_id, record.status, f"job {job_id} {refusal}")
+    run = int(record.fields.get("retries", 0)) + 1
+    if record.status == "delivery_failed" and not from_start:
+        stage, outcome = "callback", _outcome(record)
+        records.redis.hdel(records.key(job_id), *DELIVERY_ERROR_FIELDS)
+        records.write(job_id, status=outcome, retries=str(run), retried_from=stage)
+        send_final_callback(job_id, outcome)
+    else:
+        stage = "enhance" if from_start else _restart_stage(record)
+        _reset(records, record, stage, run)
+        build_chain(job_id, from_stage=stage, run=run).apply_async()
+    DeadLetters(records.redis).remove(job_id)
+    status = records.get(job_id).status
+    return Answer(
+        Outcome.DONE, job_id, status, f"job {job_id} sent again from {stage} (retry {run})"
+    )
+
+
+def _retry_refusal(record: JobRecord, *, force: bool) -> str | None:
+    """Why a retry is refused, or None."""
+    if "job" not in record.fields:
+        return (
+            f"never passed validation ({record.fields.get('error')}): "
+            "the platform must send it again, corrected"
+        )
+    if not force and (record.status in RUNNING_STATUSES or record.status == "completed"):
+        return f"is {record.status}: not sent again without force"
+    return None
+
+
+def _outcome(record: JobRecord) -> str:
+    """The final status whose callback was not delivered."""
+    if "cancelled_at" in record.fields:
+        return "cancelled"
+    return "failed" if "error" in record.fields else "completed"
+
+
+def _restart_stage(record: JobRecord) -> str:
+    """Where the job stopped; a media stage restarts at generate, as the job's spool (its
+    frames and files) was emptied when it stopped. The seed in the record is kept."""
+    fields = record.fields
+    stopped = fields.get("error_stage") or fields.get("cancelled_stage") or fields.get("stage")
+    if record.status == "completed" or stopped not in STAGES:
+        return "enhance"
+    if stopped in ("encode", "thumbnail", "upload"):
+        return "generate"
+    return stopped
+
+
+def _reset(records: JobRecords, record: JobRecord, stage: str, run: int) -> None:
+    """Forget the outcome and what the stages from `stage` on did, deliveries included."""
+    later = STAGES[STAGES.index(stage) :]
+    stale = [*OUTCOME_FIELDS, *(name for s in later for name in STAGE_OUTPUTS[s])]
+    stale += [f"{kind}:{s}" for s in later for kind in STAGE_BOOKKEEPING]
+    stale += [name for name in record.fields if name.startswith("callback_sent:")]
+    with records.redis.pipeline() as pipe:
+        pipe.hdel(records.key(record.job_id), *stale)
+        pipe.hset(
+            records.key(record.job_id),
+            mapping={"status": "queued", "stage": "", "retries": str(run), "retried_from": stage},
+        )
+        pipe.expire(records.key(record.job_id), records.ttl_s)
+        pipe.execute()
