@@ -33,14 +33,9 @@ def env(stack_env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def base_stack(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    stack = LocalStack(
-        env, log_dir=tmp_path_factory.mktemp("enhanced-logs"), names=("gpu", "cpu", "bridge")
-    )
-    try:
-        stack.start()
+    log_dir = tmp_path_factory.mktemp("enhanced-logs")
+    with LocalStack(env, log_dir=log_dir, names=("gpu", "cpu", "bridge")):
         yield
-    finally:
-        stack.stop()
 
 
 @contextmanager

@@ -49,15 +49,10 @@ def env(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
 def control_stack(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     client = redis.Redis.from_url(env["REDIS_URL"])
     client.flushdb()
-    stack = LocalStack(
-        env, log_dir=tmp_path_factory.mktemp("control-logs"), names=("gpu+enhance", "cpu", "api")
-    )
-    try:
-        stack.start()
+    log_dir = tmp_path_factory.mktemp("control-logs")
+    with LocalStack(env, log_dir=log_dir, names=("gpu+enhance", "cpu", "api")):
         yield
-    finally:
-        stack.stop()
-        client.flushdb()
+    client.flushdb()
 
 
 @pytest.fixture

@@ -127,6 +127,12 @@ class LocalStack:
             )
         return self
 
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def _spawn(self, name: str) -> subprocess.Popen:
         command = COMMANDS[name]
         executable = (
