@@ -31,9 +31,11 @@ RUN apt-get update \
 # too, where the same release is published as 2.13.0+cu128 (it satisfies ==2.13.0 and
 # sorts above PyPI's build), so the GPU build built against CUDA 12.8 is installed.
 # Everything else still comes from PyPI.
-COPY requirements.txt /tmp/requirements.txt
+# requirements-gpu.txt adds torchao (QUANTIZE=fp8).
+COPY requirements.txt requirements-gpu.txt /tmp/
 RUN pip install --extra-index-url "$TORCH_INDEX_URL" -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+        -r /tmp/requirements-gpu.txt \
+    && rm /tmp/requirements.txt /tmp/requirements-gpu.txt
 
 # Unprivileged runtime user. /spool and /outputs are created here, owned by it, so the
 # named volumes mounted there start out writable by the workers (Docker copies the

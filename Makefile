@@ -31,8 +31,9 @@ chromium:
 demo: $(INSTALLED) redis-server
 	$(PY) -m worker demo
 
+# Two pytest processes, each module kept on one (its stack is module-scoped).
 test: $(INSTALLED) redis-server chromium lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
@@ -43,6 +44,8 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.enhance
 	$(PY) -m bench.references
 	$(PY) -m bench.progress
+	$(PY) -m bench.gpu
+	$(PY) -m bench.faults
 
 clean:
 	rm -rf $(VENV) .demo spool outputs

@@ -13,6 +13,10 @@ broker_url = _redis_url
 result_backend = _redis_url
 result_expires = 24 * 3600
 broker_connection_retry_on_startup = True
+# Redis restarts (a deploy, a crash, a failover): a worker that lost its broker reconnects
+# for as long as it takes (None: no cap on the retries) instead of exiting after 100.
+broker_connection_retry = True
+broker_connection_max_retries = None
 
 task_serializer = "json"
 result_serializer = "json"
@@ -25,15 +29,21 @@ task_queues = tuple(
     Queue(name, Exchange(name), routing_key=name) for name in ("gpu", "enhance", "cpu")
 )
 task_default_queue = "cpu"
-task_routes = {
-    "wan.enhance": {"queue": "enhance"},
-    "wan.enhance_prompt": {"queue": "enhance"},
-    "wan.generate": {"queue": "gpu"},
-    "wan.encode": {"queue": "cpu"},
-    "wan.thumbnail": {"queue": "cpu"},
-    "wan.upload": {"queue": "cpu"},
-    "wan.callback": {"queue": "cpu"},
-}
+# Routers in order, the first answer wins: encode, thumbnail and upload go to the media queue
+# of the host whose spool holds the job's frames, `cpu.<WORKER_HOST>` (tasks/routing.py);
+# everything else, and a job with no frames yet, by this table.
+task_routes = (
+    "tasks.routing.route_to_frames_host",
+    {
+        "wan.enhance": {"queue": "enhance"},
+        "wan.enhance_prompt": {"queue": "enhance"},
+        "wan.generate": {"queue": "gpu"},
+        "wan.encode": {"queue": "cpu"},
+        "wan.thumbnail": {"queue": "cpu"},
+        "wan.upload": {"queue": "cpu"},
+        "wan.callback": {"queue": "cpu"},
+    },
+)
 
 # A worker killed mid-job must not lose the job: ack after the task, requeue on loss,
 # and take one message at a time so a long generation never holds the next job hostage.
@@ -41,25 +51,37 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 
-#: (soft, hard) time limits per stage, seconds. The soft one raises inside the task and is
-#: reported in the `failed` callback; the hard one kills the pool child.
-STAGE_TIME_LIMITS_S = {
-    "wan.enhance": (120, 150),
-    "wan.enhance_prompt": (120, 150),
-    "wan.generate": (1_800, 1_900),
-    "wan.encode": (300, 330),
-    "wan.thumbnail": (60, 90),
-    "wan.upload": (300, 330),
-    "wan.callback": (60, 90),
+#: The stage whose time limits (settings `<STAGE>_SOFT_LIMIT_S`, HARD_LIMIT_GRACE_S) each task
+#: runs under. The soft one raises inside the task and is reported in the `failed` callback;
+#: the hard one kills the pool child.
+TASK_STAGES = {
+    "wan.enhance": "enhance",
+    "wan.enhance_prompt": "enhance",
+    "wan.generate": "generate",
+    "wan.encode": "encode",
+    "wan.thumbnail": "thumbnail",
+    "wan.upload": "upload",
+    "wan.callback": "callback",
 }
+_limits = get_settings().stage_time_limits()
+#: (soft, hard) time limits per task, seconds.
+STAGE_TIME_LIMITS_S = {name: _limits[stage] for name, stage in TASK_STAGES.items()}
 task_annotations = {
     name: {"soft_time_limit": soft, "time_limit": hard}
     for name, (soft, hard) in STAGE_TIME_LIMITS_S.items()
 }
-# Redis re-delivers an unacked message after this long: it must outlast the longest task,
-# or a healthy long generation would be handed to a second worker.
+# Redis hands an unacked message out again after this long (BROKER_VISIBILITY_TIMEOUT_S):
+# how soon the job of a worker killed whole runs again. It should outlast the longest
+# task; a shorter one still never runs a healthy stage twice (the stage lease in the job
+# record makes the second delivery wait), it only sends a duplicate. The sweep that hands
+# messages out runs every fifth of it (at most every 10 s) instead of kombu's 100 s.
+_visibility_timeout_s = get_settings().broker_visibility_timeout_s or 2 * max(
+    hard for _, hard in STAGE_TIME_LIMITS_S.values()
+)
 broker_transport_options = {
-    "visibility_timeout": 2 * max(hard for _, hard in STAGE_TIME_LIMITS_S.values())
+    "visibility_timeout": _visibility_timeout_s,
+    "unacked_restore_interval": max(1, min(10, _visibility_timeout_s // 5)),
+    "unacked_restore_throttle": 1,
 }
 
 # Visible in Flower: started state and events from workers and senders.

@@ -1,0 +1,47 @@
+"""Benchmarks: each module prints a table (`make bench` runs them all)."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from worker.local.platform import LocalPlatform
+from worker.local.stack import WORKERS_AND_BRIDGE, LocalStack, RedisServer
+from worker.records import JobRecords
+
+
+@dataclass(frozen=True)
+class TinyStack:
+    redis_url: str
+    platform: LocalPlatform
+    stack: LocalStack
+    records: JobRecords
+
+
+def tiny_stack(cleanup: ExitStack, workdir: Path, *, queue: str) -> TinyStack:
+    """A private Redis, LocalPlatform and the workers with the bridge on the tiny random WAN,
+    all stopped by `cleanup`; the jobs' platform list is `queue`."""
+    from worker.local.tiny_models import make_tiny_wan
+
+    server = RedisServer(workdir / "redis").start()
+    cleanup.callback(server.stop)
+    platform = cleanup.enter_context(LocalPlatform())
+    env = {
+        "REDIS_URL": server.url,
+        "PLATFORM_QUEUE": queue,
+        "WAN_MODEL_PATH": str(make_tiny_wan(workdir / "tiny-wan")),
+        "DEVICE": "cpu",
+        "STORAGE_BACKEND": "local",
+        "OUTPUT_DIR": str(workdir / "outputs"),
+        "SPOOL_DIR": str(workdir / "spool"),
+        **platform.worker_env(),
+        "HF_HUB_OFFLINE": "1",
+    }
+    stack = LocalStack(env, log_dir=workdir / "logs", names=WORKERS_AND_BRIDGE)
+    cleanup.callback(stack.stop)
+    stack.start()
+    records = JobRecords(redis.Redis.from_url(server.url), ttl_s=3600)
+    return TinyStack(server.url, platform, stack, records)

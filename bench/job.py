@@ -27,12 +27,11 @@ from pathlib import Path
 
 import av
 import numpy as np
-import redis
 from rich.console import Console
 from rich.table import Table
 
-from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import WORKERS_AND_BRIDGE, LocalStack, RedisServer
+from bench import tiny_stack
+from worker.local.platform import queue_body
 from worker.records import JobRecords
 
 JOBS = 10
@@ -85,30 +84,11 @@ def main() -> None:
     console = Console(width=110)
     workdir = Path(tempfile.mkdtemp(prefix="wan-bench-"))
     with ExitStack() as cleanup:
-        server = RedisServer(workdir / "redis").start()
-        cleanup.callback(server.stop)
+        tiny = tiny_stack(cleanup, workdir, queue=QUEUE)
+        stack, platform, records = tiny.stack, tiny.platform, tiny.records
+        client = records.redis
         # The media-stage run below sends Celery tasks from this process: same Redis.
-        os.environ["REDIS_URL"] = server.url
-        platform = cleanup.enter_context(LocalPlatform())
-
-        from worker.local.tiny_models import make_tiny_wan
-
-        env = {
-            "REDIS_URL": server.url,
-            "PLATFORM_QUEUE": QUEUE,
-            "WAN_MODEL_PATH": str(make_tiny_wan(workdir / "tiny-wan")),
-            "DEVICE": "cpu",
-            "STORAGE_BACKEND": "local",
-            "OUTPUT_DIR": str(workdir / "outputs"),
-            "SPOOL_DIR": str(workdir / "spool"),
-            **platform.worker_env(),
-            "HF_HUB_OFFLINE": "1",
-        }
-        stack = LocalStack(env, log_dir=workdir / "logs", names=WORKERS_AND_BRIDGE)
-        cleanup.callback(stack.stop)
-        stack.start()
-        client = redis.Redis.from_url(server.url)
-        records = JobRecords(client, ttl_s=3600)
+        os.environ["REDIS_URL"] = tiny.redis_url
 
         def run(job_type: str, config: dict) -> tuple[float, dict[str, float]]:
             """One job on an idle system: (RPUSH to generate start, stage seconds)."""
@@ -139,7 +119,7 @@ def main() -> None:
         frames = synthetic_frames()
         media_runs, bare_runs = [], []
         for _ in range(MEDIA_REPEATS):  # alternated, so drift in machine load hits both
-            media_runs.append(media_stages_s(records, frames, Path(env["SPOOL_DIR"])))
+            media_runs.append(media_stages_s(records, frames, workdir / "spool"))
             bare_runs.append(bare_encode_s(frames, workdir / "bare.mp4"))
         media_s, bare_s = statistics.median(media_runs), statistics.median(bare_runs)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +41,20 @@ def read_frames(path: Path) -> np.ndarray:
 
 def remove_job(spool_dir: Path, job_id: str) -> None:
     shutil.rmtree(job_dir(spool_dir, job_id), ignore_errors=True)
+
+
+def sweep_orphans(
+    spool_dir: Path, *, older_than_s: float, running: Callable[[str], bool]
+) -> list[str]:
+    """Remove job directories untouched for `older_than_s` whose job is not `running`;
+    the job ids removed. What a job that ended normally leaves is removed at its end;
+    this catches what a crash or a lost record left behind."""
+    if not spool_dir.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    removed = []
+    for path in sorted(spool_dir.iterdir()):
+        if path.is_dir() and path.stat().st_mtime < cutoff and not running(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import redis
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from media import spool
-from worker.errors import DeliveryFailed, JobCancelled, TransientError
+from worker.dead_letters import DeadLetters
+from worker.errors import (
+    DeliveryFailed,
+    JobCancelled,
+    StageTimedOut,
+    TooManyDeliveries,
+    TransientError,
+)
 from worker.job_control import finish_cancelled, raise_if_cancelled, send_final_callback
-from worker.records import get_records
-from worker.settings import get_settings
+from worker.observe.progress import Progress
+from worker.records import JobRecords, get_records
+from worker.settings import get_settings, soft_limit_setting
 
 log = get_task_logger(__name__)
 
@@ -24,9 +37,13 @@ NETWORK_RETRY = {"retry_backoff": 2, "retry_backoff_max": 300, "retry_jitter": T
 class StageTask(Task):
     """A stage of one job's chain; the first argument of every stage is the job id.
 
-    Each run notes its start and end in the job record. A stage that fails for good leaves
-    the record saying which stage failed and why, frees the job's spool, and sends the
-    `failed` callback. A cancelled job's stage stops before it starts.
+    Each run notes its start and end in the job record, and holds the stage's lease there
+    while it runs: a duplicate delivery waits, a delivery after the end skips the stage,
+    and one past MAX_DELIVERIES fails the job (`JobRecords.begin_stage`). A stage that fails
+    for good leaves the record saying which stage failed and why, frees the job's spool,
+    and sends the `failed` callback; past its soft time limit, the error is `StageTimedOut`
+    naming the stage, the limit and its setting. A cancelled job's stage stops before it
+    starts.
     """
 
     abstract = True
@@ -40,19 +57,45 @@ class StageTask(Task):
     throws = (JobCancelled,)
 
     def __call__(self, job_id: str, *args: Any, **kwargs: Any) -> Any:
-        records = get_records()
-        attempt = records.stage_started(job_id, self.stage)
-        log.info("job=%s stage %s started (delivery %d)", job_id, self.stage, attempt)
-        if self.cancellable:  # after the start is noted: a cancel sees this stage as started
-            raise_if_cancelled(records, job_id)
-        result = super().__call__(job_id, *args, **kwargs)
-        records.stage_finished(job_id, self.stage)
+        records, settings = get_records(), get_settings()
+        start = records.begin_stage(
+            job_id, self.stage, lease_s=settings.stage_lease_s,
+            max_deliveries=settings.max_deliveries,
+        )  # fmt: skip
+        if start.outcome == "done":
+            # Not Celery's Ignore: the run that finished may have died before it sent the
+            # next stage, so this delivery returns and the chain goes on; every later stage
+            # skips itself the same way if it ran already.
+            log.info("job=%s stage %s finished before: delivery skipped", job_id, self.stage)
+            return None
+        if start.outcome == "busy":
+            # Another live run holds the stage. This message may be the stage's only live
+            # one: Redis's visibility timeout moves a long-running message back to the queue,
+            # out of the unacknowledged set, so if the running worker died after this one
+            # were acked, nothing would deliver the stage again. Wait it out as a retry
+            # (neither a delivery nor a failure); the retry then finds `done` or a dead lease.
+            log.info("job=%s stage %s is running elsewhere: retry in %.0f s", job_id,
+                     self.stage, start.lease_left_s + 1)  # fmt: skip
+            raise self.retry(countdown=start.lease_left_s + 1, max_retries=None)
+        if start.outcome == "too_many":
+            raise TooManyDeliveries.of(self.stage, start.deliveries, settings.max_deliveries)
+        log.info("job=%s stage %s started (delivery %d)", job_id, self.stage, start.deliveries)
+        progress = Progress(records, job_id, task=self)  # skipped deliveries report nothing
+        progress.stage_started(self.stage)
+        with _leased(records, job_id, self.stage, settings.stage_lease_s):
+            if self.cancellable:  # after the start is noted: a cancel sees this stage started
+                raise_if_cancelled(records, job_id)
+            result = super().__call__(job_id, *args, **kwargs)
+            records.stage_finished(job_id, self.stage)
+        progress.stage_finished(self.stage)
         return result
 
     def on_failure(
         self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
     ) -> None:
         job_id = args[0]
+        if isinstance(exc, SoftTimeLimitExceeded):
+            exc = self.timed_out()
         spool.remove_job(get_settings().spool_dir, job_id)  # no later stage will read it
         if isinstance(exc, JobCancelled):
             log.info("job=%s cancelled at stage %s", job_id, self.stage)
@@ -64,7 +107,42 @@ class StageTask(Task):
             get_records().delivery_failed(job_id, stage=self.stage, error=exc)
             return
         get_records().fail(job_id, stage=self.stage, error=exc)
+        if isinstance(exc, TooManyDeliveries):
+            DeadLetters(get_records().redis).add(job_id)
         send_final_callback(job_id, "failed")
+
+    def timed_out(self) -> StageTimedOut:
+        """What the user reads when this stage ran past its soft time limit."""
+        soft_s, _ = get_settings().stage_time_limits()[self.stage]
+        return StageTimedOut(
+            f"{self.stage} ran past its soft time limit of {soft_s:g} s "
+            f"({soft_limit_setting(self.stage)})"
+        )
+
+
+@contextmanager
+def _leased(records: JobRecords, job_id: str, stage: str, lease_s: float) -> Iterator[None]:
+    """Keep this process's lease on the stage alive while the block runs (a daemon thread
+    renews it every third of the lease), and release it however the block ends: success,
+    failure, Celery retry or cancel. A killed process renews nothing: its lease runs out."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                if not records.renew_stage(job_id, stage, lease_s=lease_s):
+                    log.warning("job=%s stage %s: lease lost to another run", job_id, stage)
+                    return
+            except redis.RedisError as e:  # Redis restarting: try again at the next beat
+                log.warning("job=%s stage %s: lease not renewed: %s", job_id, stage, e)
+
+    heartbeat = threading.Thread(target=renew, name=f"lease-{stage}", daemon=True)
+    heartbeat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        records.release_stage(job_id, stage)
 
 
 class DeliveryTask(StageTask):

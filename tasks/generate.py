@@ -4,26 +4,31 @@ A job's references are downloaded here, before any GPU work and before `processi
 sent: a transient failure (timeout, connection error, 429, 5xx) retries this task with
 Celery's exponential backoff and jitter; a reference that is refused, undecodable or still
 failing after `REFERENCE_RETRIES` retries makes the job text-only, and the callback says why.
+Out of GPU memory, the generation runs again at a lower quality preset
+(`worker.generation.fallback`); `WAN_TEST_FAULT` can make any denoising step fail.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
+from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from media import references, spool
 from tasks.app import app
 from tasks.base import NETWORK_RETRY, StageTask
+from worker import faults
 from worker.callback import notify_processing
 from worker.errors import ReferenceUnusable, TransientError
 from worker.job_control import raise_if_cancelled
-from worker.jobs import SEED_MAX, Job
+from worker.jobs import SEED_MAX, Job, PresetName
 from worker.observe.loaded_models import LoadedModels
-from worker.observe.metrics import Metrics
+from worker.observe.metrics import QUALITY_DEGRADATIONS, Metrics
 from worker.observe.progress import Notify, Progress
 from worker.records import get_records
 from worker.settings import Settings, get_settings
@@ -31,7 +36,7 @@ from worker.settings import Settings, get_settings
 if TYPE_CHECKING:
     from PIL import Image
 
-    from worker.generation import Pipelines
+    from worker.generation import Pipelines, StepHook
 
 log = get_task_logger(__name__)
 
@@ -56,15 +61,19 @@ class GenerateTask(StageTask):
             type(self)._pipelines = Pipelines(get_settings())
         return self._pipelines
 
-    def note_loaded(self, settings: Settings) -> None:
-        """Tell /health which pipelines this child holds now (written when that changes)."""
+    def note_loaded(self, settings: Settings, hostname: str) -> None:
+        """Tell /health which pipelines this child holds now (written when that changes) and
+        the speed options they run with."""
+        from worker.generation import speed
+
         paths = {"t2v": settings.wan_model_path, "vace": settings.wan_vace_model_path,
                  "v2v": settings.wan_model_path}  # fmt: skip
         registry = LoadedModels(get_records().redis)
+        options = speed.in_force(settings, self.pipelines.device)
         for name in self.pipelines.loaded():
             if name not in self._noted:
-                registry.note(self.request.hostname, f"wan_{name}", path=str(paths[name]),
-                              loaded=True)  # fmt: skip
+                registry.note(hostname, f"wan_{name}", path=str(paths[name]), loaded=True,
+                              details={"speed_options": options})  # fmt: skip
                 self._noted.add(name)
 
     def references(self, job: Job, settings: Settings) -> tuple[dict[str, Image.Image], str | None]:
@@ -98,6 +107,15 @@ class GenerateTask(StageTask):
             ) from e
         return images, None
 
+    def on_failure(
+        self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
+    ) -> None:
+        """A failed generation (a time limit, out of memory) leaves no GPU cache behind."""
+        from worker.generation import gpu_memory
+
+        gpu_memory.free()
+        super().on_failure(exc, task_id, args, kwargs, einfo)
+
 
 def progress_callback(settings: Settings, job_id: str) -> Notify | None:
     """With PROGRESS_CALLBACKS, `processing` callbacks carrying the progress, sent from a
@@ -116,7 +134,8 @@ def progress_callback(settings: Settings, job_id: str) -> Notify | None:
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
 def generate(self: GenerateTask, job_id: str) -> None:
     from worker.generation import generate as run
-    from worker.generation import gpu_memory
+    from worker.generation import gpu_memory, speed
+    from worker.generation.fallback import generate_within_memory
     from worker.generation.load import vace_model_dir
     from worker.generation.provenance import describe
 
@@ -142,21 +161,37 @@ def generate(self: GenerateTask, job_id: str) -> None:
         notify_every_s=settings.progress_callback_every_s,
     )  # fmt: skip
 
-    def on_step(done: int, total: int) -> None:
-        progress.step("generate", done, total)
-        raise_if_cancelled(records, job_id)  # raised out of the pipeline: no VAE decode
+    def on_step(quality: PresetName) -> StepHook:
+        def step_done(done: int, total: int) -> None:
+            progress.step("generate", done, total)
+            raise_if_cancelled(records, job_id)  # raised out of the pipeline: no VAE decode
+            faults.hit(faults.step_point(done), job_id, preset=quality)
+
+        return step_done
+
+    def on_degrade(tried: PresetName, next_quality: PresetName) -> None:
+        Metrics(records.redis).count(QUALITY_DEGRADATIONS, tried, next_quality)
+        progress.stage_restarted(
+            "generate", f"out of GPU memory at quality {tried}: running again at {next_quality}"
+        )
 
     enhancement = record.value("enhancement") or {}
     job = job.model_copy(update={"prompt": enhancement.get("enhanced_prompt") or job.prompt})
-    generated = run(
-        self.pipelines,
+    job = speed.as_run(job, settings)  # a fast type may run on the turbo checkpoint
+    produced = generate_within_memory(
         job,
-        seed=seed,
-        references=images,
-        fallback_reason=fallback_reason,
-        on_step=on_step,
+        lambda run_as: run(
+            self.pipelines,
+            run_as,
+            seed=seed,
+            references=images,
+            fallback_reason=fallback_reason,
+            on_step=on_step(run_as.quality),
+        ),
+        on_degrade=on_degrade,
     )
-    self.note_loaded(settings)
+    generated, job = produced.generated, produced.job
+    self.note_loaded(settings, self.request.hostname)
     peak_mib = gpu_memory.report(Metrics(records.redis), self.request.hostname)
     frames = generated.frames
     path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
@@ -169,12 +204,40 @@ def generate(self: GenerateTask, job_id: str) -> None:
             "height": height,
             "frame_num": frame_num,
             "frames_path": str(path.resolve()),
+            "host": settings.worker_host,  # whose spool: the media stages go there
             "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
             "peak_gpu_memory_mib": peak_mib,
             "metadata": job.reference_notes | generated.metadata,
+            "asset_metadata": produced.asset_metadata(),
             "provenance": describe(
                 self.pipelines, job, seed=seed, wan_task=generated.metadata["wan_task"],
                 settings=settings,
             ),
         },
     )  # fmt: skip
+
+
+@worker_process_init.connect
+def warm_up(sender: str, **_: Any) -> None:
+    """WARMUP=1: this pool child loads the pipelines and runs one small generation before it
+    takes a job, so the first user job pays neither the load nor the compilation.
+
+    Why in `worker_process_init`: Celery writes jobs to a pool child only after the child
+    reports up, which it does when this signal's handlers have returned; so the warm-up runs
+    before any job, and again in every replacement child (after a crash or
+    max_tasks_per_child), in the process that keeps the model. The 4 s Celery allows here
+    is raised for WARMUP at start (`tasks.app.check_speed_options`). A warm-up task sent on
+    `worker_ready` could be taken by another GPU worker or wait behind queued jobs; a
+    bootstep runs in the parent, which must not touch CUDA before the fork.
+    """
+    settings = get_settings()
+    if not settings.warmup or "gpu" not in app.amqp.queues.consume_from:
+        return
+    from worker.generation import speed
+
+    started = time.perf_counter()
+    runs = speed.warm_up(generate.pipelines)
+    generate.note_loaded(settings, sender)
+    log.info("warm-up done in %.1f s: pipelines %s loaded, ran %s; taking jobs now",
+             time.perf_counter() - started, ", ".join(generate.pipelines.loaded()),
+             ", ".join(runs))  # fmt: skip

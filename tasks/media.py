@@ -16,6 +16,7 @@ from media.thumbnail import make_thumbnail, middle_frame
 from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
 from worker.callback import FINAL_BODIES, post_callback
+from worker.errors import FramesMissing
 from worker.jobs import BUCKET, FPS
 from worker.observe.logs import job_summary
 from worker.observe.metrics import JOBS, Metrics
@@ -31,7 +32,15 @@ CONTENT_TYPES = {"mp4": "video/mp4", "png": "image/png", "webp": "image/webp"}
 def _frames(job_id: str) -> tuple[JobRecord, np.ndarray]:
     """The job's record and its generated frames, from the spool of this host."""
     record = get_records().get(job_id)
-    return record, spool.read_frames(Path(record.value("generation")["frames_path"]))
+    generation = record.value("generation") or {}
+    path = Path(generation.get("frames_path", ""))
+    if not path.is_file():
+        here = get_settings().worker_host
+        raise FramesMissing(
+            f"the frames of job {job_id} are not in the spool of host {here} ({path}); "
+            f"they were written by host {generation.get('host')}: retry the job from generate"
+        )
+    return record, spool.read_frames(path)
 
 
 @cache

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,14 @@ def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wan_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LoRA for the tiny WAN in diffusers' Wan format: a stand-in distilled LoRA."""
+    from worker.local.tiny_models import make_tiny_wan_lora
+
+    return make_tiny_wan_lora(tmp_path_factory.mktemp("models") / "tiny-wan-lora")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.local.tiny_qwen import make_tiny_qwen
 
@@ -155,10 +164,24 @@ def idle_broker(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
     url = redis_server.url.removesuffix("/0") + "/1"
     app.conf.update(broker_url=url, result_backend=url)
+    # Producers an earlier test opened still point at the old broker: drop them, as
+    # Celery does in a forked child.
+    app._after_fork()
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield client
     client.flushdb()
+
+
+#: Celery's queues in a stack on this machine: DESIGN.md's three and the media worker's own
+#: `cpu.<WORKER_HOST>` (the hostname, unless a test sets WORKER_HOST).
+CELERY_QUEUES = ("enhance", "gpu", "cpu", f"cpu.{socket.gethostname()}")
+
+
+def settled(client: redis.Redis, platform_queue: str) -> bool:
+    """Nothing waits anywhere: not on the platform list, in a Celery queue, or unacked."""
+    waiting = [client.llen(queue) for queue in (platform_queue, *CELERY_QUEUES)]
+    return not any(waiting) and client.hlen("unacked") == 0
 
 
 def sent_job_ids(client: redis.Redis, queue: str) -> list[str]:

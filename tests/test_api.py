@@ -6,6 +6,8 @@ settings (no key, a dead Redis, registration) run as processes of their own.
 
 from __future__ import annotations
 
+import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +45,7 @@ def test_health_lists_the_workers_their_queues_and_the_queue_depths(
     health = response.json()
     assert health["status"] == "ok" and health["redis"] is True and health["worker"] == "wan"
     queues = {queue for worker in health["workers"].values() for queue in worker["queues"]}
-    assert queues == {"gpu", "enhance", "cpu"}
+    assert queues == {"gpu", "enhance", "cpu", f"cpu.{socket.gethostname()}"}  # + WORKER_HOST's
     assert set(health["queue_depths"]) == {"gpu", "enhance", "cpu", "platform"}
 
 
@@ -307,3 +309,34 @@ def test_with_the_platform_down_the_api_still_serves(
         platform.fail_next_registrations(0)
 
     assert health.status_code == 200
+
+
+def test_a_stack_whose_api_cannot_start_leaves_none_of_its_processes_behind(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Given the API's port is taken, so the API exits while the bridge started fine
+    marker = f"stack-{uuid.uuid4()}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = stack_env | {"API_PORT": str(taken.getsockname()[1]), "STACK_MARKER": marker}
+        local = LocalStack(env, log_dir=tmp_path, names=("bridge", "api"))
+
+        # When the stack is started
+        with pytest.raises(RuntimeError, match="api exited"):
+            local.start(timeout_s=60)
+
+    # Then the start failed naming the API, and no process of that stack is left running
+    assert processes_with(marker) == []
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids of this user's processes whose environment holds `marker`."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return pids

@@ -9,7 +9,6 @@ parked in `{queue}:rejected`, and nothing is left in the platform or processing 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import pytest
@@ -18,29 +17,17 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import new_job, sent_job_ids
+from tests.payloads import CONFIG_KEYS, FIELDS, json_values, usable_id
 from worker.bridge import Bridge, rejected_list
 from worker.records import JobRecords
 
 QUEUE = "fuzz_queue"
-#: CONTRACT/DESIGN: ids become keys and paths, so only these, matched on the whole string.
-USABLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=10,
-)
 odd_ids = st.one_of(
     st.uuids().map(str),
     st.sampled_from(["abc\n", "", "../x", "a/b", "x" * 129, "ok-id", "0", "-lead"]),
     json_values,
 )
-FIELDS = ("type", "job_type", "prompt", "user_id", "negative_prompt", "config", "metadata",
-          "video_id", "image_id", "quality")  # fmt: skip
-CONFIG_KEYS = ("resolution", "size", "frame_num", "num_inference_steps", "guidance_scale",
-               "seed", "enhance_prompt", "sample_shift", "denoise_strength")  # fmt: skip
 #: Items that once killed the bridge or nearly did.
 POISON = (
     b"1" * 5_000,
@@ -77,20 +64,6 @@ items = st.lists(
     min_size=1,
     max_size=5,
 )
-
-
-def usable_id(raw: bytes) -> str | None:
-    """The id a correct bridge can answer: from UTF-8 JSON, either body shape (CONTRACT 1)."""
-    try:
-        body = json.loads(raw.decode())
-        if isinstance(body, list) and len(body) == 1 and isinstance(body[0], str):
-            body = json.loads(body[0])
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(body, dict):
-        return None
-    job_id = body.get("id") or body.get("job_id")
-    return job_id if isinstance(job_id, str) and USABLE_ID.fullmatch(job_id) else None
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+FLEET_FILE = ROOT / "docker-compose.fleet.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
 #: DESIGN.md's process table, with `-l INFO` added to the Celery workers.
@@ -52,6 +53,7 @@ CONFIG_NAMES = frozenset(
         "API_PORT",
         "PUBLIC_URL",
         "REFERENCE_ALLOWED_HOSTS",
+        "WORKER_HOST",
     }
 )
 #: Not settings of ours, but read by the libraries and CUDA.
@@ -70,8 +72,8 @@ SECRET_NAMES = (
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _load_compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+def _load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert isinstance(data, dict) and isinstance(data.get("services"), dict), data
     return data
 
@@ -197,6 +199,7 @@ def test_redis_keeps_its_data_and_reports_health(compose, services):
     redis = services["redis"]
     assert str(redis["image"]).startswith("redis:7")
     assert "--appendonly yes" in _command(redis)
+    assert "--appendfsync everysec" in _command(redis)
     test = redis["healthcheck"]["test"]
     assert "redis-cli ping" in (" ".join(test) if isinstance(test, list) else test)
     data = [m for m in _mounts(redis) if m["target"] == "/data"]
@@ -252,16 +255,18 @@ def test_generation_and_media_workers_share_the_spool(compose, services):
     assert spools["gpu"][0] in (compose.get("volumes") or {})
 
 
-def test_the_processes_of_a_host_share_one_hostname_that_outlives_their_containers(services):
-    # The bridge keeps the items in hand in `{queue}:processing:<hostname>` and recovers
-    # only that list at start: with Docker's default hostname (the container id) a
-    # recreated bridge container would never see what its predecessor left there. The
-    # workers' node names (`gpu@%h`, `cpu@%h`) then name the host in Flower. Routing the
-    # media stages to `cpu.<hostname>` (DESIGN.md) is not done yet: not checked here.
-    hostnames = {name: services[name].get("hostname") for name in ("bridge", "gpu", "cpu")}
-    assert hostnames["bridge"], "the bridge has no explicit hostname"
-    assert "{{" not in hostnames["bridge"], "a Go template would change with the container"
-    assert set(hostnames.values()) == {hostnames["bridge"]}, hostnames
+def test_the_processes_of_a_host_share_one_worker_host_that_outlives_their_containers(
+    services,
+):
+    # The media stages go to `cpu.<WORKER_HOST>` of the generating worker: the gpu and cpu
+    # containers must agree on it, and its default (the hostname) is the container id in
+    # Docker. The bridge keeps the items in hand in `{queue}:processing:<WORKER_HOST>` and
+    # recovers only that list at start: a recreated container must see its predecessor's.
+    hosts = {name: _environment(services[name]).get("WORKER_HOST") for name in ("bridge", "gpu",
+             "enhance", "cpu")}  # fmt: skip
+    assert hosts["gpu"], "WORKER_HOST is not set"
+    assert "{{" not in hosts["gpu"], "a Go template would change with the container"
+    assert set(hosts.values()) == {hosts["gpu"]}, hosts
 
 
 def test_the_api_publishes_7860_needs_a_key_and_checks_its_health(services):
@@ -349,3 +354,80 @@ def test_dockerfile_copies_every_package_of_the_repo():
     ]
     for name in [*packages, "tasks", "worker", "enhancement", "media", "celeryconfig.py"]:
         assert re.search(rf"(^|\s){re.escape(name)}/?(\s|$)", copied), f"{name} not copied"
+
+
+# --- a fleet: docker-compose.fleet.yml, run on every host ------------------------------
+
+#: The process table's commands; a generation worker's node is named after its card.
+FLEET_COMMANDS = {
+    "gpu": re.compile(r"celery -A tasks worker -Q gpu -P prefork -c 1 -n gpu(\d+)@%h -l INFO"),
+    **{name: re.compile(re.escape(command)) for name, command in PROCESS_COMMANDS.items()
+       if name != "gpu"},
+}  # fmt: skip
+#: The services of the one hub host; every other host runs the rest.
+HUB_SERVICES = {"redis", "enhance", "bridge", "api", "flower"}
+
+
+@pytest.fixture(scope="module")
+def fleet() -> dict[str, dict[str, Any]]:
+    return _load_compose(FLEET_FILE)["services"]
+
+
+def _role(service: dict[str, Any]) -> str | None:
+    """Which process of the table a service runs (None for redis)."""
+    command = _command(service)
+    return next((name for name, rx in FLEET_COMMANDS.items() if rx.fullmatch(command)), None)
+
+
+def test_every_fleet_service_runs_a_process_of_the_table(fleet):
+    for name, service in fleet.items():
+        assert name == "redis" or _role(service) is not None, (name, _command(service))
+
+
+def test_each_generation_worker_of_a_fleet_host_pins_one_distinct_gpu(fleet):
+    generation = {name: s for name, s in fleet.items() if _role(s) == "gpu"}
+    assert len(generation) >= 2, "the fleet file shows the pattern for at least two cards"
+    pinned = {}
+    for name, service in generation.items():
+        device = _environment(service).get("CUDA_VISIBLE_DEVICES")
+        assert device is not None and re.fullmatch(r"\d+", device), (name, device)
+        [reservation] = _gpu_reservations(service)
+        assert reservation.get("device_ids") == [device], (name, reservation)
+        node = re.search(r"-n gpu(\d+)@%h", _command(service))[1]
+        assert name == f"gpu{device}" and node == device, (name, node, device)
+        pinned[name] = device
+    assert len(set(pinned.values())) == len(pinned), pinned
+
+
+def test_every_worker_of_a_fleet_host_shares_one_required_worker_host_and_one_spool(fleet):
+    with_host = {name: _environment(s).get("WORKER_HOST") for name, s in fleet.items()
+                 if name not in ("redis", "flower")}  # fmt: skip
+    assert set(with_host.values()) == {with_host["cpu"]}, with_host
+    assert with_host["cpu"].startswith("${WORKER_HOST:?"), "WORKER_HOST must be required"
+    spools = set()
+    for name, service in fleet.items():
+        if _role(service) in ("gpu", "cpu"):
+            spool_dir = _environment(service)["SPOOL_DIR"]
+            [mount] = [m for m in _mounts(service) if m["target"] == spool_dir]
+            assert mount["type"] == "volume", f"{name}: the spool is this host's volume"
+            spools.add((mount["source"], spool_dir))
+    assert len(spools) == 1, spools
+
+
+def test_a_fleet_host_runs_one_media_worker_and_the_hub_alone_runs_redis_with_aof(fleet):
+    media = [name for name, s in fleet.items() if _role(s) == "cpu"]
+    assert media == ["cpu"] and not fleet["cpu"].get("profiles"), media
+    hub = {name for name, s in fleet.items() if "hub" in (s.get("profiles") or [])}
+    assert hub == HUB_SERVICES, hub
+    redis = _command(fleet["redis"])
+    assert "--appendonly yes" in redis and "--requirepass ${REDIS_PASSWORD:?" in redis
+    assert _environment(fleet["cpu"])["REDIS_URL"].startswith("${REDIS_URL:?")
+
+
+def test_the_fleet_file_writes_no_secret(fleet):
+    for name, service in fleet.items():
+        env = _environment(service)
+        for secret in (*SECRET_NAMES, "REDIS_URL"):
+            if env.get(secret) is not None:
+                assert re.fullmatch(rf"\$\{{{secret}:\?[^}}]*\}}", env[secret]), (name, secret)
+    assert not re.search(r"eyJ[\w-]{10,}|sb_secret_", FLEET_FILE.read_text(encoding="utf-8"))

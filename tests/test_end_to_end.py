@@ -85,6 +85,7 @@ def test_video_job_arrives_as_a_faststart_mp4_with_processing_then_completed(
         "height": 384,
         "frame_num": 9,
         "fps": 16,
+        "quality_used": "fast",
     }
     metadata = body["metadata"]
     assert metadata["job_type"] == "video_fast"
@@ -129,6 +130,7 @@ def test_image_job_arrives_as_a_png_of_the_requested_size(
         "width": 384,
         "height": 256,
         "frame_num": 1,
+        "quality_used": "high",
     }
     assert body["metadata"]["content_type"] == "image"
     assert body["metadata"]["job_type"] == "image_high"

@@ -186,6 +186,7 @@ def test_a_generation_killed_mid_way_runs_again_with_the_seed_chosen_the_first_t
 
     wait_until(denoising, timeout_s=JOB_TIMEOUT_S, what="denoising", interval_s=0.01)
     first_seed = records.get(job["id"]).value("seed")
+    loads_before = fault_stack.log("gpu").count("WAN pipeline loaded")
 
     # When the generation worker's pool child is killed in the middle of it
     [child] = fault_stack.pids("gpu")[1:]
@@ -198,3 +199,7 @@ def test_a_generation_killed_mid_way_runs_again_with_the_seed_chosen_the_first_t
     assert records.get(job["id"]).fields["attempts:generate"] == "2"
     assert isinstance(first_seed, int)
     assert body["assets"][0]["metadata"]["seed"] == first_seed
+    # ... once, and only the new pool child loaded the model again
+    finals = [c.body["status"] for c in platform.callbacks_for(job["id"])]
+    assert finals.count("completed") == 1 and "failed" not in finals
+    assert fault_stack.log("gpu").count("WAN pipeline loaded") == loads_before + 1

@@ -50,6 +50,14 @@ def test_a_completed_callback_carries_the_provenance_of_its_result(
         "negative_prompt": "blurry",
         "dtype": "float32",
         "device": "cpu",
-        "speed_options": {},
+        "speed_options": {  # the defaults, on CPU
+            "attention_backend": "native",
+            "torch_compile": "off",
+            "cache": "none",
+            "vae_tiling": False,
+            "offload": "none",
+            "quantize": "none",
+        },
+        "turbo": False,
         "worker_version": worker.__version__,
     }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import socket
+import sys
 import threading
 from contextlib import nullcontext
 from datetime import UTC, datetime
@@ -25,9 +25,10 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
-from worker.dispatch import reject, seen_before, submit
+from worker import faults
+from worker.dispatch import mark_dispatched, reject, seen_before, send
 from worker.errors import InvalidJob
-from worker.jobs import decode_body, job_id_of, parse_job
+from worker.jobs import Job, decode_body, job_id_of, parse_job
 from worker.observe.logs import job_scope
 from worker.records import JobRecords, get_records
 from worker.settings import Settings, get_settings
@@ -53,8 +54,9 @@ OUTAGES = (
 
 
 def processing_list(queue: str) -> str:
-    """One processing list per host, so a restarting bridge recovers only its own items."""
-    return f"{queue}:processing:{socket.gethostname()}"
+    """One processing list per host (WORKER_HOST), so a restarting bridge recovers only its
+    own items, and bridges on several hosts never take back each other's."""
+    return f"{queue}:processing:{get_settings().worker_host}"
 
 
 def rejected_list(queue: str) -> str:
@@ -125,12 +127,20 @@ class Bridge:
                 raise InvalidJob("id", "missing, or not 1-128 letters, digits, '-' or '_'")
             with job_scope(job_id=job_id, stage="bridge"):
                 if not seen_before(self.records, job_id):
-                    submit(self.records, parse_job(body), payload=_text(raw))
+                    self.dispatch(parse_job(body), payload=_text(raw))
         except OUTAGES:
             raise
         except Exception as e:  # the broad catch at the loop's edge: one item, never the list
             with job_scope(job_id=job_id, stage="bridge") if job_id else nullcontext():
                 self.refuse(raw, job_id, body, e)
+
+    def dispatch(self, job: Job, *, payload: str) -> None:
+        """Send a claimed job's chain and mark it; the test faults strike on either side of
+        the send, where a bridge that dies leaves a claim it cannot tell was sent or not."""
+        faults.hit("bridge_taken", job.id)
+        send(self.records, job, payload=payload)
+        faults.hit("bridge_sent", job.id)
+        mark_dispatched(self.records, job)
 
     def refuse(
         self, raw: bytes, job_id: str | None, body: dict[str, Any], error: Exception
@@ -187,6 +197,10 @@ def main() -> None:
     """`python -m worker bridge`: serve until SIGTERM or Ctrl-C."""
     import signal
 
+    try:
+        faults.rules()
+    except ValueError as e:  # a typo must not pass for a fault that never fires
+        sys.exit(f"bridge not started: {e}")
     bridge = make_bridge(get_settings())
     signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
     try:

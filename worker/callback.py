@@ -37,6 +37,9 @@ def completed_body(record: JobRecord) -> dict[str, Any]:
     }
     if job.type.is_video:
         asset_metadata |= {"duration_seconds": output["duration_seconds"], "fps": output["fps"]}
+    # the quality preset that produced it: quality_used, and degraded_from after running out
+    # of GPU memory at the job's own
+    asset_metadata |= generation.get("asset_metadata", {})
     metadata = {
         "generation_time": timings.get("generate"),
         "job_type": job.type.value,

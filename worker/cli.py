@@ -65,7 +65,8 @@ def list_(status: str | None, limit: int, as_json: bool) -> None:
 @as_json
 @click.pass_context
 def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
-    """One job: status, stage timings and attempts, error, callbacks sent."""
+    """One job: status, stage timings, attempts and deliveries, who runs it, error,
+    callbacks sent."""
     record = get_records().get(job_id)
     if not record.fields:
         click.echo(f"no job {job_id}", err=True)
@@ -94,10 +95,14 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
         if value is not None:
             about.add_row(name, str(value))
     console.print(about)
-    stages = Table("stage", "attempts", "started", "seconds", title="stages")
+    stages = Table("stage", "attempts", "deliveries", "started", "seconds", "host", "run by",
+                   title="stages")  # fmt: skip
+    owners = {lease.stage: f"{lease.owner} until {_when(lease.until)}" for lease in view.leases}
     for stage, timing in view.timings.items():
         seconds = "running" if timing.seconds is None else f"{timing.seconds:.2f}"
-        stages.add_row(stage, str(view.attempts[stage]), _when(timing.started_at), seconds)
+        stages.add_row(stage, str(view.attempts[stage]), str(view.deliveries[stage]),
+                       _when(timing.started_at), seconds, view.hosts.get(stage),
+                       owners.get(stage))  # fmt: skip
     console.print(stages)
     callbacks = Table("callback", "accepted by the platform", title="callbacks sent")
     for status, at in sorted(view.callbacks.items(), key=lambda item: item[1]):

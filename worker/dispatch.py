@@ -35,13 +35,23 @@ def seen_before(records: JobRecords, job_id: str) -> bool:
 
 
 def submit(records: JobRecords, job: Job, *, payload: str) -> None:
-    """Write the record of a claimed job and send its chain."""
+    """Write the record of a claimed job, send its chain and mark it dispatched."""
+    send(records, job, payload=payload)
+    mark_dispatched(records, job)
+
+
+def send(records: JobRecords, job: Job, *, payload: str) -> None:
+    """Write the record of a claimed job and send its chain (not yet marked dispatched)."""
     from tasks import build_chain  # Celery's app is needed only once a job arrives
 
     if job.frames != job.frames_requested:
         log.info("job=%s frames %d normalised to %d", job.id, job.frames_requested, job.frames)
     records.create(job, payload=payload)
     build_chain(job.id).apply_async()
+
+
+def mark_dispatched(records: JobRecords, job: Job) -> None:
+    """Close the claim: from now on the job id starts nothing new."""
     records.mark_dispatched(job.id)
     log.info("job=%s %s dispatched", job.id, job.type.value)
 

@@ -39,6 +39,32 @@ class JobCancelled(JobError):
     """The job was cancelled: it stops where it is and reports `cancelled`; never retried."""
 
 
+class StageTimedOut(JobError):
+    """A stage ran past its soft time limit: the job fails naming the stage, limit and setting."""
+
+
+class FramesMissing(JobError):
+    """A media stage found no frames in this host's spool (freed, or written on another
+    host): the job fails naming both hosts; a retry from generate makes them again."""
+
+
+class OutOfGpuMemory(JobError):
+    """Generation ran out of GPU memory at every preset it was allowed to try."""
+
+
+class TooManyDeliveries(JobError):
+    """A stage whose worker died under it MAX_DELIVERIES times (a poison job): failed and
+    dead-lettered instead of killing every worker that takes it."""
+
+    @classmethod
+    def of(cls, stage: str, deliveries: int, max_deliveries: int) -> TooManyDeliveries:
+        """Built from its message alone, so Celery can pickle it back and forth."""
+        return cls(
+            f"{stage} was delivered {deliveries} times (MAX_DELIVERIES={max_deliveries}): "
+            "its worker died each time"
+        )
+
+
 class DeliveryRejected(JobError):
     """The platform refused a request for good (a 3xx or a 4xx other than 429)."""
 

@@ -69,8 +69,12 @@ STAGE_OUTPUTS = {
     "callback": ("final_callback",),
 }
 DELIVERY_ERROR_FIELDS = ("delivery_error", "delivery_error_stage", "delivery_error_type")
-#: Per-stage fields of the record (`attempts:generate`, ...).
-STAGE_BOOKKEEPING = ("attempts", "started", "finished", "first_started")
+#: Per-stage fields of the record (`attempts:generate`, ...): a retried stage starts afresh,
+#: its deliveries and lease included.
+STAGE_BOOKKEEPING = (
+    "attempts", "started", "finished", "first_started",
+    "deliveries", "lease", "lease_until", "lease_pidns", "handed_back", "host",
+)  # fmt: skip
 #: What says how a job ended; a retry clears it (the job's history stays in `retries`).
 OUTCOME_FIELDS = (
     "error", "error_stage", "error_type", *DELIVERY_ERROR_FIELDS,

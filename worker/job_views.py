@@ -23,6 +23,14 @@ class StageTiming(BaseModel):
     seconds: float | None
 
 
+class StageLease(BaseModel):
+    """Who runs a stage now (`hostname:pid`), and until when unless it renews the lease."""
+
+    stage: str
+    owner: str
+    until: float
+
+
 class JobError(BaseModel):
     message: str
     type: str | None
@@ -43,7 +51,14 @@ class JobView(BaseModel):
     status: str | None
     stage: str | None
     created_at: float | None
+    #: Starts of each stage, Celery's retries of network stages included.
     attempts: dict[str, int]
+    #: Deliveries of each stage: 1, plus one per worker that died running it.
+    deliveries: dict[str, int]
+    #: The WORKER_HOST that ran each stage (its latest delivery).
+    hosts: dict[str, str]
+    #: The leases of stages running now.
+    leases: list[StageLease]
     timings: dict[str, StageTiming]
     #: The latest progress event (`stage`, `step`, `total_steps`, `percent`, ...), or the
     #: `final` one; GET /jobs/{id}/events streams them all.
@@ -106,6 +121,17 @@ def job_view(record: JobRecord) -> JobView:
         stage=fields.get("stage") or None,
         created_at=_float_or_none(fields.get("claimed_at")),
         attempts={stage: int(fields.get(f"attempts:{stage}", 0)) for stage in stages},
+        deliveries={stage: int(fields.get(f"deliveries:{stage}", 0)) for stage in stages},
+        hosts={stage: host for stage in stages if (host := record.host(stage)) is not None},
+        leases=[
+            StageLease(
+                stage=stage,
+                owner=fields[f"lease:{stage}"],
+                until=float(fields[f"lease_until:{stage}"]),
+            )
+            for stage in stages
+            if f"lease:{stage}" in fields
+        ],  # fmt: skip
         timings=timings,
         progress=record.value("progress"),
         error=_error(fields, "error"),

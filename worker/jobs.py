@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from worker.errors import InvalidJob
 
@@ -72,11 +72,14 @@ class Preset:
     guidance: float
 
 
-PRESETS: dict[str, Preset] = {
+PresetName = Literal["fast", "balanced", "high"]
+PRESETS: dict[PresetName, Preset] = {
     "fast": Preset(steps=25, guidance=6.5),
     "balanced": Preset(steps=35, guidance=7.0),
     "high": Preset(steps=50, guidance=7.5),
 }
+#: Out of GPU memory at one preset, generation runs again at the next one (CONTRACT.md §2).
+DEGRADATION_ORDER: tuple[PresetName, ...] = ("high", "balanced", "fast")
 
 
 class JobType(StrEnum):
@@ -108,13 +111,14 @@ class JobType(StrEnum):
         return "high" if "_high" in self.value else "fast"
 
     @property
-    def preset(self) -> Preset:
-        return PRESETS[self.quality]
-
-    @property
     def default_frames(self) -> int:
         """What the platform asks for: 83 for video (81 after normalisation), 1 for images."""
         return 83 if self.is_video else 1
+
+
+def presets_from(quality: PresetName) -> tuple[PresetName, ...]:
+    """The preset a job runs at, then each lower one it may fall back to, in order."""
+    return DEGRADATION_ORDER[DEGRADATION_ORDER.index(quality) :]
 
 
 class Job(BaseModel):
@@ -128,8 +132,16 @@ class Job(BaseModel):
     prompt: str
     negative_prompt: str = ""
     seed: int | None = None
+    #: The quality preset the job runs at: its `quality`, else its type's.
+    quality: PresetName
     steps: int
     guidance: float
+    #: Steps and guidance that do not follow the preset: the job's own (config), or exact
+    #: copy's guidance cap. They are kept when generation falls back to a lower preset.
+    own_steps: int | None = None
+    own_guidance: float | None = None
+    #: Runs on the distilled checkpoint (its steps, guidance 1.0): see generation/speed.py.
+    turbo: bool = False
     shift: float = DEFAULT_SHIFT
     width: int = DEFAULT_WIDTH_PX
     height: int = DEFAULT_HEIGHT_PX
@@ -148,9 +160,28 @@ class Job(BaseModel):
     image_id: str | None = None
     metadata: dict[str, Any] = {}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _quality_of_older_records(cls, data: Any) -> Any:
+        """A job recorded before `quality` was kept runs at its type's preset."""
+        if isinstance(data, dict) and "quality" not in data and "type" in data:
+            return data | {"quality": JobType(data["type"]).quality}
+        return data
+
     @property
     def content_type(self) -> Literal["video", "image"]:
         return self.type.content_type
+
+    def at_preset(self, quality: PresetName) -> Job:
+        """This job run at another preset: its steps and guidance, unless it named its own."""
+        preset = PRESETS[quality]
+        return self.model_copy(
+            update={
+                "quality": quality,
+                "steps": preset.steps if self.own_steps is None else self.own_steps,
+                "guidance": preset.guidance if self.own_guidance is None else self.own_guidance,
+            }
+        )
 
     @property
     def extension(self) -> str:
@@ -225,9 +256,10 @@ def parse_job(body: dict[str, Any]) -> Job:
             f"{len(negative_prompt)} characters is over the limit of {PROMPT_MAX_CHARS}",
         )
 
-    preset = _preset(body, job_type)
+    quality = _quality(body, job_type)
+    preset = PRESETS[quality]
     steps = _int_in(config, ("num_inference_steps", "sample_steps"), STEPS_MIN, STEPS_MAX)
-    guidance = _float_in(
+    own_guidance = _float_in(
         config, ("guidance_scale", "sample_guide_scale"), GUIDANCE_MIN, GUIDANCE_MAX
     )
     shift = _float_in(config, ("sample_shift",), SHIFT_MIN, SHIFT_MAX)
@@ -238,12 +270,12 @@ def parse_job(body: dict[str, Any]) -> Job:
     elif not job_type.is_video and frames_requested != 1:
         raise InvalidJob("config.frame_num", f"image jobs make 1 frame, got {frames_requested}")
     references = _references(config, metadata)
-    guidance = guidance if guidance is not None else preset.guidance
+    guidance = own_guidance if own_guidance is not None else preset.guidance
     if references.exact_copy:
         references.notes["exact_copy_mode"] = True
         if guidance > EXACT_COPY_MAX_GUIDANCE:
             references.notes["exact_copy_guidance_clamped_from"] = guidance
-            guidance = EXACT_COPY_MAX_GUIDANCE
+            guidance = own_guidance = EXACT_COPY_MAX_GUIDANCE
 
     return Job(
         id=job_id,
@@ -252,8 +284,11 @@ def parse_job(body: dict[str, Any]) -> Job:
         prompt=prompt,
         negative_prompt=negative_prompt,
         seed=_seed(config),
+        quality=quality,
         steps=steps if steps is not None else preset.steps,
         guidance=guidance,
+        own_steps=steps,
+        own_guidance=own_guidance,
         shift=shift if shift is not None else DEFAULT_SHIFT,
         width=width,
         height=height,
@@ -307,14 +342,14 @@ def _job_type(body: dict[str, Any]) -> JobType:
         raise InvalidJob("type", f"unknown job type {name!r}; known: {known}") from None
 
 
-def _preset(body: dict[str, Any], job_type: JobType) -> Preset:
+def _quality(body: dict[str, Any], job_type: JobType) -> PresetName:
     """A named `quality` overrides the type's preset; config values override both."""
     quality = body.get("quality")
     if quality is None:
-        return job_type.preset
+        return job_type.quality
     if not isinstance(quality, str) or quality not in PRESETS:
         raise InvalidJob("quality", f"unknown preset {quality!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[quality]
+    return quality  # type: ignore[return-value]  # one of PRESETS' keys
 
 
 def _first(config: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 import redis
@@ -35,6 +36,8 @@ FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 CLAIM_LEASE_S = 300
 
 Claim = Literal["claimed", "dispatched", "held"]
+#: What a stage's start finds; see `JobRecords.begin_stage`.
+StageStart = Literal["run", "done", "busy", "too_many"]
 
 #: Atomically: a dispatched job stays dispatched; a claim of another owner whose lease runs
 #: is left alone; otherwise the caller holds the claim for the lease from Redis's own clock
@@ -56,6 +59,99 @@ return 'claimed'
 """
 
 
+#: Atomically, on Redis's clock: decide what a stage's start does (`JobRecords.begin_stage`).
+#: KEYS: the record; ARGV: stage, owner, lease seconds, record TTL, MAX_DELIVERIES, the
+#: lease owner known dead ('' if none), this process's pid namespace, its WORKER_HOST.
+#: Returns {outcome, deliveries, seconds left of a live lease}.
+_BEGIN_STAGE_SCRIPT = """
+local stage = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], 'finished:' .. stage) == 1 then return {'done', '0', '0'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local owner = redis.call('HGET', KEYS[1], 'lease:' .. stage)
+local deliveries = tonumber(redis.call('HGET', KEYS[1], 'deliveries:' .. stage) or '0')
+if owner and owner ~= ARGV[2] then
+  local expires = tonumber(redis.call('HGET', KEYS[1], 'lease_until:' .. stage) or '0')
+  if owner ~= ARGV[6] and now < expires then
+    return {'busy', tostring(deliveries), string.format('%.3f', expires - now)}
+  end
+  deliveries = deliveries + 1
+end
+deliveries = math.max(deliveries, 1)
+redis.call('HSET', KEYS[1], 'deliveries:' .. stage, deliveries)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if deliveries > tonumber(ARGV[5]) then
+  redis.call('HDEL', KEYS[1], 'lease:' .. stage, 'lease_until:' .. stage, 'lease_pidns:' .. stage)
+  return {'too_many', tostring(deliveries), '0'}
+end
+local at = string.format('%.6f', now)
+redis.call('HSET', KEYS[1], 'lease:' .. stage, ARGV[2],
+           'lease_until:' .. stage, string.format('%.6f', now + tonumber(ARGV[3])),
+           'lease_pidns:' .. stage, ARGV[7], 'stage', stage, 'started:' .. stage, at,
+           'host:' .. stage, ARGV[8])
+redis.call('HINCRBY', KEYS[1], 'attempts:' .. stage, 1)
+redis.call('HSETNX', KEYS[1], 'first_started:' .. stage, at)
+return {'run', tostring(deliveries), '0'}
+"""
+
+#: Atomically: extend the lease if the owner still holds it. KEYS: the record; ARGV: stage,
+#: owner, lease seconds. 1 if renewed, 0 if the lease is gone (taken over).
+_RENEW_STAGE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'lease:' .. ARGV[1]) ~= ARGV[2] then return 0 end
+local t = redis.call('TIME')
+local until_ = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'lease_until:' .. ARGV[1], string.format('%.6f', until_))
+return 1
+"""
+
+#: Atomically: drop the lease if the owner still holds it, and note why in `<note>:<stage>`
+#: when a note is given. KEYS: the record; ARGV: stage, owner, note ('' for none).
+_RELEASE_STAGE_SCRIPT = """
+local stage = ARGV[1]
+if redis.call('HGET', KEYS[1], 'lease:' .. stage) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'lease:' .. stage, 'lease_until:' .. stage, 'lease_pidns:' .. stage)
+if ARGV[3] ~= '' then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], ARGV[3] .. ':' .. stage,
+             string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6))
+end
+return 1
+"""
+
+
+def lease_owner(pid: int | None = None) -> str:
+    """`hostname:pid` of the process running a stage (this one by default)."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def _pid_namespace() -> str:
+    """Which pids this process sees: containers sharing a hostname (compose gives the gpu
+    and cpu containers one) do not see each other's pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _process_gone(pid: int) -> bool:
+    """No such process here, or only its zombie (whose parent died before reaping it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What `JobRecords.begin_stage` decided, with the stage's deliveries so far."""
+
+    outcome: StageStart
+    deliveries: int
+    #: Seconds the live lease of another owner still runs (`busy` only).
+    lease_left_s: float
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """A snapshot of one record, with typed views of its text fields."""
@@ -75,6 +171,10 @@ class JobRecord:
         """A field written by `JobRecords.update`, decoded from JSON; None when absent."""
         text = self.fields.get(name)
         return None if text is None else json.loads(text)
+
+    def host(self, stage: str) -> str | None:
+        """The WORKER_HOST that runs or ran the stage's latest delivery."""
+        return self.fields.get(f"host:{stage}")
 
     def first_started(self, stage: str) -> float | None:
         """When the stage's first delivery started (retries and redeliveries keep it)."""
@@ -117,6 +217,9 @@ class JobRecords:
         self._owner = owner
         self.claim_lease_s = claim_lease_s
         self._claim = client.register_script(_CLAIM_SCRIPT)
+        self._begin_stage = client.register_script(_BEGIN_STAGE_SCRIPT)
+        self._renew_stage = client.register_script(_RENEW_STAGE_SCRIPT)
+        self._release_stage = client.register_script(_RELEASE_STAGE_SCRIPT)
 
     @property
     def owner(self) -> str:
@@ -206,19 +309,54 @@ class JobRecords:
             stage="",
         )
 
-    def stage_started(self, job_id: str, stage: str) -> int:
-        """Note a stage's start; returns how many times it has started (deliveries)."""
-        now = repr(time.time())
-        with self.redis.pipeline() as pipe:
-            pipe.hincrby(self.key(job_id), f"attempts:{stage}", 1)
-            pipe.hset(self.key(job_id), mapping={"stage": stage, f"started:{stage}": now})
-            pipe.hsetnx(self.key(job_id), f"first_started:{stage}", now)
-            pipe.expire(self.key(job_id), self.ttl_s)
-            attempts, *_ = pipe.execute()
-        return int(attempts)
+    def begin_stage(
+        self, job_id: str, stage: str, *, lease_s: float, max_deliveries: int
+    ) -> StageRun:
+        """Decide whether this process runs the stage now, and if so take its lease.
+
+        - `run`: no lease, or one whose owner died (expired, or a process gone from this
+          host, e.g. a killed pool child); a dead owner's lease counts one more delivery.
+          The lease is this process's until `release_stage` or `lease_s` without renewal;
+          `host:<stage>` says which WORKER_HOST runs (ran) it.
+        - `done`: the stage finished before; nothing is changed.
+        - `busy`: another owner's live lease: a duplicate delivery, not counted.
+        - `too_many`: this would be delivery MAX_DELIVERIES + 1.
+
+        A lease released on purpose (success, failure, retry, hand-back) counts nothing.
+        """
+        key = self.key(job_id)
+        held, pidns = self.redis.hmget(key, f"lease:{stage}", f"lease_pidns:{stage}")
+        dead = ""
+        if held is not None and pidns is not None and pidns.decode() == _pid_namespace():
+            host, _, pid = held.decode().rpartition(":")
+            if host == socket.gethostname() and _process_gone(int(pid)):
+                dead = held.decode()
+        outcome, deliveries, left_s = self._begin_stage(
+            keys=[key],
+            args=[stage, lease_owner(), lease_s, self.ttl_s, max_deliveries, dead,
+                  _pid_namespace(), get_settings().worker_host],
+        )  # fmt: skip
+        return StageRun(outcome.decode(), int(deliveries), float(left_s))
+
+    def renew_stage(self, job_id: str, stage: str, *, lease_s: float) -> bool:
+        """Extend this process's lease; False if it lost it (taken over as dead)."""
+        renewed = self._renew_stage(keys=[self.key(job_id)], args=[stage, lease_owner(), lease_s])
+        return bool(renewed)
+
+    def release_stage(
+        self, job_id: str, stage: str, *, owner: str | None = None, note: str = ""
+    ) -> bool:
+        """Drop the lease `owner` (this process by default) holds, noting `note:<stage>`;
+        False if it held none."""
+        released = self._release_stage(
+            keys=[self.key(job_id)], args=[stage, owner or lease_owner(), note]
+        )
+        return bool(released)
 
     def stage_finished(self, job_id: str, stage: str) -> None:
+        """Note the stage done (later deliveries skip it) and release its lease."""
         self.write(job_id, **{f"finished:{stage}": repr(time.time())})
+        self.release_stage(job_id, stage)
 
     def callback_sent(self, job_id: str, status: str) -> None:
         """Note when the platform accepted a callback of this status."""

@@ -5,12 +5,14 @@ The names are the deployment interface of DESIGN.md; keep them.
 
 from __future__ import annotations
 
+import re
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, PositiveFloat, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Field names whose values are secrets: shown as set/unset, never printed.
@@ -30,12 +32,30 @@ def mask_url_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
+#: `<stage>_soft_limit_s`: the setting of a stage's soft time limit.
+SOFT_LIMIT_SUFFIX = "_soft_limit_s"
+
+
+#: What WORKER_HOST may be: it becomes part of queue names (`cpu.<host>`), Redis keys and
+#: Celery node names, so a plain host label or dotted hostname, nothing else.
+WORKER_HOST_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def soft_limit_setting(stage: str) -> str:
+    """The environment variable holding a stage's soft time limit, as an operator writes it."""
+    return f"{stage}{SOFT_LIMIT_SUFFIX}".upper()
+
+
 class Settings(BaseSettings):
     """Effective configuration, read once per process from the environment and `.env`."""
 
     model_config = SettingsConfigDict(env_file=".env", frozen=True, extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: This host's name in its media queue (`cpu.<host>`), the bridge's processing list,
+    #: the workers' node names (`gpu@<host>`) and job records; unique per host, shared by
+    #: every process of one host (they share its spool). Default: the machine's hostname.
+    worker_host: str = Field(default_factory=socket.gethostname)
     platform_redis_url: str | None = None
     platform_queue: str = "wan_queue"
 
@@ -48,6 +68,11 @@ class Settings(BaseSettings):
     storage_backend: Literal["local", "supabase"] = "local"
     output_dir: Path = Path("./outputs")
     spool_dir: Path = Path("./spool")
+
+    #: Spool directories older than this whose job is not running are swept away, seconds.
+    spool_orphan_age_s: float = 6 * 3600
+    #: How often each media (cpu queue) worker sweeps the spool for orphans, seconds.
+    spool_sweep_interval_s: float = 600
 
     supabase_url: str | None = None
     supabase_service_key: SecretStr | None = None
@@ -73,6 +98,19 @@ class Settings(BaseSettings):
     #: How long a job record lives in Redis after its last update, seconds.
     job_record_ttl_s: int = 7 * 24 * 3600
 
+    #: Deliveries of one stage (its worker died, the broker handed it out again) before the
+    #: job fails and is dead-lettered; Celery's own retries of network stages do not count.
+    max_deliveries: int = 3
+    #: How long a running stage's lease in the job record lasts without renewal, seconds;
+    #: renewed every third of it. A duplicate delivery waits while the lease is live.
+    stage_lease_s: float = 60.0
+    #: After how long Redis hands out an unacknowledged task message again, seconds
+    #: (its worker died whole); unset: twice the longest hard time limit.
+    broker_visibility_timeout_s: int | None = None
+    #: On SIGTERM, how long a worker lets its running job finish before it hands the job
+    #: back to the queue and exits, seconds (keep it below the platform's stop grace).
+    shutdown_grace_s: float = 60.0
+
     #: Send `processing` callbacks with `metadata.progress` while generating (throttled).
     progress_callbacks: bool = False
     #: ... at most one per 10 % of the job and per this many seconds.
@@ -96,6 +134,78 @@ class Settings(BaseSettings):
     #: Unload Qwen after this many idle seconds (0: keep it loaded).
     enhance_idle_unload_s: float = 0.0
 
+    #: Soft time limit of each stage, seconds: past it the stage stops and the job fails
+    #: naming the stage and the limit (enhance falls back to the user's prompt instead).
+    enhance_soft_limit_s: PositiveFloat = 120
+    generate_soft_limit_s: PositiveFloat = 1_800
+    encode_soft_limit_s: PositiveFloat = 300
+    thumbnail_soft_limit_s: PositiveFloat = 60
+    upload_soft_limit_s: PositiveFloat = 300
+    callback_soft_limit_s: PositiveFloat = 60
+    #: Seconds between a stage's soft limit and its hard one, where the pool child is killed
+    #: (a stage that did not stop at the soft limit, e.g. inside one long CUDA kernel).
+    hard_limit_grace_s: PositiveFloat = 60
+
+    def stage_time_limits(self) -> dict[str, tuple[float, float]]:
+        """(soft, hard) time limit of each stage, seconds; hard is always above soft."""
+        stages = [name for name in type(self).model_fields if name.endswith(SOFT_LIMIT_SUFFIX)]
+        return {
+            name.removesuffix(SOFT_LIMIT_SUFFIX): (
+                getattr(self, name),
+                getattr(self, name) + self.hard_limit_grace_s,
+            )
+            for name in stages
+        }
+
+    # --- Speed on real GPUs: worker/generation/speed.py applies these once per loaded model;
+    # --- an option the device cannot run stops the GPU worker at start (README "On a GPU host").
+    #: diffusers attention backend: `auto` (the fastest installed: flash 3 or 2, else PyTorch's
+    #: SDPA; `native` on CPU), `native`, `flash`, `_flash_3`, `sage`, `_native_cudnn`, ...
+    attention_backend: str = "auto"
+    #: `blocks`: torch.compile each repeated transformer block (regional compilation, short
+    #: compile); `off`: eager.
+    torch_compile: Literal["off", "blocks"] = "off"
+    #: Step cache: reuse the transformer's work between steps where it changes little.
+    wan_cache: Literal["none", "first_block", "mag", "taylorseer"] = "none"
+    #: The cache's threshold (higher: faster, further from uncached); unset: diffusers' default
+    #: (first_block 0.05, mag 0.06). TaylorSeer has none and ignores it.
+    wan_cache_threshold: float | None = Field(default=None, gt=0)
+    #: A step- and CFG-distilled LoRA (diffusers' Wan LoRA format) for the `*_fast` types.
+    wan_distill_lora: Path | None = None
+    #: ... or a distilled transformer in diffusers format (a folder with config.json).
+    wan_turbo_model_path: Path | None = None
+    #: Steps of a turbo job (guidance 1.0: one transformer pass per step).
+    turbo_steps: int = Field(default=4, ge=1, le=100)
+    #: Decode the VAE in tiles: less peak memory for long or large videos, a little slower.
+    vae_tiling: bool = False
+    #: `model`: whole models move to the GPU when used; `group`: blocks stream in (CUDA only).
+    offload: Literal["none", "model", "group"] = "none"
+    #: `fp8`: torchao float8 weights and activations for the transformer (CUDA, Ada or newer).
+    quantize: Literal["none", "fp8"] = "none"
+    #: Run one small generation after load, before the first job (loads and compiles).
+    warmup: bool = False
+
+    def speed_options_to_check(self) -> bool:
+        """Whether a speed option is set that the device or a file may refuse. Only then does
+        the GPU worker's main process import torch at start, to check it before the fork."""
+        return (
+            self.attention_backend not in ("auto", "native")
+            or self.offload != "none"
+            or self.quantize != "none"
+            or self.wan_distill_lora is not None
+            or self.wan_turbo_model_path is not None
+        )
+
+    @field_validator("worker_host")
+    @classmethod
+    def _safe_worker_host(cls, value: str) -> str:
+        if not WORKER_HOST_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"WORKER_HOST {value!r} cannot name a queue: 1-64 letters, digits, '.', '-' "
+                "or '_', starting with a letter or digit"
+            )
+        return value
+
     @model_validator(mode="after")
     def _derive_urls(self) -> Settings:
         """Fill the defaults that DESIGN.md derives from other settings."""
@@ -108,6 +218,13 @@ class Settings(BaseSettings):
             derived["public_url"] = f"https://{self.runpod_pod_id}-7860.proxy.runpod.net"
         for name, value in derived.items():
             object.__setattr__(self, name, value)
+        return self
+
+    @model_validator(mode="after")
+    def _one_turbo_checkpoint(self) -> Settings:
+        """The fast types have one distilled checkpoint: a LoRA or a transformer."""
+        if self.wan_distill_lora is not None and self.wan_turbo_model_path is not None:
+            raise ValueError("set WAN_DISTILL_LORA or WAN_TURBO_MODEL_PATH, not both")
         return self
 
     def masked(self) -> dict[str, str]:

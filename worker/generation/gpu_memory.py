@@ -1,6 +1,9 @@
-"""CUDA memory of the generation child: what /metrics and each job's summary report."""
+"""CUDA memory of the generation child: what /metrics and each job's summary report, and
+freeing it after a failure."""
 
 from __future__ import annotations
+
+import gc
 
 import torch
 
@@ -18,3 +21,12 @@ def report(metrics: Metrics, worker: str) -> float | None:
     metrics.set(GPU_MEMORY, peak, worker, "peak")
     torch.cuda.reset_peak_memory_stats()
     return round(peak / MIB, 1)
+
+
+def free() -> None:
+    """Give back what a failed or finished run held: Python's garbage, then CUDA's cache.
+
+    On a CPU `empty_cache` does nothing (CUDA never initialised).
+    """
+    gc.collect()
+    torch.cuda.empty_cache()

@@ -2,7 +2,8 @@
 
 Text to video loads first. VACE (reference frames) and video to video (image to image) load
 on first use and are built around its parts: one text encoder, one tokenizer and one VAE
-in memory whatever runs, and video to video also reuses the T2V transformer.
+in memory whatever runs, and video to video also reuses the T2V transformer. Each is placed
+on the device and sped up by `speed.apply` (the speed settings) as it is made.
 """
 
 from __future__ import annotations
@@ -12,10 +13,19 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, WanPipeline, WanVACEPipeline, WanVideoToVideoPipeline
+from diffusers import (
+    AutoencoderKLWan,
+    DiffusionPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+    WanVACEPipeline,
+    WanVideoToVideoPipeline,
+)
 
 from worker.devices import resolve_device, resolve_dtype
 from worker.errors import ModelNotConfigured
+from worker.generation import speed
+from worker.jobs import Job
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,8 +49,10 @@ def load_t2v(settings: Settings) -> WanPipeline:
     dtype = resolve_dtype(settings, device)
     started = time.perf_counter()
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
-    pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=dtype).to(device)
+    pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
+    speed.load_turbo(pipe, settings)
+    speed.apply(pipe, settings, device)
     log.info(
         "WAN pipeline loaded from %s on %s (%s) in %.1f s",
         path,
@@ -60,11 +72,11 @@ def load_vace(settings: Settings, t2v: WanPipeline) -> WanVACEPipeline:
     """Wan2.1-VACE from WAN_VACE_MODEL_PATH: only its transformer and scheduler are read."""
     path = vace_model_dir(settings)
     started = time.perf_counter()
-    device = t2v.transformer.device
-    pipe = WanVACEPipeline.from_pretrained(
-        path, **shared_parts(t2v), dtype=t2v.transformer.dtype
-    ).to(device)
+    device = resolve_device(settings)
+    pipe = WanVACEPipeline.from_pretrained(path, **shared_parts(t2v), dtype=t2v.transformer.dtype)
     pipe.set_progress_bar_config(disable=True)
+    speed.load_turbo(pipe, settings)
+    speed.apply(pipe, settings, device)
     log.info("VACE pipeline loaded from %s in %.1f s", path, time.perf_counter() - started)
     return pipe
 
@@ -73,12 +85,13 @@ def vace_model_dir(settings: Settings) -> Path:
     return model_dir(settings.wan_vace_model_path, "WAN_VACE_MODEL_PATH", "Wan2.1-VACE-1.3B")
 
 
-def build_v2v(t2v: WanPipeline) -> WanVideoToVideoPipeline:
-    """Video to video on the T2V weights: nothing new is loaded."""
+def build_v2v(settings: Settings, t2v: WanPipeline) -> WanVideoToVideoPipeline:
+    """Video to video on the T2V weights: nothing new is loaded, nothing sped up twice."""
     pipe = WanVideoToVideoPipeline(
         **shared_parts(t2v), transformer=t2v.transformer, scheduler=t2v.scheduler
     )
     pipe.set_progress_bar_config(disable=True)
+    speed.apply(pipe, settings, resolve_device(settings))
     return pipe
 
 
@@ -90,12 +103,25 @@ class Pipelines:
         self._t2v: WanPipeline | None = None
         self._vace: WanVACEPipeline | None = None
         self._v2v: WanVideoToVideoPipeline | None = None
+        self._turbo: WanTransformer3DModel | None = None
 
     @property
     def t2v(self) -> WanPipeline:
         if self._t2v is None:
             self._t2v = load_t2v(self.settings)
+            self._turbo = speed.load_turbo_transformer(
+                self.settings, dtype=self._t2v.transformer.dtype, device=self.device
+            )
         return self._t2v
+
+    @property
+    def turbo(self) -> WanTransformer3DModel | None:
+        """The distilled transformer of WAN_TURBO_MODEL_PATH (loaded with text to video)."""
+        return self._turbo
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.settings)
 
     @property
     def vace(self) -> WanVACEPipeline:
@@ -106,8 +132,12 @@ class Pipelines:
     @property
     def v2v(self) -> WanVideoToVideoPipeline:
         if self._v2v is None:
-            self._v2v = build_v2v(self.t2v)
+            self._v2v = build_v2v(self.settings, self.t2v)
         return self._v2v
+
+    def for_job(self, name: str, job: Job) -> DiffusionPipeline:
+        """The pipeline `name` set up for `job`: turbo on or off, the step cache re-armed."""
+        return speed.for_job(getattr(self, name), job, self.settings, self.turbo)
 
     def loaded(self) -> list[str]:
         """Names of the pipelines in memory, for logs and the benchmark."""

@@ -67,7 +67,9 @@ def generate(
                 "reference_fallback_reason": fallback_reason,
                 "reference_mode_requested": job.reference_mode,
             }
-        frames = _run(pipelines.t2v, job, seed, on_step, num_frames=job.frames, **common)
+        frames = _run(
+            pipelines.for_job("t2v", job), job, seed, on_step, num_frames=job.frames, **common
+        )
         return Generated(frames, metadata)
     if job.image_to_image:
         return _image_to_image(pipelines, job, seed, on_step, references, common)
@@ -83,7 +85,15 @@ def generate(
         metadata["references_ignored"] = {
             role: "a 1-frame job has room for the start frame only" for role in ignored
         }
-    frames = _run(pipelines.vace, job, seed, on_step, num_frames=job.frames, **conditions, **common)
+    frames = _run(
+        pipelines.for_job("vace", job),
+        job,
+        seed,
+        on_step,
+        num_frames=job.frames,
+        **conditions,
+        **common,
+    )
     return Generated(frames, metadata)
 
 
@@ -135,7 +145,7 @@ def _image_to_image(
             f"strength {strength:g} x {job.steps} steps is under one step: one step was run"
         )
     frames = _run(
-        pipelines.v2v,
+        pipelines.for_job("v2v", job),
         job,
         seed,
         on_step,

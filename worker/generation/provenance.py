@@ -11,6 +11,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 import worker
+from worker.generation import speed
 from worker.generation.load import Pipelines
 from worker.jobs import Job
 from worker.model_files import model_revision
@@ -27,7 +28,8 @@ PIPELINE_OF_TASK = {
 def describe(
     pipelines: Pipelines, job: Job, *, seed: int, wan_task: str, settings: Settings
 ) -> dict[str, Any]:
-    """Provenance of one generation (`job` is as WAN ran it: its prompt is the one used)."""
+    """Provenance of one generation (`job` is as WAN ran it: its prompt is the one used, its
+    steps and guidance those of the turbo checkpoint when `turbo`)."""
     name, path_setting = PIPELINE_OF_TASK[wan_task]
     pipe: DiffusionPipeline = getattr(pipelines, name)
     path = getattr(settings, path_setting)
@@ -48,6 +50,8 @@ def describe(
         "negative_prompt": job.negative_prompt,
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "device": str(pipe.transformer.device),
-        "speed_options": {},  # attention backend, compile, caches: none beyond diffusers' own
+        "speed_options": speed.in_force(settings, pipelines.device),
+        "turbo": job.turbo,
+        **({"turbo_checkpoint": speed.turbo_checkpoint(settings).name} if job.turbo else {}),
         "worker_version": worker.__version__,
     }

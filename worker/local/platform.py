@@ -7,6 +7,7 @@ callback signatures and retries on platform errors.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -24,6 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from worker.records import FINAL_STATUSES
 
@@ -99,6 +101,8 @@ class LocalPlatform:
         self._upload_faults = _Faults()
         self._callback_faults = _Faults()
         self._registration_faults = _Faults()
+        self._upload_hold: threading.Event | None = None
+        self._held_uploads = 0
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
@@ -155,6 +159,20 @@ class LocalPlatform:
         """The next n callback requests answer `status` before any checks, unrecorded."""
         with self._cond:
             self._callback_faults.remaining, self._callback_faults.status = n, status
+
+    def hold_uploads(self) -> threading.Event:
+        """Keep every upload request open, unanswered, until the returned event is set: a
+        test catches a worker mid-upload (`wait_for_held_upload`), then releases them."""
+        released = threading.Event()
+        with self._cond:
+            self._upload_hold, self._held_uploads = released, 0
+        return released
+
+    def wait_for_held_upload(self, timeout_s: float = 10.0) -> None:
+        """Block until an upload request is being held by `hold_uploads`."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._held_uploads > 0, timeout=timeout_s):
+                raise AssertionError(f"no upload request arrived within {timeout_s}s")
 
     def fail_next_registrations(self, n: int, status: int = 503) -> None:
         """The next n update-worker-url requests answer `status` before any checks."""
@@ -263,18 +281,27 @@ class LocalPlatform:
 
         @app.post("/storage/v1/object/{bucket}/{path:path}")
         async def upload(bucket: str, path: str, request: Request) -> JSONResponse:
+            if (released := self._upload_hold) is not None and not released.is_set():
+                with self._cond:
+                    self._held_uploads += 1
+                    self._cond.notify_all()
+                while not released.is_set():  # the server's loop goes on serving others
+                    await asyncio.sleep(0.05)
             if (status := self._take_fault(self._upload_faults)) is not None:
                 return _storage_error(status, "InjectedFailure", "injected by the test")
             if not self._authorized(request):
                 return _storage_error(401, "Unauthorized", "invalid service key")
             content_type = request.headers.get("content-type", "")
-            if content_type.startswith("multipart/form-data"):
-                part = (await request.form()).get("file")
-                if not isinstance(part, UploadFile):
-                    return _storage_error(400, "InvalidRequest", "no 'file' part")
-                content_type, data = part.content_type or "", await part.read()
-            else:
-                data = await request.body()
+            try:
+                if content_type.startswith("multipart/form-data"):
+                    part = (await request.form()).get("file")
+                    if not isinstance(part, UploadFile):
+                        return _storage_error(400, "InvalidRequest", "no 'file' part")
+                    content_type, data = part.content_type or "", await part.read()
+                else:
+                    data = await request.body()
+            except ClientDisconnect:  # e.g. a held upload whose worker was killed meanwhile
+                return _storage_error(499, "ClientClosed", "the client went away mid-upload")
             upsert = request.headers.get("x-upsert", "false").lower() == "true"
             with self._cond:
                 if (bucket, path) in self._uploads and not upsert:

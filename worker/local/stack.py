@@ -44,7 +44,7 @@ READY_MARKERS = {
     "enhance": " ready.",
     "cpu": " ready.",
     "bridge": "bridge serving",
-    "api": "Application startup complete",
+    "api": "Uvicorn running on",  # after the bind: "startup complete" comes before it
     "flower": "Visit me at",
     "gpu+enhance": " ready.",
 }
@@ -75,10 +75,16 @@ def wait_until(
 
 
 class RedisServer:
-    """A private `redis-server` on a free port, keeping nothing on disk; can be restarted."""
+    """A private `redis-server` on a free port; can be killed and restarted on that port.
 
-    def __init__(self, workdir: Path) -> None:
+    By default it keeps nothing on disk. With `aof=True` it keeps an append-only file in
+    `workdir` (`appendfsync everysec`, as docker-compose.yml runs it), so a restart after
+    `kill()` finds the data of all but the last second again.
+    """
+
+    def __init__(self, workdir: Path, *, aof: bool = False) -> None:
         self.workdir = workdir
+        self.aof = aof
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
@@ -90,13 +96,25 @@ class RedisServer:
                 "redis-server is not installed (Debian: apt-get install redis-server)"
             )
         self.workdir.mkdir(parents=True, exist_ok=True)
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.aof
+            else ["--appendonly", "no"]
+        )
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             *persistence, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_until(lambda: redis_answers(self.url), timeout_s=10, what="redis-server start")
         return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no last write, no goodbye to clients."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
 
     def stop(self) -> None:
         if self.process is not None:
@@ -115,16 +133,22 @@ class LocalStack:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, *, timeout_s: float = 120) -> LocalStack:
+        """Start every process and wait until each is ready; if one never is, stop the
+        others before raising (a `with` block whose start fails never reaches `__exit__`)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for name in self.names:
-            self.processes[name] = self._spawn(name)
-        for name in self.names:
-            wait_until(
-                lambda name=name: self._ready(name),
-                timeout_s=timeout_s,
-                what=f"{name} start",
-                interval_s=0.1,
-            )
+        try:
+            for name in self.names:
+                self.processes[name] = self._spawn(name)
+            for name in self.names:
+                wait_until(
+                    lambda name=name: self._ready(name),
+                    timeout_s=timeout_s,
+                    what=f"{name} start",
+                    interval_s=0.1,
+                )
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __enter__(self) -> LocalStack:
@@ -133,24 +157,24 @@ class LocalStack:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str) -> subprocess.Popen:
+    def _spawn(self, name: str, *, env: dict[str, str] | None = None) -> subprocess.Popen:
         command = COMMANDS[name]
         executable = (
             [sys.executable, "-m", command[0]] if command[0] == "celery" else [sys.executable]
         )
         log = (self.log_dir / f"{name}.log").open("ab")
         return subprocess.Popen(
-            [*executable, *command[1:]], cwd=ROOT, env=self.env, stdout=log,
+            [*executable, *command[1:]], cwd=ROOT, env={**self.env, **(env or {})}, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
-    def _ready(self, name: str) -> bool:
+    def _ready(self, name: str, *, after: int = 0) -> bool:
         process = self.processes[name]
         if process.poll() is not None:
             raise RuntimeError(
                 f"{name} exited with {process.returncode}:\n{self.log(name)[-3000:]}"
             )
-        return READY_MARKERS[name] in self.log(name)
+        return READY_MARKERS[name] in self.log(name)[after:]
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
@@ -161,6 +185,26 @@ class LocalStack:
         pid = self.processes[name].pid
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return [pid, *map(int, children)]
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Signal the process and all of its group (a worker and its pool), and reap it."""
+        process = self.processes[name]
+        os.killpg(process.pid, sig)
+        if sig == signal.SIGKILL:
+            process.wait(timeout=30)
+
+    def restart(
+        self, name: str, *, env: dict[str, str] | None = None, timeout_s: float = 120
+    ) -> None:
+        """Start `name` again (after `kill`), with `env` overriding the stack's environment,
+        and wait until it is ready."""
+        old = self.processes[name]
+        if old.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {old.pid}); kill it first")
+        offset = len(self.log(name))  # the log file is appended to: look past the old run
+        self.processes[name] = self._spawn(name, env=env)
+        wait_until(lambda: self._ready(name, after=offset),
+                   timeout_s=timeout_s, what=f"{name} restart", interval_s=0.1)  # fmt: skip
 
     def stop(self, *, timeout_s: float = 30) -> None:
         """SIGTERM (Celery's warm shutdown), then SIGKILL whatever is left of each group."""

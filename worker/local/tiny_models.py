@@ -122,3 +122,19 @@ def make_tiny_vace(target: Path, *, seed: int = 0) -> Path:
     )
     WanVACEPipeline(transformer=transformer, **parts).save_pretrained(target)
     return target
+
+
+def make_tiny_wan_lora(target: Path, *, rank: int = 4, seed: int = 1) -> Path:
+    """A random LoRA for the tiny WAN transformer in diffusers' Wan LoRA format: the file
+    WAN_DISTILL_LORA names (its output is noise too, but different noise)."""
+    torch.manual_seed(seed)
+    inner = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
+    layers = {}
+    for block in range(2):
+        for attention in ("attn1", "attn2"):
+            for projection in ("to_q", "to_k", "to_v", "to_out.0"):
+                name = f"blocks.{block}.{attention}.{projection}"
+                layers[f"{name}.lora_A.weight"] = torch.randn(rank, inner)
+                layers[f"{name}.lora_B.weight"] = torch.randn(inner, rank)
+    WanPipeline.save_lora_weights(target, transformer_lora_layers=layers)
+    return target / "pytorch_lora_weights.safetensors"

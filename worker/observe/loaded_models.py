@@ -24,11 +24,16 @@ class LoadedModels:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def note(self, node: str, model: str, *, path: str | None, loaded: bool) -> None:
-        """Record that `node` now holds (or no longer holds) `model`."""
+    def note(
+        self, node: str, model: str, *, path: str | None, loaded: bool,
+        details: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """Record that `node` now holds (or no longer holds) `model`, with `details` of how
+        it runs (the generation child's speed options)."""
         models = self.of(node)
         if loaded:
-            models[model] = {"path": path, "pid": os.getpid(), "loaded_at": time.time()}
+            models[model] = {"path": path, "pid": os.getpid(), "loaded_at": time.time(),
+                             **(details or {})}  # fmt: skip
             Metrics(self.redis).count(MODEL_LOADS, model)
         else:
             models.pop(model, None)

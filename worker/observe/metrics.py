@@ -50,6 +50,11 @@ ENHANCEMENT_FALLBACKS = Metric(
 )
 DEAD_LETTERS = Metric("wan_dead_letters_total", "Jobs moved to the dead-letter set.", ())
 CANCELLATIONS = Metric("wan_cancellations_total", "Jobs cancelled.", ())
+QUALITY_DEGRADATIONS = Metric(
+    "wan_quality_degradations_total",
+    "Generations run again at a lower quality preset after running out of GPU memory.",
+    ("from_quality", "to_quality"),
+)
 GPU_MEMORY = Metric(
     "wan_gpu_memory_bytes",
     "CUDA memory of each generation worker after its last job: in use, and that job's peak.",
@@ -57,7 +62,7 @@ GPU_MEMORY = Metric(
     gauge=True,
 )
 ALL = (JOBS, STAGE_SECONDS, RETRIES, MODEL_LOADS, ENHANCEMENT_FALLBACKS, DEAD_LETTERS,
-       CANCELLATIONS, GPU_MEMORY)  # fmt: skip
+       CANCELLATIONS, QUALITY_DEGRADATIONS, GPU_MEMORY)  # fmt: skip
 
 
 class Metrics:

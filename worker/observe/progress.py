@@ -74,6 +74,8 @@ class Progress:
         self._stage_started = time.monotonic()
         self._recorded_at = 0.0
         self._notified = (0.0, time.monotonic())  # (percent, when) of the last callback
+        #: Why the step count started again (a run at a lower preset), on every later step.
+        self._note: str | None = None
 
     def stage_started(self, stage: str) -> None:
         self._stage_started = time.monotonic()
@@ -90,6 +92,8 @@ class Progress:
             "percent": percent(stage, done / total),
             "eta_seconds": round(mean_step_s * (total - done), 2),
         }
+        if self._note is not None:
+            event["note"] = self._note
         sent = self._emit(event, edge=done == total)
         last_percent, last_at = self._notified
         due = (
@@ -99,6 +103,14 @@ class Progress:
         if self.notify is not None and due:
             self._notified = (event["percent"], time.monotonic())
             self.notify({k: v for k, v in sent.items() if k != "event"})
+
+    def stage_restarted(self, stage: str, note: str) -> None:
+        """The stage runs again from its first step: the count and the ETA start over, and
+        every later event says why, so a percent going back does not read as a fault."""
+        self._note = note
+        self._stage_started = time.monotonic()
+        self._emit({"event": "stage_restarted", "stage": stage, "percent": percent(stage, 0),
+                    "note": note})  # fmt: skip
 
     def stage_finished(self, stage: str) -> None:
         self._emit({"event": "stage_finished", "stage": stage, "percent": percent(stage, 1)})

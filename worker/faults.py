@@ -1,0 +1,90 @@
+"""Test-only faults: make the real processes fail where production ones do, on purpose.
+
+`WAN_TEST_FAULT` holds rules separated by `;`, each `<job id prefix>:<action>@<point>`,
+optionally `/<preset>` to match only generation at that quality preset:
+
+    poison-:crash@step1;oom-high-:oom@step1/high;oom-all-:oom@step1;slow-:hang@step1
+
+Actions:
+- `crash`: SIGKILL this process at once (what the OOM killer or a preempted pod does);
+- `oom`: raise `torch.OutOfMemoryError` (what a card too small for the job does);
+- `hang`: sleep until a time limit or a signal ends it (a stuck kernel, a dead NFS mount).
+
+Points: `step<k>` (the end of denoising step k, counted from 1), `bridge_taken` (the bridge
+holds an item it has not dispatched yet), `bridge_sent` (its chain is sent, not yet marked).
+
+Unset, nothing here does anything; a malformed rule is refused when the process starts, so
+a typo never passes for a fault that did not fire. Production never sets it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+ENV = "WAN_TEST_FAULT"
+Action = Literal["crash", "oom", "hang"]
+ACTIONS: tuple[Action, ...] = ("crash", "oom", "hang")
+
+
+@dataclass(frozen=True)
+class Rule:
+    job_prefix: str
+    action: Action
+    point: str
+    preset: str | None = None
+
+    def matches(self, point: str, job_id: str, preset: str | None) -> bool:
+        return (
+            self.point == point
+            and job_id.startswith(self.job_prefix)
+            and (self.preset is None or self.preset == preset)
+        )
+
+
+def parse(spec: str) -> tuple[Rule, ...]:
+    """The rules of a `WAN_TEST_FAULT` value; ValueError names the malformed rule."""
+    rules = []
+    for text in filter(None, (part.strip() for part in spec.split(";"))):
+        prefix, sep, rest = text.partition(":")
+        action, at, where = rest.partition("@")
+        point, _, preset = where.partition("/")
+        if not (sep and at and point) or action not in ACTIONS:
+            raise ValueError(
+                f"{ENV}: malformed rule {text!r}; expected "
+                f"'<job id prefix>:<{'|'.join(ACTIONS)}>@<point>[/<preset>]'"
+            )
+        rules.append(Rule(prefix, action, point, preset or None))  # type: ignore[arg-type]
+    return tuple(rules)
+
+
+@lru_cache(maxsize=1)
+def rules() -> tuple[Rule, ...]:
+    return parse(os.environ.get(ENV, ""))
+
+
+def hit(point: str, job_id: str, *, preset: str | None = None) -> None:
+    """Fail here if a rule says so for this job; otherwise return at once."""
+    for rule in rules():
+        if rule.matches(point, job_id, preset):
+            _act(rule, job_id)
+
+
+def step_point(step: int) -> str:
+    return f"step{step}"
+
+
+def _act(rule: Rule, job_id: str) -> None:
+    what = f"{ENV}: {rule.action} at {rule.point} for job {job_id}"
+    if rule.action == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rule.action == "oom":
+        import torch  # only generation points raise this, in a process that has torch
+
+        raise torch.OutOfMemoryError(what)
+    while True:  # hang: a Celery time limit (or a signal) is the only way out
+        time.sleep(1)

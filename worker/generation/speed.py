@@ -1,0 +1,359 @@
+"""Speed options of the generation child: checked at worker start, applied once per model.
+
+ATTENTION_BACKEND, TORCH_COMPILE, WAN_CACHE, VAE_TILING, OFFLOAD, QUANTIZE and the turbo
+checkpoint all go through diffusers' and torchao's own APIs (`set_attention_backend`,
+`compile_repeated_blocks`, `enable_cache`, `enable_tiling`, `enable_model_cpu_offload`,
+`apply_group_offloading`, `quantize_`, `load_lora_weights` / `set_adapters`). Modules the
+pipelines share (one transformer for text to video and video to video, one VAE and text
+encoder for all) are sped up once. What the device cannot run is refused by `check` when
+the worker starts, naming the setting, so no job is taken by a worker that cannot serve it.
+
+Per job, `for_job` re-arms the step cache (fresh state, the job's step count: MagCache
+needs it) and switches the turbo checkpoint on for the fast types, off for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import DiffusionPipeline, WanTransformer3DModel
+from diffusers.hooks import (
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    TaylorSeerCacheConfig,
+    apply_group_offloading,
+)
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    _check_attention_backend_requirements,
+)
+from diffusers.utils import is_flash_attn_3_available, is_flash_attn_available, is_torchao_available
+
+from worker.jobs import Job, parse_job
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.generation.load import Pipelines
+
+log = logging.getLogger(__name__)
+
+#: Backends that run on a CPU (the rest need CUDA kernels).
+CPU_BACKENDS = ("native", "_native_math")
+#: Name of the distilled LoRA's adapter in the transformers that carry it.
+TURBO_ADAPTER = "turbo"
+#: Guidance of a turbo job: distilled checkpoints run without the negative branch.
+TURBO_GUIDANCE = 1.0
+#: The generation that measures MagCache's magnitude ratios on the loaded weights: the fast
+#: preset's steps, one frame at a quarter of the default size, no guidance.
+MAG_CALIBRATION = {"width": 240, "height": 416, "num_frames": 1, "num_inference_steps": 25}
+#: diffusers' configs of the caches that have a threshold (their defaults are read from them).
+CACHE_DEFAULTS = {"first_block": FirstBlockCacheConfig, "mag": MagCacheConfig}
+#: The warm-up generation: an image at the platform's default size, in two steps (turbo: its
+#: own steps), so compiled blocks meet the most common shape before the first job.
+WARMUP_RESOLUTION, WARMUP_STEPS = "480x832", 2
+
+
+class SpeedOptionRefused(ValueError):
+    """A speed setting this machine cannot run; the message names the setting."""
+
+
+def cuda_present(settings: Settings) -> bool:
+    """Whether generation runs on CUDA. NVML-based: safe in the worker before it forks."""
+    if settings.device != "auto":
+        return settings.device == "cuda"
+    return torch.cuda.device_count() > 0
+
+
+def refusals(settings: Settings, *, cuda: bool) -> list[str]:
+    """Each speed setting the device cannot run, as a sentence naming the setting."""
+    refused = []
+    backend = settings.attention_backend
+    known = {name.value for name in AttentionBackendName}
+    if backend != "auto" and backend not in known:
+        refused.append(
+            f"ATTENTION_BACKEND={backend} is not a diffusers attention backend; "
+            f"known: auto, {', '.join(sorted(known))}"
+        )
+    elif backend not in ("auto", *CPU_BACKENDS) and not cuda:
+        refused.append(
+            f"ATTENTION_BACKEND={backend} needs a CUDA GPU and this worker has none "
+            f"(on CPU: {' or '.join(('auto', *CPU_BACKENDS))})"
+        )
+    elif backend not in ("auto", *CPU_BACKENDS):
+        try:
+            _check_attention_backend_requirements(AttentionBackendName(backend))
+        except RuntimeError as e:
+            refused.append(f"ATTENTION_BACKEND={backend}: {e}")
+    if settings.offload != "none" and not cuda:
+        refused.append(
+            f"OFFLOAD={settings.offload} moves weights between CPU and GPU memory: it needs a "
+            "CUDA GPU and this worker has none (set OFFLOAD=none)"
+        )
+    if settings.quantize == "fp8" and not cuda:
+        refused.append(
+            "QUANTIZE=fp8 needs a CUDA GPU (torchao float8 kernels, Ada or newer) and this "
+            "worker has none (set QUANTIZE=none)"
+        )
+    elif settings.quantize == "fp8" and not is_torchao_available():
+        refused.append("QUANTIZE=fp8 needs torchao: pip install -r requirements-gpu.txt")
+    for variable, path, marker in (
+        ("WAN_DISTILL_LORA", settings.wan_distill_lora, None),
+        ("WAN_TURBO_MODEL_PATH", settings.wan_turbo_model_path, "config.json"),
+    ):
+        if path is not None and not (path / marker if marker else path).exists():
+            what = f"no {marker} in {path}" if marker else f"{path} does not exist"
+            refused.append(f"{variable}: {what}")
+    return refused
+
+
+def check(settings: Settings) -> None:
+    """Refuse at start what the device cannot run (SpeedOptionRefused naming each setting)."""
+    refused = refusals(settings, cuda=cuda_present(settings))
+    if refused:
+        raise SpeedOptionRefused("; ".join(refused))
+
+
+def attention_backend(settings: Settings, device: torch.device) -> str:
+    """The backend in force: `auto` is the fastest installed on CUDA, `native` on CPU."""
+    if settings.attention_backend != "auto":
+        return settings.attention_backend
+    if device.type != "cuda":
+        return "native"
+    hopper = torch.cuda.get_device_capability(device) >= (9, 0)
+    if hopper and is_flash_attn_3_available():
+        return "_flash_3"
+    if is_flash_attn_available():
+        return "flash"
+    return "native"  # PyTorch's SDPA, which picks its own flash or cuDNN kernel
+
+
+def turbo_checkpoint(settings: Settings) -> Path | None:
+    return settings.wan_distill_lora or settings.wan_turbo_model_path
+
+
+def in_force(settings: Settings, device: torch.device) -> dict[str, Any]:
+    """The options a result was made with, for provenance and /health."""
+    options: dict[str, Any] = {
+        "attention_backend": attention_backend(settings, device),
+        "torch_compile": settings.torch_compile,
+        "cache": settings.wan_cache,
+        "vae_tiling": settings.vae_tiling,
+        "offload": settings.offload,
+        "quantize": settings.quantize,
+    }
+    if settings.wan_cache in CACHE_DEFAULTS:
+        default = CACHE_DEFAULTS[settings.wan_cache].threshold
+        options["cache_threshold"] = settings.wan_cache_threshold or default
+    if (checkpoint := turbo_checkpoint(settings)) is not None:
+        options |= {"turbo_checkpoint": checkpoint.name, "turbo_steps": settings.turbo_steps}
+    return options
+
+
+# --- once per loaded model ---------------------------------------------------------------
+
+#: Modules already sped up in this process: shared modules are done once.
+_done: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+#: MagCache's magnitude ratios, measured once per transformer.
+_mag_ratios: weakref.WeakKeyDictionary[torch.nn.Module, list[float]] = weakref.WeakKeyDictionary()
+
+
+def apply(pipe: DiffusionPipeline, settings: Settings, device: torch.device) -> None:
+    """Place the pipeline on the device and apply the speed options to its new modules."""
+    transformer, vae = pipe.transformer, pipe.vae
+    if settings.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif settings.offload == "group":
+        for module in (transformer, pipe.text_encoder):
+            if module not in _done:
+                _group_offload(module, device)
+        vae.to(device)
+    else:
+        pipe.to(device)
+    if transformer not in _done:
+        speed_up_transformer(transformer, settings, device)
+        if settings.wan_cache == "mag":
+            _mag_ratios[transformer] = _calibrate_mag(pipe)
+        _done.add(transformer)
+    if vae not in _done:
+        if settings.vae_tiling:
+            vae.enable_tiling()
+        _done.add(vae)
+    _done.add(pipe.text_encoder)
+
+
+def _group_offload(module: torch.nn.Module, device: torch.device) -> None:
+    """Blocks stream to the GPU one at a time, overlapped with compute on a CUDA stream."""
+    apply_group_offloading(module, onload_device=device, offload_type="block_level",
+                           num_blocks_per_group=1, use_stream=True)  # fmt: skip
+
+
+def speed_up_transformer(
+    transformer: torch.nn.Module, settings: Settings, device: torch.device
+) -> None:
+    """Quantise, pick the attention backend, then compile: in that order, so the compiled
+    blocks see the final weights and kernels. The step cache is armed per job (`for_job`)."""
+    if settings.quantize == "fp8":
+        _quantize_fp8(transformer, device)
+    transformer.set_attention_backend(attention_backend(settings, device))
+    if settings.torch_compile == "blocks":
+        transformer.compile_repeated_blocks()
+
+
+def _quantize_fp8(transformer: torch.nn.Module, device: torch.device) -> None:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise SpeedOptionRefused(f"QUANTIZE=fp8 needs an Ada, Hopper or newer GPU, not {name}")
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig())
+
+
+def load_turbo(pipe: DiffusionPipeline, settings: Settings) -> None:
+    """Load WAN_DISTILL_LORA into the pipeline's transformer as an adapter, never fused:
+    the high types run the same weights with the adapter off."""
+    if settings.wan_distill_lora is not None:
+        pipe.load_lora_weights(str(settings.wan_distill_lora), adapter_name=TURBO_ADAPTER)
+        pipe.disable_lora()
+
+
+def load_turbo_transformer(
+    settings: Settings, *, dtype: torch.dtype, device: torch.device
+) -> WanTransformer3DModel | None:
+    """The distilled transformer of WAN_TURBO_MODEL_PATH (sped up like the base one)."""
+    if settings.wan_turbo_model_path is None:
+        return None
+    started = time.perf_counter()
+    transformer = WanTransformer3DModel.from_pretrained(settings.wan_turbo_model_path, dtype=dtype)
+    if settings.offload == "group":
+        _group_offload(transformer, device)
+    else:  # with OFFLOAD=model it stays on the GPU: the offload hooks belong to the pipelines
+        transformer.to(device)
+    speed_up_transformer(transformer, settings, device)
+    _done.add(transformer)
+    log.info("turbo transformer loaded from %s in %.1f s", settings.wan_turbo_model_path,
+             time.perf_counter() - started)  # fmt: skip
+    return transformer
+
+
+# --- per job -----------------------------------------------------------------------------
+
+
+def as_run(job: Job, settings: Settings) -> Job:
+    """The job as it will run: a `*_fast` job that names no steps runs turbo when a turbo
+    checkpoint is configured (TURBO_STEPS, guidance 1.0); `*_high` never does.
+
+    A distilled transformer (WAN_TURBO_MODEL_PATH) is a text-to-video one: reference jobs
+    that need VACE run on their own steps. A LoRA goes into every transformer.
+    """
+    if (
+        turbo_checkpoint(settings) is None
+        or job.type.quality != "fast"
+        or job.own_steps is not None
+    ):
+        return job
+    vace = job.reference_mode != "none" and not job.image_to_image
+    if vace and settings.wan_turbo_model_path is not None:
+        return job
+    return job.model_copy(
+        update={"steps": settings.turbo_steps, "guidance": TURBO_GUIDANCE, "turbo": True}
+    )
+
+
+def for_job(
+    pipe: DiffusionPipeline, job: Job, settings: Settings, turbo: torch.nn.Module | None
+) -> DiffusionPipeline:
+    """The pipeline to call for this job: turbo switched on or off, the step cache re-armed.
+
+    `turbo` is the distilled transformer of WAN_TURBO_MODEL_PATH, if any: a turbo job runs a
+    twin of the pipeline around it (same parts, that transformer).
+    """
+    if turbo is not None and job.turbo:
+        pipe = type(pipe)(**(pipe.components | {"transformer": turbo}))
+        pipe.set_progress_bar_config(disable=True)
+    elif settings.wan_distill_lora is not None and job.turbo:
+        pipe.enable_lora()
+        pipe.set_adapters([TURBO_ADAPTER], [1.0])
+    elif settings.wan_distill_lora is not None:
+        pipe.disable_lora()
+    transformer = pipe.transformer
+    if transformer.is_cache_enabled:
+        transformer.disable_cache()  # a fresh state: a cancelled job may have left one
+    if settings.wan_cache != "none" and not job.turbo:  # 4 distilled steps: nothing to reuse
+        ratios = _mag_ratios.get(transformer)
+        transformer.enable_cache(cache_config(settings, steps=job.steps, mag_ratios=ratios))
+    return pipe
+
+
+def cache_config(
+    settings: Settings, *, steps: int, mag_ratios: list[float] | None = None
+) -> FirstBlockCacheConfig | MagCacheConfig | TaylorSeerCacheConfig:
+    """diffusers' config of WAN_CACHE. MagCache interpolates its ratios to the job's steps."""
+    threshold = {} if settings.wan_cache_threshold is None else {
+        "threshold": settings.wan_cache_threshold}  # fmt: skip
+    if settings.wan_cache == "first_block":
+        return FirstBlockCacheConfig(**threshold)
+    if settings.wan_cache == "mag":
+        return MagCacheConfig(
+            **threshold,
+            num_inference_steps=steps,
+            mag_ratios=mag_ratios,
+        )
+    return TaylorSeerCacheConfig()
+
+
+def _calibrate_mag(pipe: DiffusionPipeline) -> list[float]:
+    """MagCache's per-step ratios for these weights, measured as diffusers' calibration mode
+    does (mean token-norm ratio of the transformer's residual, step over step), on a small
+    one-frame generation without guidance. diffusers ships ratios for Flux only."""
+    blocks = pipe.transformer.blocks
+    inputs: list[torch.Tensor] = []
+    residuals: list[torch.Tensor] = []
+    first = blocks[0].register_forward_pre_hook(lambda _block, args: inputs.append(args[0]))
+    last = blocks[-1].register_forward_hook(
+        lambda _block, _args, output: residuals.append((output - inputs[-1]).float())
+    )
+    try:
+        pipe(prompt="calibration", **MAG_CALIBRATION, guidance_scale=1.0, output_type="latent")
+    finally:
+        first.remove()
+        last.remove()
+    ratios = [1.0]
+    for previous, current in zip(residuals, residuals[1:], strict=False):
+        norms = torch.linalg.norm(current, dim=-1) / (torch.linalg.norm(previous, dim=-1) + 1e-8)
+        ratios.append(norms.mean().item())
+    log.info("MagCache ratios measured on %s: %s", type(pipe.transformer).__name__,
+             [round(r, 4) for r in ratios])  # fmt: skip
+    return ratios
+
+
+def warm_up(pipelines: Pipelines) -> list[str]:
+    """Load every configured pipeline and run one small generation on text to video (and one
+    turbo one when a turbo checkpoint is set): kernels load, compiled blocks compile. The
+    names of the generations run, for the log."""
+    pipelines.t2v, pipelines.v2v  # noqa: B018 (the properties load)
+    if pipelines.settings.wan_vace_model_path is not None:
+        pipelines.vace  # noqa: B018
+    runs: list[tuple[str, int | None]] = [("image_high", WARMUP_STEPS)]
+    if turbo_checkpoint(pipelines.settings) is not None:
+        runs.append(("image_fast", None))
+    from worker.generation.modes import generate  # modes imports load, which imports this
+
+    done = []
+    for job_type, steps in runs:
+        job = as_run(_warmup_job(job_type, steps), pipelines.settings)
+        generate(pipelines, job, seed=0, references={})
+        done.append(f"{job_type}{' (turbo)' if job.turbo else ''}")
+    return done
+
+
+def _warmup_job(job_type: str, steps: int | None) -> Job:
+    config: dict[str, Any] = {"resolution": WARMUP_RESOLUTION, "seed": 0}
+    if steps is not None:
+        config["num_inference_steps"] = steps
+    return parse_job({"id": "warm-up", "user_id": "worker", "type": job_type,
+                      "prompt": "warm-up", "config": config})  # fmt: skip
