@@ -71,9 +71,11 @@ task_annotations = {
     for name, (soft, hard) in STAGE_TIME_LIMITS_S.items()
 }
 # Redis hands an unacked message out again after this long (BROKER_VISIBILITY_TIMEOUT_S):
-# how soon the job of a worker killed whole runs again. It should outlast the longest
-# task; a shorter one still never runs a healthy stage twice (the stage lease in the job
-# record makes the second delivery wait), it only sends a duplicate. The sweep that hands
+# the backstop for the job of a worker killed whole. The media workers' lost-job sweep
+# sends such a job again much sooner, within LOST_JOB_TIMEOUT_S (tasks/worker_steps.py),
+# and the old message, when Redis hands it out, is skipped as superseded. It should outlast
+# the longest task; a shorter one still never runs a healthy stage twice (the stage lease
+# in the job record makes the second delivery wait), it only sends a duplicate. The sweep that hands
 # messages out runs every fifth of it (at most every 10 s) instead of kombu's 100 s.
 _visibility_timeout_s = get_settings().broker_visibility_timeout_s or 2 * max(
     hard for _, hard in STAGE_TIME_LIMITS_S.values()

@@ -19,7 +19,7 @@ from celery.signals import (
 )
 
 from tasks.routing import host_queue
-from tasks.worker_steps import SpoolSweep
+from tasks.worker_steps import LostJobSweeper, SpoolSweep
 from worker import faults
 from worker.observe import logs, metrics
 from worker.observe.loaded_models import LoadedModels
@@ -38,6 +38,7 @@ WARMUP_LIMIT_S = 1_800
 app = Celery("wan")
 app.config_from_object("celeryconfig")
 app.steps["worker"].add(SpoolSweep)
+app.steps["worker"].add(LostJobSweeper)
 
 
 @after_setup_logger.connect

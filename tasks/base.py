@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from media import spool
@@ -24,7 +24,7 @@ from worker.errors import (
 )
 from worker.job_control import finish_cancelled, raise_if_cancelled, send_final_callback
 from worker.observe.progress import Progress
-from worker.records import JobRecords, get_records
+from worker.records import JobRecords, get_records, run_of_task
 from worker.settings import get_settings, soft_limit_setting
 
 log = get_task_logger(__name__)
@@ -61,7 +61,14 @@ class StageTask(Task):
         start = records.begin_stage(
             job_id, self.stage, lease_s=settings.stage_lease_s,
             max_deliveries=settings.max_deliveries,
+            run=run_of_task(self.request.id or "", job_id, self.stage),
         )  # fmt: skip
+        if start.outcome == "superseded":
+            # The job was sent again (the lost-job sweep, an operator's retry) with new task
+            # ids; this old message came back from a dead worker. Its chain stops here: the
+            # new run has its own.
+            log.info("job=%s stage %s: message of a superseded run skipped", job_id, self.stage)
+            raise Ignore()
         if start.outcome == "done":
             # Not Celery's Ignore: the run that finished may have died before it sent the
             # next stage, so this delivery returns and the chain goes on; every later stage
@@ -96,6 +103,8 @@ class StageTask(Task):
         job_id = args[0]
         if isinstance(exc, SoftTimeLimitExceeded):
             exc = self.timed_out()
+        elif isinstance(exc, TimeLimitExceeded):
+            exc = self.killed_at_hard_limit()
         spool.remove_job(get_settings().spool_dir, job_id)  # no later stage will read it
         if isinstance(exc, JobCancelled):
             log.info("job=%s cancelled at stage %s", job_id, self.stage)
@@ -117,6 +126,17 @@ class StageTask(Task):
         return StageTimedOut(
             f"{self.stage} ran past its soft time limit of {soft_s:g} s "
             f"({soft_limit_setting(self.stage)})"
+        )
+
+    def killed_at_hard_limit(self) -> StageTimedOut:
+        """What the user reads when the pool child was killed at this stage's hard time
+        limit (it did not stop at the soft one). Celery's `Request.on_timeout` calls
+        `on_failure` with TimeLimitExceeded in the worker's main process, the child gone."""
+        _, hard_s = get_settings().stage_time_limits()[self.stage]
+        return StageTimedOut(
+            f"{self.stage} was killed at its hard time limit of {hard_s:g} s "
+            f"({soft_limit_setting(self.stage)} + HARD_LIMIT_GRACE_S): it did not stop at "
+            "the soft limit"
         )
 
 

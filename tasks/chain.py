@@ -8,17 +8,12 @@ from celery.canvas import Signature
 from tasks.enhance import enhance
 from tasks.generate import generate
 from tasks.media import callback, encode, thumbnail, upload
-from worker.records import STAGES
+from worker.records import STAGES, stage_task_id
 
 #: The stage tasks in chain order, by the names records use.
 STAGE_TASKS = {
     task.stage: task for task in (enhance, generate, encode, thumbnail, upload, callback)
 }
-
-
-def stage_task_id(job_id: str, stage: str, run: int = 0) -> str:
-    """`{job_id}:{stage}`; an operator's n-th retry gets fresh ids, `{job_id}:{stage}:retry{n}`."""
-    return f"{job_id}:{stage}" if run == 0 else f"{job_id}:{stage}:retry{run}"
 
 
 def build_chain(job_id: str, *, from_stage: str = STAGES[0], run: int = 0) -> Signature:

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
@@ -110,10 +111,13 @@ class GenerateTask(StageTask):
     def on_failure(
         self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
     ) -> None:
-        """A failed generation (a time limit, out of memory) leaves no GPU cache behind."""
-        from worker.generation import gpu_memory
+        """A failed generation (a time limit, out of memory) leaves no GPU cache behind. At
+        the hard time limit this runs in the worker's main process (the child that held the
+        GPU is gone): nothing to free, and torch stays out of the main process."""
+        if not isinstance(exc, TimeLimitExceeded):
+            from worker.generation import gpu_memory
 
-        gpu_memory.free()
+            gpu_memory.free()
         super().on_failure(exc, task_id, args, kwargs, einfo)
 
 

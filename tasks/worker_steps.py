@@ -8,6 +8,7 @@ from typing import Any
 from celery import bootsteps
 
 from media import spool
+from worker.lost_jobs import LostJobSweep
 from worker.records import FINAL_STATUSES, get_records
 from worker.settings import get_settings
 
@@ -23,15 +24,16 @@ def job_running(job_id: str) -> bool:
     return status is not None and status not in DONE_STATUSES
 
 
-class SpoolSweep(bootsteps.StartStopStep):
-    """Every SPOOL_SWEEP_INTERVAL_S, removes spool directories older than SPOOL_ORPHAN_AGE_S
-    whose job is not running: what a worker killed mid-job or a lost record left behind.
+class MediaWorkerChore(bootsteps.StartStopStep):
+    """A chore the media worker of each host runs every `interval_s`, on the worker's timer.
 
-    Only in workers that consume the `cpu` queue: the media worker of each host owns the
-    host's spool (its stages read and free it), and one sweeper per host is enough.
+    Only in workers that consume the `cpu` queue: one per host (its spool's owner). An error
+    of one pass (Redis away, a disk problem) is logged, and the next pass tries again.
     """
 
     requires = {"celery.worker.components:Timer"}
+    #: What the log calls it.
+    what = ""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -40,29 +42,73 @@ class SpoolSweep(bootsteps.StartStopStep):
     def include_if(self, worker: Any) -> bool:
         return "cpu" in worker.app.amqp.queues.consume_from
 
+    def interval_s(self) -> float:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        raise NotImplementedError
+
     def start(self, worker: Any) -> None:
-        interval_s = get_settings().spool_sweep_interval_s
-        self.timer_ref = worker.timer.call_repeatedly(interval_s, self.sweep, priority=10)
-        log.info("spool sweep every %g s", interval_s)
+        self.timer_ref = worker.timer.call_repeatedly(self.interval_s(), self.tick, priority=10)
+        log.info("%s every %g s", self.what, self.interval_s())
 
     def stop(self, worker: Any) -> None:
         if self.timer_ref is not None:
             self.timer_ref.cancel()
             self.timer_ref = None
 
-    def sweep(self) -> None:
-        """One pass; an error (Redis away, a disk problem) is logged and the next pass retries."""
-        settings = get_settings()
+    def tick(self) -> None:
         try:
-            removed = spool.sweep_orphans(
-                settings.spool_dir, older_than_s=settings.spool_orphan_age_s, running=job_running
-            )
+            self.run()
         except Exception:  # the timer's edge: one pass fails, the worker and its timer go on
-            log.exception("spool sweep failed")
-            return
+            log.exception("%s failed", self.what)
+
+
+class SpoolSweep(MediaWorkerChore):
+    """Every SPOOL_SWEEP_INTERVAL_S, removes spool directories older than SPOOL_ORPHAN_AGE_S
+    whose job is not running: what a worker killed mid-job or a lost record left behind."""
+
+    what = "spool sweep"
+
+    def interval_s(self) -> float:
+        return get_settings().spool_sweep_interval_s
+
+    def run(self) -> None:
+        settings = get_settings()
+        removed = spool.sweep_orphans(
+            settings.spool_dir, older_than_s=settings.spool_orphan_age_s, running=job_running
+        )
         for job_id in removed:
             log.warning(
                 "job=%s orphan spool directory removed (older than SPOOL_ORPHAN_AGE_S=%g)",
                 job_id,
                 settings.spool_orphan_age_s,
             )
+
+
+class LostJobSweeper(MediaWorkerChore):
+    """Says this host's media worker lives, then sends lost jobs again (worker/lost_jobs.py),
+    every fifth of LOST_JOB_TIMEOUT_S (at most a minute).
+
+    In the media workers because there is one per host and they need no GPU: every live
+    host sweeps, so a job is rescued as long as any host lives; the resend is atomic on the
+    job record, so sweeping on several hosts at once sends a job once. The heartbeat (a
+    field per host with Redis's time, not a Celery ping) answers "no media worker on this
+    host for LOST_JOB_TIMEOUT_S" from one read, without waiting on a broadcast.
+    """
+
+    what = "lost-job sweep"
+
+    def interval_s(self) -> float:
+        return get_settings().lost_job_sweep_interval_s()
+
+    def run(self) -> None:
+        settings = get_settings()
+        records = get_records()
+        records.media_heartbeat(settings.worker_host)
+        LostJobSweep(
+            records,
+            timeout_s=settings.lost_job_timeout_s,
+            lease_s=settings.stage_lease_s,
+            max_deliveries=settings.max_deliveries,
+        ).sweep()

@@ -3,12 +3,16 @@
 `WAN_TEST_FAULT` holds rules separated by `;`, each `<job id prefix>:<action>@<point>`,
 optionally `/<preset>` to match only generation at that quality preset:
 
-    poison-:crash@step1;oom-high-:oom@step1/high;oom-all-:oom@step1;slow-:hang@step1
+    poison-:crash@step1;oom-high-:oom@step1/high;oom-all-:oom@step1;slow-:hang@step1;
+    long-:pause12@step1;stuck-:stuck@step1
 
 Actions:
 - `crash`: SIGKILL this process at once (what the OOM killer or a preempted pod does);
 - `oom`: raise `torch.OutOfMemoryError` (what a card too small for the job does);
-- `hang`: sleep until a time limit or a signal ends it (a stuck kernel, a dead NFS mount).
+- `hang`: sleep until a time limit or a signal ends it (a stuck kernel, a dead NFS mount);
+- `stuck`: sleep through the soft time limit too, until the hard one kills the process (a
+  CUDA kernel that no signal interrupts);
+- `pause<seconds>`: sleep that long, then go on (a slow but healthy stage).
 
 Points: `step<k>` (the end of denoising step k, counted from 1), `bridge_taken` (the bridge
 holds an item it has not dispatched yet), `bridge_sent` (its chain is sent, not yet marked).
@@ -20,6 +24,7 @@ a typo never passes for a fault that did not fire. Production never sets it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -27,8 +32,10 @@ from functools import lru_cache
 from typing import Literal
 
 ENV = "WAN_TEST_FAULT"
-Action = Literal["crash", "oom", "hang"]
-ACTIONS: tuple[Action, ...] = ("crash", "oom", "hang")
+Action = Literal["crash", "oom", "hang", "stuck", "pause"]
+#: The actions written as they are; `pause` carries its seconds: `pause12`.
+PLAIN_ACTIONS: tuple[Action, ...] = ("crash", "oom", "hang", "stuck")
+PAUSE = re.compile(r"pause(\d+(?:\.\d+)?)")
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,8 @@ class Rule:
     action: Action
     point: str
     preset: str | None = None
+    #: How long a `pause` sleeps.
+    pause_s: float = 0.0
 
     def matches(self, point: str, job_id: str, preset: str | None) -> bool:
         return (
@@ -53,12 +62,16 @@ def parse(spec: str) -> tuple[Rule, ...]:
         prefix, sep, rest = text.partition(":")
         action, at, where = rest.partition("@")
         point, _, preset = where.partition("/")
-        if not (sep and at and point) or action not in ACTIONS:
+        pause = PAUSE.fullmatch(action)
+        if not (sep and at and point) or (action not in PLAIN_ACTIONS and not pause):
             raise ValueError(
                 f"{ENV}: malformed rule {text!r}; expected "
-                f"'<job id prefix>:<{'|'.join(ACTIONS)}>@<point>[/<preset>]'"
+                f"'<job id prefix>:<{'|'.join(PLAIN_ACTIONS)}|pause<seconds>>@<point>[/<preset>]'"
             )
-        rules.append(Rule(prefix, action, point, preset or None))  # type: ignore[arg-type]
+        rules.append(
+            Rule(prefix, "pause" if pause else action, point, preset or None,  # type: ignore[arg-type]
+                 float(pause.group(1)) if pause else 0.0)
+        )  # fmt: skip
     return tuple(rules)
 
 
@@ -86,5 +99,12 @@ def _act(rule: Rule, job_id: str) -> None:
         import torch  # only generation points raise this, in a process that has torch
 
         raise torch.OutOfMemoryError(what)
+    if rule.action == "pause":
+        time.sleep(rule.pause_s)
+        return
     while True:  # hang: a Celery time limit (or a signal) is the only way out
-        time.sleep(1)
+        try:
+            time.sleep(1)
+        except Exception:  # the soft time limit's: only `stuck` takes no notice
+            if rule.action != "stuck":
+                raise

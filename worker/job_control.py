@@ -200,14 +200,19 @@ def _restart_stage(record: JobRecord) -> str:
     return stopped
 
 
-def _reset(records: JobRecords, record: JobRecord, stage: str, run: int) -> None:
-    """Forget the outcome and what the stages from `stage` on did, deliveries included."""
+def run_again_fields(record: JobRecord, stage: str) -> list[str]:
+    """What a run of the job from `stage` forgets: the outcome and what the stages from
+    `stage` on did, deliveries included."""
     later = STAGES[STAGES.index(stage) :]
     stale = [*OUTCOME_FIELDS, *(name for s in later for name in STAGE_OUTPUTS[s])]
     stale += [f"{kind}:{s}" for s in later for kind in STAGE_BOOKKEEPING]
-    stale += [name for name in record.fields if name.startswith("callback_sent:")]
+    return stale + [name for name in record.fields if name.startswith("callback_sent:")]
+
+
+def _reset(records: JobRecords, record: JobRecord, stage: str, run: int) -> None:
+    """Forget the outcome and what the stages from `stage` on did, deliveries included."""
     with records.redis.pipeline() as pipe:
-        pipe.hdel(records.key(record.job_id), *stale)
+        pipe.hdel(records.key(record.job_id), *run_again_fields(record, stage))
         pipe.hset(
             records.key(record.job_id),
             mapping={"status": "queued", "stage": "", "retries": str(run), "retried_from": stage},

@@ -37,7 +37,14 @@ CLAIM_LEASE_S = 300
 
 Claim = Literal["claimed", "dispatched", "held"]
 #: What a stage's start finds; see `JobRecords.begin_stage`.
-StageStart = Literal["run", "done", "busy", "too_many"]
+StageStart = Literal["run", "done", "busy", "too_many", "superseded"]
+#: What `JobRecords.resend_lost` did: `resent` (the caller sends the chain), `too_many` (the
+#: job is failed: the caller reports it) or `gone` (another sweeper, or the job, moved on).
+Resend = Literal["resent", "too_many", "gone"]
+#: Media workers' heartbeats: WORKER_HOST -> Redis time of its media worker's last sweep.
+MEDIA_HOSTS_KEY = "wan:media_hosts"
+#: Where a job's frames live: these stages read the spool of the host that generated them.
+SPOOL_STAGES = ("encode", "thumbnail", "upload")
 
 #: Atomically: a dispatched job stays dispatched; a claim of another owner whose lease runs
 #: is left alone; otherwise the caller holds the claim for the lease from Redis's own clock
@@ -61,10 +68,13 @@ return 'claimed'
 
 #: Atomically, on Redis's clock: decide what a stage's start does (`JobRecords.begin_stage`).
 #: KEYS: the record; ARGV: stage, owner, lease seconds, record TTL, MAX_DELIVERIES, the
-#: lease owner known dead ('' if none), this process's pid namespace, its WORKER_HOST.
-#: Returns {outcome, deliveries, seconds left of a live lease}.
+#: lease owner known dead ('' if none), this process's pid namespace, its WORKER_HOST, the
+#: run of the delivered message ('' if not a chain's). Returns {outcome, deliveries,
+#: seconds left of a live lease}.
 _BEGIN_STAGE_SCRIPT = """
 local stage = ARGV[1]
+local run = tonumber(redis.call('HGET', KEYS[1], 'retries') or '0')
+if ARGV[9] ~= '' and tonumber(ARGV[9]) < run then return {'superseded', '0', '0'} end
 if redis.call('HEXISTS', KEYS[1], 'finished:' .. stage) == 1 then return {'done', '0', '0'} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -117,6 +127,48 @@ if ARGV[3] ~= '' then
 end
 return 1
 """
+
+
+#: Atomically: send a lost job again from a stage, unless another sweeper or the job itself
+#: moved on since the caller read the record (status, run and the lost stage's lease owner
+#: as read). Counts a delivery of the restart stage; past MAX_DELIVERIES the job is failed
+#: instead. KEYS: the record; ARGV: lost stage, its lease owner as read ('' for none), run
+#: as read, restart stage, MAX_DELIVERIES, record TTL, then the fields a new run forgets.
+#: Returns {outcome, deliveries}.
+_RESEND_SCRIPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'processing' then return {'gone', '0'} end
+if (redis.call('HGET', KEYS[1], 'retries') or '0') ~= ARGV[3] then return {'gone', '0'} end
+if (redis.call('HGET', KEYS[1], 'lease:' .. ARGV[1]) or '') ~= ARGV[2] then return {'gone', '0'} end
+local deliveries = tonumber(redis.call('HGET', KEYS[1], 'deliveries:' .. ARGV[4]) or '1') + 1
+local t = redis.call('TIME')
+local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+if deliveries > tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'deliveries:' .. ARGV[4], deliveries)
+  return {'too_many', tostring(deliveries)}
+end
+for i = 7, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+redis.call('HSET', KEYS[1], 'status', 'processing', 'stage', '', 'retries', tonumber(ARGV[3]) + 1,
+           'retried_from', ARGV[4], 'deliveries:' .. ARGV[4], deliveries, 'lost:' .. ARGV[1], now)
+return {'resent', tostring(deliveries)}
+"""
+
+
+def stage_task_id(job_id: str, stage: str, run: int = 0) -> str:
+    """`{job_id}:{stage}`; each later run of the chain (an operator's retry, the lost-job
+    sweep's resend) gets fresh ids, `{job_id}:{stage}:retry{n}`."""
+    return f"{job_id}:{stage}" if run == 0 else f"{job_id}:{stage}:retry{run}"
+
+
+def run_of_task(task_id: str, job_id: str, stage: str) -> int | None:
+    """The run a stage's task id belongs to (`stage_task_id` read back); None for a message
+    that is not a chain's (a final `failed` callback, `{job_id}:callback:failed`)."""
+    base = f"{job_id}:{stage}"
+    if task_id == base:
+        return 0
+    run = task_id.removeprefix(f"{base}:retry")
+    return int(run) if run != task_id and run.isdigit() else None
 
 
 def lease_owner(pid: int | None = None) -> str:
@@ -220,6 +272,7 @@ class JobRecords:
         self._begin_stage = client.register_script(_BEGIN_STAGE_SCRIPT)
         self._renew_stage = client.register_script(_RENEW_STAGE_SCRIPT)
         self._release_stage = client.register_script(_RELEASE_STAGE_SCRIPT)
+        self._resend = client.register_script(_RESEND_SCRIPT)
 
     @property
     def owner(self) -> str:
@@ -310,7 +363,13 @@ class JobRecords:
         )
 
     def begin_stage(
-        self, job_id: str, stage: str, *, lease_s: float, max_deliveries: int
+        self,
+        job_id: str,
+        stage: str,
+        *,
+        lease_s: float,
+        max_deliveries: int,
+        run: int | None = None,
     ) -> StageRun:
         """Decide whether this process runs the stage now, and if so take its lease.
 
@@ -321,6 +380,8 @@ class JobRecords:
         - `done`: the stage finished before; nothing is changed.
         - `busy`: another owner's live lease: a duplicate delivery, not counted.
         - `too_many`: this would be delivery MAX_DELIVERIES + 1.
+        - `superseded`: the message is of an older `run` of the chain than the record's (the
+          job was sent again since: its old message came back from a dead worker).
 
         A lease released on purpose (success, failure, retry, hand-back) counts nothing.
         """
@@ -334,7 +395,7 @@ class JobRecords:
         outcome, deliveries, left_s = self._begin_stage(
             keys=[key],
             args=[stage, lease_owner(), lease_s, self.ttl_s, max_deliveries, dead,
-                  _pid_namespace(), get_settings().worker_host],
+                  _pid_namespace(), get_settings().worker_host, "" if run is None else run],
         )  # fmt: skip
         return StageRun(outcome.decode(), int(deliveries), float(left_s))
 
@@ -352,6 +413,35 @@ class JobRecords:
             keys=[self.key(job_id)], args=[stage, owner or lease_owner(), note]
         )
         return bool(released)
+
+    def resend_lost(
+        self,
+        record: JobRecord,
+        *,
+        stage: str,
+        restart: str,
+        forget: list[str],
+        max_deliveries: int,
+    ) -> tuple[Resend, int]:
+        """Start a new run of a lost job from `restart` in the record, if `record` (as read)
+        is still how things stand: see `_RESEND_SCRIPT`. `forget`: the fields the new run
+        starts without. The outcome and the restart stage's deliveries."""
+        fields = record.fields
+        outcome, deliveries = self._resend(
+            keys=[self.key(record.job_id)],
+            args=[stage, fields.get(f"lease:{stage}", ""), fields.get("retries", "0"), restart,
+                  max_deliveries, self.ttl_s, *forget],
+        )  # fmt: skip
+        return outcome.decode(), int(deliveries)
+
+    def media_heartbeat(self, host: str) -> None:
+        """Say that `host` has a live media worker, on Redis's clock."""
+        seconds, micros = self.redis.time()
+        self.redis.hset(MEDIA_HOSTS_KEY, host, f"{seconds + micros / 1e6:.6f}")
+
+    def media_hosts(self) -> dict[str, float]:
+        """When each host's media worker last said it lives (Redis time)."""
+        return {k.decode(): float(v) for k, v in self.redis.hgetall(MEDIA_HOSTS_KEY).items()}
 
     def stage_finished(self, job_id: str, stage: str) -> None:
         """Note the stage done (later deliveries skip it) and release its lease."""

@@ -104,8 +104,16 @@ class Settings(BaseSettings):
     #: How long a running stage's lease in the job record lasts without renewal, seconds;
     #: renewed every third of it. A duplicate delivery waits while the lease is live.
     stage_lease_s: float = 60.0
+    #: After how long a job whose running stage's owner is gone (its lease not renewed: the
+    #: worker killed whole, the host lost), or whose media stages wait on a host with no
+    #: live media worker, runs again elsewhere, seconds. The media workers' lost-job sweep
+    #: (tasks/worker_steps.py) sends it again; at least STAGE_LEASE_S.
+    lost_job_timeout_s: PositiveFloat = 300
     #: After how long Redis hands out an unacknowledged task message again, seconds
-    #: (its worker died whole); unset: twice the longest hard time limit.
+    #: (its worker died whole); unset: twice the longest hard time limit. Only the backstop
+    #: of LOST_JOB_TIMEOUT_S (a job lost while no media worker sweeps anywhere): the
+    #: sweep sends a lost job again long before, and the old message, if it ever comes back,
+    #: is skipped (`superseded`, see `JobRecords.begin_stage`).
     broker_visibility_timeout_s: int | None = None
     #: On SIGTERM, how long a worker lets its running job finish before it hands the job
     #: back to the queue and exits, seconds (keep it below the platform's stop grace).
@@ -219,6 +227,22 @@ class Settings(BaseSettings):
         for name, value in derived.items():
             object.__setattr__(self, name, value)
         return self
+
+    @model_validator(mode="after")
+    def _lost_job_timeout_outlasts_the_lease(self) -> Settings:
+        """A lease is renewed every third of STAGE_LEASE_S: a shorter timeout would call a
+        healthy stage lost between two renewals."""
+        if self.lost_job_timeout_s < self.stage_lease_s:
+            raise ValueError(
+                f"LOST_JOB_TIMEOUT_S={self.lost_job_timeout_s:g} must be at least "
+                f"STAGE_LEASE_S={self.stage_lease_s:g}"
+            )
+        return self
+
+    def lost_job_sweep_interval_s(self) -> float:
+        """How often each media worker sweeps for lost jobs: a fifth of LOST_JOB_TIMEOUT_S,
+        at most a minute, so a lost job runs again at most a fifth later than its timeout."""
+        return min(self.lost_job_timeout_s / 5, 60.0)
 
     @model_validator(mode="after")
     def _one_turbo_checkpoint(self) -> Settings:
