@@ -18,6 +18,7 @@ from celery.signals import (
     task_retry,
 )
 
+from tasks.promotion import PromotionSweep
 from tasks.routing import host_queue
 from tasks.worker_steps import SpoolSweep
 from worker import faults
@@ -38,6 +39,7 @@ WARMUP_LIMIT_S = 1_800
 app = Celery("wan")
 app.config_from_object("celeryconfig")
 app.steps["worker"].add(SpoolSweep)
+app.steps["worker"].add(PromotionSweep)
 
 
 @after_setup_logger.connect
