@@ -46,6 +46,7 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.progress
 	$(PY) -m bench.gpu
 	$(PY) -m bench.faults
+	$(PY) -m bench.lanes
 
 clean:
 	rm -rf $(VENV) .demo spool outputs

@@ -5,6 +5,7 @@ Loaded by `tasks.app` with `config_from_object`; Redis comes from REDIS_URL.
 
 from kombu import Exchange, Queue
 
+from worker.lanes import PRIORITY_STEPS
 from worker.settings import get_settings
 
 _redis_url = get_settings().redis_url
@@ -80,7 +81,13 @@ task_annotations = {
 _visibility_timeout_s = get_settings().broker_visibility_timeout_s or 2 * max(
     hard for _, hard in STAGE_TIME_LIMITS_S.values()
 )
+# Priorities (worker/lanes.py): each step of a queue is a Redis list, step 0 taken first;
+# only generate messages carry one (images ahead of videos, fair share between users).
+# `priority` order: a worker of several queues takes them in its -Q order at each step,
+# not round robin.
 broker_transport_options = {
+    "priority_steps": list(PRIORITY_STEPS),
+    "queue_order_strategy": "priority",
     "visibility_timeout": _visibility_timeout_s,
     "unacked_restore_interval": max(1, min(10, _visibility_timeout_s // 5)),
     "unacked_restore_throttle": 1,

@@ -18,6 +18,7 @@ from celery.signals import (
     task_retry,
 )
 
+from tasks.promotion import PromotionSweep
 from tasks.routing import host_queue
 from tasks.worker_steps import LostJobSweeper, SpoolSweep
 from worker import faults
@@ -39,6 +40,7 @@ app = Celery("wan")
 app.config_from_object("celeryconfig")
 app.steps["worker"].add(SpoolSweep)
 app.steps["worker"].add(LostJobSweeper)
+app.steps["worker"].add(PromotionSweep)
 
 
 @after_setup_logger.connect

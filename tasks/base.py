@@ -23,6 +23,7 @@ from worker.errors import (
     TransientError,
 )
 from worker.job_control import finish_cancelled, raise_if_cancelled, send_final_callback
+from worker.lanes import leave_waiting
 from worker.observe.progress import Progress
 from worker.records import JobRecords, get_records, run_of_task
 from worker.settings import get_settings, soft_limit_setting
@@ -87,6 +88,8 @@ class StageTask(Task):
         if start.outcome == "too_many":
             raise TooManyDeliveries.of(self.stage, start.deliveries, settings.max_deliveries)
         log.info("job=%s stage %s started (delivery %d)", job_id, self.stage, start.deliveries)
+        if self.stage == "generate":  # it waits in its lane no more (worker/lanes.py)
+            leave_waiting(records, settings, job_id)
         progress = Progress(records, job_id, task=self)  # skipped deliveries report nothing
         progress.stage_started(self.stage)
         with _leased(records, job_id, self.stage, settings.stage_lease_s):
@@ -101,6 +104,7 @@ class StageTask(Task):
         self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
     ) -> None:
         job_id = args[0]
+        leave_waiting(get_records(), get_settings(), job_id)  # failed before generating
         if isinstance(exc, SoftTimeLimitExceeded):
             exc = self.timed_out()
         elif isinstance(exc, TimeLimitExceeded):

@@ -16,11 +16,19 @@ STAGE_TASKS = {
 }
 
 
-def build_chain(job_id: str, *, from_stage: str = STAGES[0], run: int = 0) -> Signature:
+def build_chain(
+    job_id: str, *, from_stage: str = STAGES[0], run: int = 0, priority: int | None = None
+) -> Signature:
     """`enhance -> generate -> encode -> thumbnail -> upload -> callback`, or its tail from
-    `from_stage` for a retry; routes in celeryconfig."""
+    `from_stage` for a retry; routes in celeryconfig. The generate message carries the
+    job's `priority` step (worker/lanes.py), whichever stage sends it; None: kombu's 0."""
     stages = STAGES[STAGES.index(from_stage) :]
     return chain(
-        STAGE_TASKS[stage].si(job_id).set(task_id=stage_task_id(job_id, stage, run))
+        STAGE_TASKS[stage]
+        .si(job_id)
+        .set(
+            task_id=stage_task_id(job_id, stage, run),
+            **({"priority": priority} if stage == "generate" and priority is not None else {}),
+        )
         for stage in stages
     )

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 
+from worker.lanes import priority_lists, queue_depth
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port
 
@@ -180,13 +181,14 @@ CELERY_QUEUES = ("enhance", "gpu", "cpu", f"cpu.{socket.gethostname()}")
 
 def settled(client: redis.Redis, platform_queue: str) -> bool:
     """Nothing waits anywhere: not on the platform list, in a Celery queue, or unacked."""
-    waiting = [client.llen(queue) for queue in (platform_queue, *CELERY_QUEUES)]
+    waiting = [client.llen(platform_queue), *(queue_depth(client, q) for q in CELERY_QUEUES)]
     return not any(waiting) and client.hlen("unacked") == 0
 
 
 def sent_job_ids(client: redis.Redis, queue: str) -> list[str]:
-    """Job ids of the task messages waiting on a Celery queue, oldest first."""
-    messages = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]
+    """Job ids of the task messages waiting on a Celery queue, in the order of takes."""
+    raws = [m for name in priority_lists(queue) for m in reversed(client.lrange(name, 0, -1))]
+    messages = [json.loads(m) for m in raws]
     return [m["headers"]["id"].split(":")[0] for m in messages]
 
 

@@ -24,6 +24,7 @@ import redis
 
 from tests.conftest import JOB_TIMEOUT_S, new_job
 from tests.test_job_control import cli
+from worker.lanes import queue_depth
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import ROOT, LocalStack, RedisServer, wait_until
 from worker.records import JobRecord, JobRecords
@@ -339,7 +340,7 @@ def test_sigterm_hands_a_running_job_back_after_the_grace_and_it_completes_after
     worker.wait(timeout=GRACE_S + 60)
     handed_back = record(client, held["id"]).fields
     assert "handed_back:generate" in handed_back and "lease:generate" not in handed_back
-    assert client.llen("gpu") == 1
+    assert queue_depth(client, "gpu") == 1
     assert "handed back to the queue" in stack.log("gpu")
 
     # And a restarted worker completes it, as the same delivery

@@ -12,7 +12,9 @@ import logging
 
 from worker.job_control import send_final_callback
 from worker.jobs import Job
+from worker.lanes import WaitingJobs
 from worker.records import JobRecords
+from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ def send(records: JobRecords, job: Job, *, payload: str) -> None:
     if job.frames != job.frames_requested:
         log.info("job=%s frames %d normalised to %d", job.id, job.frames_requested, job.frames)
     records.create(job, payload=payload)
-    build_chain(job.id).apply_async()
+    priority = WaitingJobs(records.redis, get_settings()).enter(job)
+    build_chain(job.id, priority=priority).apply_async()
 
 
 def mark_dispatched(records: JobRecords, job: Job) -> None:

@@ -19,8 +19,10 @@ from enum import Enum
 
 from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
+from worker.lanes import WaitingJobs, leave_waiting
 from worker.observe.metrics import CANCELLATIONS, Metrics
 from worker.records import STAGES, JobRecord, JobRecords
+from worker.settings import get_settings
 
 
 class Outcome(Enum):
@@ -94,6 +96,7 @@ def cancel(records: JobRecords, job_id: str) -> Answer:
             Outcome.REFUSED, job_id, status, f"job {job_id} is {status}: too late to cancel"
         )
     if decision == "stopped":
+        leave_waiting(records, get_settings(), job_id)
         Metrics(records.redis).count(CANCELLATIONS)
         send_final_callback(job_id, "cancelled")
         return Answer(
@@ -161,7 +164,10 @@ def retry(
     else:
         stage = "enhance" if from_start else _restart_stage(record)
         _reset(records, record, stage, run)
-        build_chain(job_id, from_stage=stage, run=run).apply_async()
+        priority = None  # a tail after generate (the final callback) waits in no lane
+        if STAGES.index(stage) <= STAGES.index("generate"):
+            priority = WaitingJobs(records.redis, get_settings()).enter(record.job)
+        build_chain(job_id, from_stage=stage, run=run, priority=priority).apply_async()
     DeadLetters(records.redis).remove(job_id)
     status = records.get(job_id).status
     return Answer(

@@ -119,6 +119,19 @@ class Settings(BaseSettings):
     #: back to the queue and exits, seconds (keep it below the platform's stop grace).
     shutdown_grace_s: float = 60.0
 
+    #: Images ahead of videos: each waits at most for the generation in progress.
+    priority_lanes: bool = True
+    #: A user's n-th waiting job goes behind every other user's first (order within one
+    #: user stays FIFO).
+    fair_share: bool = True
+    #: A job waiting for generation longer than this goes ahead of every lane, seconds (no
+    #: video starves behind a stream of images). Checked every tenth of it (1-30 s).
+    promote_after_s: PositiveFloat = 600
+
+    def promote_sweep_interval_s(self) -> float:
+        """How often each generation worker looks for jobs to promote, seconds."""
+        return max(1.0, min(30.0, self.promote_after_s / 10))
+
     #: Send `processing` callbacks with `metadata.progress` while generating (throttled).
     progress_callbacks: bool = False
     #: ... at most one per 10 % of the job and per this many seconds.

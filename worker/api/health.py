@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
+from worker.lanes import queue_depth
 from worker.observe.loaded_models import LoadedModels
 from worker.settings import Settings, get_settings
 
@@ -70,7 +71,7 @@ def health(settings: Annotated[Settings, Depends(get_settings)]) -> Health | JSO
     broker = redis_client(settings.redis_url)
     platform = redis_client(settings.platform_redis_url or settings.redis_url)
     try:
-        depths = {queue: int(broker.llen(queue)) for queue in QUEUES}
+        depths = {queue: queue_depth(broker, queue) for queue in QUEUES}
         depths["platform"] = int(platform.llen(settings.platform_queue))
         workers = _workers(broker)
     except (redis.RedisError, OperationalError) as e:

@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.api.health import QUEUES, redis_client
+from worker.lanes import WaitingJobs, queue_depth
 from worker.observe.metrics import Metrics
 from worker.settings import Settings, get_settings
 
@@ -24,19 +25,37 @@ router = APIRouter(tags=["health"])
 
 
 class _QueueDepths(Collector):
+    """Live gauges read at scrape time: queue depths, and per lane the jobs waiting for
+    generation and the oldest one's wait (what an autoscaler scales the GPU workers on)."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
-            "wan_queue_depth", "Messages waiting, by queue.", labels=["queue"]
+            "wan_queue_depth", "Messages waiting, by queue (all priority steps).", labels=["queue"]
         )
         broker = redis_client(self.settings.redis_url)
         for queue in QUEUES:
-            depth.add_metric([queue], broker.llen(queue))
+            depth.add_metric([queue], queue_depth(broker, queue))
         platform = redis_client(self.settings.platform_redis_url or self.settings.redis_url)
         depth.add_metric(["platform"], platform.llen(self.settings.platform_queue))
         yield depth
+        waiting = GaugeMetricFamily(
+            "wan_lane_waiting_jobs",
+            "Jobs sent and not yet generating, by lane (image, video).",
+            labels=["lane"],
+        )
+        oldest = GaugeMetricFamily(
+            "wan_lane_oldest_wait_seconds",
+            "Seconds the oldest job waiting for generation has waited, by lane (0: none).",
+            labels=["lane"],
+        )
+        for lane, state in WaitingJobs(broker, self.settings).state().items():
+            waiting.add_metric([lane], state.waiting)
+            oldest.add_metric([lane], state.oldest_wait_s)
+        yield waiting
+        yield oldest
 
 
 @router.get(
