@@ -18,9 +18,8 @@ from celery.signals import (
     task_retry,
 )
 
-from tasks.promotion import PromotionSweep
 from tasks.routing import host_queue
-from tasks.worker_steps import LostJobSweeper, SpoolSweep
+from tasks.worker_steps import LostJobSweeper, PromotionSweep, SpoolSweep
 from worker import faults
 from worker.observe import logs, metrics
 from worker.observe.loaded_models import LoadedModels

@@ -8,6 +8,7 @@ from typing import Any
 from celery import bootsteps
 
 from media import spool
+from worker.lanes import GPU_QUEUE, promote_overdue
 from worker.lost_jobs import LostJobSweep
 from worker.records import FINAL_STATUSES, get_records
 from worker.settings import get_settings
@@ -24,23 +25,25 @@ def job_running(job_id: str) -> bool:
     return status is not None and status not in DONE_STATUSES
 
 
-class MediaWorkerChore(bootsteps.StartStopStep):
-    """A chore the media worker of each host runs every `interval_s`, on the worker's timer.
+class WorkerChore(bootsteps.StartStopStep):
+    """A chore that workers consuming `queue` run every `interval_s`, on the worker's timer.
 
-    Only in workers that consume the `cpu` queue: one per host (its spool's owner). An error
-    of one pass (Redis away, a disk problem) is logged, and the next pass tries again.
+    An error of one pass (Redis away, a disk problem) is logged, and the next pass tries
+    again.
     """
 
     requires = {"celery.worker.components:Timer"}
     #: What the log calls it.
     what = ""
+    #: The queue whose workers run the chore.
+    queue = ""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.timer_ref: Any = None
 
     def include_if(self, worker: Any) -> bool:
-        return "cpu" in worker.app.amqp.queues.consume_from
+        return self.queue in worker.app.amqp.queues.consume_from
 
     def interval_s(self) -> float:
         raise NotImplementedError
@@ -62,6 +65,12 @@ class MediaWorkerChore(bootsteps.StartStopStep):
             self.run()
         except Exception:  # the timer's edge: one pass fails, the worker and its timer go on
             log.exception("%s failed", self.what)
+
+
+class MediaWorkerChore(WorkerChore):
+    """A chore of the media worker (`cpu` queue): there is one per host, its spool's owner."""
+
+    queue = "cpu"
 
 
 class SpoolSweep(MediaWorkerChore):
@@ -112,3 +121,22 @@ class LostJobSweeper(MediaWorkerChore):
             lease_s=settings.stage_lease_s,
             max_deliveries=settings.max_deliveries,
         ).sweep()
+
+
+class PromotionSweep(WorkerChore):
+    """Every `Settings.promote_sweep_interval_s()`, moves the generate messages of jobs
+    waiting longer than PROMOTE_AFTER_S to the top priority step (worker/lanes.py), so no
+    video starves behind a stream of images.
+
+    In every worker that consumes the `gpu` queue: the ones whose takes it orders. Several
+    at once are harmless (each message moves once, atomically).
+    """
+
+    what = "promotion sweep"
+    queue = GPU_QUEUE
+
+    def interval_s(self) -> float:
+        return get_settings().promote_sweep_interval_s()
+
+    def run(self) -> None:
+        promote_overdue(get_records(), get_settings())
