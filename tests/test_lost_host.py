@@ -169,6 +169,28 @@ def test_a_resend_happens_once_counts_a_delivery_and_supersedes_the_old_messages
     assert (new.outcome, new.deliveries) == ("run", 2)
 
 
+def test_a_resend_claimed_but_never_sent_is_sent_again_after_the_timeout(
+    records: JobRecords,
+) -> None:
+    # Given a lost generation whose resend was claimed on the record, and whose sweeper
+    # then died (or lost Redis) before it sent the chain and noted it sent
+    job_id = started(records, "generate")
+    assert resend(records, records.get(job_id)) == ("resent", 2)
+
+    # Then it is not lost while a send may still be on its way
+    assert decide(records, job_id, after_s=299) is None
+    # But once the claim is LOST_JOB_TIMEOUT_S old, it is sent again from the same stage,
+    # as a new run (the first run's messages, had any gone out, are superseded)
+    lost = decide(records, job_id, after_s=301)
+    assert lost is not None
+    assert (lost.stage, lost.restart, lost.owner) == ("generate", "generate", "an unsent resend")
+    assert resend(records, records.get(job_id)) == ("resent", 3)
+    assert records.get(job_id).fields["retries"] == "2"
+    # And a resend whose chain went out is never sent again for its wait in the queue
+    records.resend_sent(job_id)
+    assert decide(records, job_id, after_s=10_000) is None
+
+
 def test_a_resend_past_max_deliveries_fails_the_job_instead(records: JobRecords) -> None:
     job_id = started(records, "generate")
     records.write(job_id, **{"deliveries:generate": "3"})

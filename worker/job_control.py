@@ -212,6 +212,7 @@ def run_again_fields(record: JobRecord, stage: str) -> list[str]:
     later = STAGES[STAGES.index(stage) :]
     stale = [*OUTCOME_FIELDS, *(name for s in later for name in STAGE_OUTPUTS[s])]
     stale += [f"{kind}:{s}" for s in later for kind in STAGE_BOOKKEEPING]
+    stale.append("resend_pending")  # a lost-job resend's: this run replaces it
     return stale + [name for name in record.fields if name.startswith("callback_sent:")]
 
 

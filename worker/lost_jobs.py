@@ -41,7 +41,7 @@ class LostJob:
     restart: str
     #: Who is gone: the lease owner (`hostname:pid`) or the host whose media queue it is.
     owner: str
-    #: The WORKER_HOST that ran the stage or holds the frames.
+    #: The WORKER_HOST that ran the stage or holds the frames ('' for an unsent resend).
     host: str
     #: Seconds since the owner last gave a sign of life.
     silent_s: float
@@ -64,8 +64,12 @@ def lost_stage(
     """Whether this record's job is lost at `now` (Redis time), and where it runs again."""
     fields = record.fields
     stage = fields.get("stage", "")
-    if record.status not in RUNNING_STATUSES or stage not in STAGES:
-        return None  # finished, or not started yet: waiting in a queue is not lost
+    if record.status not in RUNNING_STATUSES:
+        return None
+    if stage == "" and "resend_pending" in fields:
+        return _unsent_resend(record, now=now, timeout_s=timeout_s)
+    if stage not in STAGES:
+        return None  # not started yet: waiting in a queue is not lost
     owner = fields.get(f"lease:{stage}")
     if owner is not None:
         lease_until = float(fields[f"lease_until:{stage}"])
@@ -84,6 +88,18 @@ def lost_stage(
     if silent_s < timeout_s:
         return None
     return LostJob(record.job_id, media, "generate", f"cpu.{frames_host}", frames_host, silent_s)
+
+
+def _unsent_resend(record: JobRecord, *, now: float, timeout_s: float) -> LostJob | None:
+    """A resend claimed on the record whose chain its sweeper never noted as sent (it died,
+    or Redis went away in between): sent again once that is LOST_JOB_TIMEOUT_S old. Had the
+    chain gone out after all, its messages are superseded by the new run's."""
+    fields = record.fields
+    silent_s = now - float(fields["resend_pending"])
+    if silent_s < timeout_s:
+        return None
+    restart = fields["retried_from"]
+    return LostJob(record.job_id, restart, restart, "an unsent resend", "", silent_s)
 
 
 def _waiting_media_stage(fields: dict[str, str], stage: str) -> str | None:
@@ -139,8 +155,9 @@ class LostJobSweep:
         )  # fmt: skip
         if outcome == "gone":
             return False
+        on_host = f" on host {lost.host}" if lost.host else ""
         why = (
-            f"job={lost.job_id} lost at stage {lost.stage}: {lost.owner} on host {lost.host} "
+            f"job={lost.job_id} lost at stage {lost.stage}: {lost.owner}{on_host} "
             f"silent for {lost.silent_s:.0f} s (LOST_JOB_TIMEOUT_S={self.timeout_s:g})"
         )
         if outcome == "too_many":
@@ -154,4 +171,5 @@ class LostJobSweep:
         log.warning("%s; sent again from %s (run %d, delivery %d)", why, lost.restart, run,
                     deliveries)  # fmt: skip
         build_chain(lost.job_id, from_stage=lost.restart, run=run).apply_async()
+        self.records.resend_sent(lost.job_id)
         return True

@@ -134,6 +134,7 @@ return 1
 #: as read). Counts a delivery of the restart stage; past MAX_DELIVERIES the job is failed
 #: instead. KEYS: the record; ARGV: lost stage, its lease owner as read ('' for none), run
 #: as read, restart stage, MAX_DELIVERIES, record TTL, then the fields a new run forgets.
+#: `resend_pending` stays until the sweeper has sent the chain (`JobRecords.resend_sent`).
 #: Returns {outcome, deliveries}.
 _RESEND_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -150,7 +151,8 @@ if deliveries > tonumber(ARGV[5]) then
 end
 for i = 7, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
 redis.call('HSET', KEYS[1], 'status', 'processing', 'stage', '', 'retries', tonumber(ARGV[3]) + 1,
-           'retried_from', ARGV[4], 'deliveries:' .. ARGV[4], deliveries, 'lost:' .. ARGV[1], now)
+           'retried_from', ARGV[4], 'deliveries:' .. ARGV[4], deliveries, 'lost:' .. ARGV[1], now,
+           'resend_pending', now)
 return {'resent', tostring(deliveries)}
 """
 
@@ -433,6 +435,11 @@ class JobRecords:
                   max_deliveries, self.ttl_s, *forget],
         )  # fmt: skip
         return outcome.decode(), int(deliveries)
+
+    def resend_sent(self, job_id: str) -> None:
+        """The chain of a resend is on its way: a sweeper that dies before this line (or
+        whose send failed) leaves `resend_pending`, and a later sweep sends it again."""
+        self.redis.hdel(self.key(job_id), "resend_pending")
 
     def media_heartbeat(self, host: str) -> None:
         """Say that `host` has a live media worker, on Redis's clock."""
