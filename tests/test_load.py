@@ -31,7 +31,7 @@ BURST = 200
 PAYLOADS = 500
 #: Each test waits for hundreds of jobs, each wait bounded by JOB_TIMEOUT_S; on a busy
 #: 2-core machine that outlasts pytest's default 300 s for one test.
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.runs_long]
 #: A failed callback's message starts with the field at fault: `config.frame_num: ...`.
 NAMES_A_FIELD = re.compile(r"[A-Za-z_][\w.\[\]-]*: ")
 
