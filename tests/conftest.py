@@ -21,6 +21,7 @@ import redis
 
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port
+from worker.records import JobRecords
 
 
 def _test_secret(name: str) -> str:
@@ -164,6 +165,43 @@ def stack(
         yield local.start()
     finally:
         local.stop()
+
+
+def module_env(
+    stack_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    *,
+    redis_url: str,
+    queue: str,
+    settings: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a module's own stack: the session's, on a Redis database and a
+    platform list of the module's own, with a spool and outputs of its own (under a temp
+    directory `name`), and the module's `settings` on top.
+
+    A module's fixture `env` returns it; the fixtures `client` and `records` below serve it.
+    """
+    root = tmp_path_factory.mktemp(name)
+    return stack_env | {
+        "REDIS_URL": redis_url,
+        "PLATFORM_QUEUE": queue,
+        "SPOOL_DIR": str(root / "spool"),
+        "OUTPUT_DIR": str(root / "outputs"),
+        **(settings or {}),
+    }
+
+
+@pytest.fixture
+def client(env: dict[str, str]) -> redis.Redis:
+    """The Redis of the module's own stack (its fixture `env`, from `module_env`)."""
+    return redis.Redis.from_url(env["REDIS_URL"])
+
+
+@pytest.fixture
+def records(client: redis.Redis) -> JobRecords:
+    """The job records of the module's own stack."""
+    return JobRecords(client, ttl_s=600)
 
 
 @pytest.fixture
