@@ -31,9 +31,11 @@ chromium:
 demo: $(INSTALLED) redis-server
 	$(PY) -m worker demo
 
-# Two pytest processes, each module kept on one (its stack is module-scoped).
+# Two pytest processes, each module kept on one (its stack is module-scoped), handed out in
+# collection order: the modules marked `runs_long` first (tests/conftest.py), not xdist's
+# default of the modules with the most tests first, which left the longest to run alone last.
 test: $(INSTALLED) redis-server chromium lint
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

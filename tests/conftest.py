@@ -22,6 +22,7 @@ import redis
 from worker.lanes import priority_lists, queue_depth
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port
+from worker.records import JobRecords
 
 
 def _test_secret(name: str) -> str:
@@ -33,12 +34,26 @@ def _test_secret(name: str) -> str:
     return os.environ.setdefault(f"WAN_TEST_{name}", secrets.token_hex(16))
 
 
+#: One torch thread in every process the tests start (and in this one, before torch is
+#: imported): the two xdist workers already keep both cores busy, and torch's second thread
+#: spins for the core the other worker holds. Measured on the tiny model under that load: a
+#: generation took 0.29 s of CPU with two threads, 0.11 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 SERVICE_KEY = _test_secret("SERVICE_KEY")
 CALLBACK_SECRET = _test_secret("CALLBACK_SECRET")
 API_KEY = _test_secret("API_KEY")
 PLATFORM_QUEUE = "wan_queue"
 #: Long enough for a job on a loaded 2-core machine, short enough to fail a hung test.
 JOB_TIMEOUT_S = 120
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked `runs_long` first, the rest in their order. `make test` hands modules
+    to its two workers in this order (`--dist loadfile --no-loadscope-reorder`): the long
+    ones start at once and the short ones fill in behind, instead of a long module starting
+    last and running alone while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_long") is None)
 
 
 def secret_leaks(texts: dict[str, str], secrets_: list[str], *, window: int = 12) -> list[str]:
@@ -151,6 +166,43 @@ def stack(
         yield local.start()
     finally:
         local.stop()
+
+
+def module_env(
+    stack_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    *,
+    redis_url: str,
+    queue: str,
+    settings: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a module's own stack: the session's, on a Redis database and a
+    platform list of the module's own, with a spool and outputs of its own (under a temp
+    directory `name`), and the module's `settings` on top.
+
+    A module's fixture `env` returns it; the fixtures `client` and `records` below serve it.
+    """
+    root = tmp_path_factory.mktemp(name)
+    return stack_env | {
+        "REDIS_URL": redis_url,
+        "PLATFORM_QUEUE": queue,
+        "SPOOL_DIR": str(root / "spool"),
+        "OUTPUT_DIR": str(root / "outputs"),
+        **(settings or {}),
+    }
+
+
+@pytest.fixture
+def client(env: dict[str, str]) -> redis.Redis:
+    """The Redis of the module's own stack (its fixture `env`, from `module_env`)."""
+    return redis.Redis.from_url(env["REDIS_URL"])
+
+
+@pytest.fixture
+def records(client: redis.Redis) -> JobRecords:
+    """The job records of the module's own stack."""
+    return JobRecords(client, ttl_s=600)
 
 
 @pytest.fixture

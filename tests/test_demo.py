@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from worker.local.stack import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The demo's 33-frame video alone takes a minute of CPU.
+pytestmark = pytest.mark.runs_long
 
 
 def test_the_demo_completes_text_reference_and_image_to_image_jobs(

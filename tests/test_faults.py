@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import JOB_TIMEOUT_S, new_job
+from tests.conftest import JOB_TIMEOUT_S, module_env, new_job
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
 from worker.records import JobRecords
@@ -29,43 +29,30 @@ FOREVER = 10_000
 
 
 @pytest.fixture(scope="module")
-def fault_env(
+def env(
     stack_env: dict[str, str], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("faults")
-    return stack_env | {
-        "REDIS_URL": redis_server.url.removesuffix("/0") + "/2",
-        "PLATFORM_QUEUE": QUEUE,
-        "DELIVERY_RETRY_WINDOW_S": str(WINDOW_S),
-        "SPOOL_DIR": str(root / "spool"),
-        "OUTPUT_DIR": str(root / "outputs"),
-    }
+    return module_env(
+        stack_env,
+        tmp_path_factory,
+        "faults",
+        redis_url=redis_server.db_url(2),
+        queue=QUEUE,
+        settings={"DELIVERY_RETRY_WINDOW_S": str(WINDOW_S)},
+    )
 
 
 @pytest.fixture(scope="module")
 def fault_stack(
-    fault_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
-    local = LocalStack(fault_env, log_dir=tmp_path_factory.mktemp("fault-logs"))
-    try:
-        yield local.start()
-    finally:
-        local.stop()
+    with LocalStack(env, log_dir=tmp_path_factory.mktemp("fault-logs")) as local:
+        yield local
 
 
 @pytest.fixture
-def client(fault_env: dict[str, str]) -> redis.Redis:
-    return redis.Redis.from_url(fault_env["REDIS_URL"])
-
-
-@pytest.fixture
-def records(client: redis.Redis) -> JobRecords:
-    return JobRecords(client, ttl_s=600)
-
-
-@pytest.fixture
-def spool_dir(fault_env: dict[str, str]) -> Path:
-    return Path(fault_env["SPOOL_DIR"])
+def spool_dir(env: dict[str, str]) -> Path:
+    return Path(env["SPOOL_DIR"])
 
 
 @pytest.fixture

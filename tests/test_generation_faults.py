@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from tests.conftest import JOB_TIMEOUT_S, new_job
+from tests.conftest import JOB_TIMEOUT_S, module_env, new_job
 from worker import faults
 from worker.errors import OutOfGpuMemory
 from worker.generation.fallback import generate_within_memory
@@ -49,33 +49,25 @@ FAULTS = f"{OOM_AT_HIGH}:oom@step1/high;{OOM_ALWAYS}:oom@step1;{HANG}:hang@step1
 def env(
     stack_env: dict[str, str], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("genfaults")
-    return stack_env | {
-        "REDIS_URL": redis_server.url.removesuffix("/0") + "/12",
-        "PLATFORM_QUEUE": QUEUE,
-        "SPOOL_DIR": str(root / "spool"),
-        "OUTPUT_DIR": str(root / "outputs"),
-        "WAN_TEST_FAULT": FAULTS,
-        "GENERATE_SOFT_LIMIT_S": str(SOFT_LIMIT_S),
-        "HARD_LIMIT_GRACE_S": "5",
-        "WARMUP": "1",
-    }
+    return module_env(
+        stack_env,
+        tmp_path_factory,
+        "genfaults",
+        redis_url=redis_server.db_url(12),
+        queue=QUEUE,
+        settings={
+            "WAN_TEST_FAULT": FAULTS,
+            "GENERATE_SOFT_LIMIT_S": str(SOFT_LIMIT_S),
+            "HARD_LIMIT_GRACE_S": "5",
+            "WARMUP": "1",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def fault_stack(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with LocalStack(env, log_dir=tmp_path_factory.mktemp("genfault-logs")):
         yield
-
-
-@pytest.fixture
-def client(env: dict[str, str]) -> redis.Redis:
-    return redis.Redis.from_url(env["REDIS_URL"])
-
-
-@pytest.fixture
-def records(client: redis.Redis) -> JobRecords:
-    return JobRecords(client, ttl_s=600)
 
 
 def run(client: redis.Redis, platform: LocalPlatform, job: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import JOB_TIMEOUT_S, new_job, settled
+from tests.conftest import JOB_TIMEOUT_S, module_env, new_job, settled
 from tests.payloads import CONFIG_KEYS, FIELDS, json_values, usable_id
 from worker.bridge import rejected_list
 from worker.local.platform import LocalPlatform, queue_body
@@ -31,7 +31,7 @@ BURST = 200
 PAYLOADS = 500
 #: Each test waits for hundreds of jobs, each wait bounded by JOB_TIMEOUT_S; on a busy
 #: 2-core machine that outlasts pytest's default 300 s for one test.
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.runs_long]
 #: A failed callback's message starts with the field at fault: `config.frame_num: ...`.
 NAMES_A_FIELD = re.compile(r"[A-Za-z_][\w.\[\]-]*: ")
 
@@ -49,35 +49,21 @@ def tiny_job(**fields: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def load_env(
+def env(
     stack_env: dict[str, str], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("load")
-    return stack_env | {
-        "REDIS_URL": redis_server.url.removesuffix("/0") + "/13",
-        "PLATFORM_QUEUE": QUEUE,
-        "SPOOL_DIR": str(root / "spool"),
-        "OUTPUT_DIR": str(root / "outputs"),
-    }
+    return module_env(
+        stack_env, tmp_path_factory, "load", redis_url=redis_server.db_url(13), queue=QUEUE
+    )
 
 
 @pytest.fixture(scope="module")
 def load_stack(
-    load_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
-    redis.Redis.from_url(load_env["REDIS_URL"]).flushdb()
-    with LocalStack(load_env, log_dir=tmp_path_factory.mktemp("load-logs")) as local:
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    with LocalStack(env, log_dir=tmp_path_factory.mktemp("load-logs")) as local:
         yield local
-
-
-@pytest.fixture
-def client(load_env: dict[str, str]) -> redis.Redis:
-    return redis.Redis.from_url(load_env["REDIS_URL"])
-
-
-@pytest.fixture
-def records(client: redis.Redis) -> JobRecords:
-    return JobRecords(client, ttl_s=600)
 
 
 def finals(platform: LocalPlatform, job_id: str) -> list[dict[str, Any]]:

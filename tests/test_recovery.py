@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import JOB_TIMEOUT_S, new_job
+from tests.conftest import JOB_TIMEOUT_S, module_env, new_job
 from tests.test_job_control import cli
 from worker.lanes import queue_depth
 from worker.local.platform import LocalPlatform, queue_body
@@ -54,7 +54,7 @@ def fault_rules(*, without: str = "") -> str:
 
 @pytest.fixture
 def records(redis_server: RedisServer) -> Iterator[JobRecords]:
-    client = redis.Redis.from_url(redis_server.url.removesuffix("/0") + "/11")
+    client = redis.Redis.from_url(redis_server.db_url(11))
     client.flushdb()
     yield JobRecords(client, ttl_s=600)
     client.flushdb()
@@ -164,20 +164,22 @@ def test_a_job_handed_back_at_shutdown_is_not_counted_as_a_delivery(records: Job
 def env(
     stack_env: dict[str, str], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("recovery")
-    db = redis_server.url.removesuffix("/0") + "/10"
-    return stack_env | {
-        "REDIS_URL": db,
-        "PLATFORM_REDIS_URL": db,
-        "PLATFORM_QUEUE": QUEUE,
-        "BROKER_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
-        "STAGE_LEASE_S": str(LEASE_S),
-        "MAX_DELIVERIES": str(MAX_DELIVERIES),
-        "SHUTDOWN_GRACE_S": str(GRACE_S),
-        "WAN_TEST_FAULT": fault_rules(),
-        "SPOOL_DIR": str(root / "spool"),
-        "OUTPUT_DIR": str(root / "outputs"),
-    }
+    db = redis_server.db_url(10)
+    return module_env(
+        stack_env,
+        tmp_path_factory,
+        "recovery",
+        redis_url=db,
+        queue=QUEUE,
+        settings={
+            "PLATFORM_REDIS_URL": db,
+            "BROKER_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+            "STAGE_LEASE_S": str(LEASE_S),
+            "MAX_DELIVERIES": str(MAX_DELIVERIES),
+            "SHUTDOWN_GRACE_S": str(GRACE_S),
+            "WAN_TEST_FAULT": fault_rules(),
+        },
+    )
 
 
 @pytest.fixture(scope="module")

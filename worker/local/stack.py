@@ -89,6 +89,10 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
+    def db_url(self, db: int) -> str:
+        """The URL of database `db` of this server (`url` is database 0's)."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
