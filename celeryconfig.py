@@ -18,6 +18,13 @@ broker_connection_retry_on_startup = True
 # for as long as it takes (None: no cap on the retries) instead of exiting after 100.
 broker_connection_retry = True
 broker_connection_max_retries = None
+# A message sent while Redis restarts (the next stage of a chain, a retry, a final
+# callback) waits for it about as long as a record write does (worker/records.py,
+# REDIS_OUTAGE_RETRY: about 30 s), instead of kombu's default 0.6 s after which the chain
+# was cut.
+task_publish_retry_policy = {
+    "max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
+}  # fmt: skip
 
 task_serializer = "json"
 result_serializer = "json"

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from worker.jobs import Job
 from worker.settings import get_settings
@@ -483,8 +485,17 @@ def _error_fields(name: str, stage: str, error: BaseException) -> dict[str, str]
     }
 
 
+#: How a record write rides out a Redis restart: redis-py's own retry of a command on a
+#: connection error or timeout, backing off from 0.1 s to 2 s, about 30 s in all. Without
+#: it a stage that met a restart in its bookkeeping failed the job (or, with Redis still
+#: away in on_failure, left it running for the lost-job sweep to find minutes later).
+REDIS_OUTAGE_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20)
+
+
 @lru_cache(maxsize=1)
 def get_records() -> JobRecords:
-    """The process's record store on `REDIS_URL` (redis-py reconnects safely after a fork)."""
+    """The process's record store on `REDIS_URL` (redis-py reconnects safely after a fork);
+    its commands wait out a short Redis outage (`REDIS_OUTAGE_RETRY`)."""
     settings = get_settings()
-    return JobRecords(redis.Redis.from_url(settings.redis_url), ttl_s=settings.job_record_ttl_s)
+    client = redis.Redis.from_url(settings.redis_url, retry=REDIS_OUTAGE_RETRY)
+    return JobRecords(client, ttl_s=settings.job_record_ttl_s)
