@@ -13,6 +13,8 @@ import secrets
 import socket
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +193,33 @@ def module_env(
         "OUTPUT_DIR": str(root / "outputs"),
         **(settings or {}),
     }
+
+
+@contextmanager
+def host_stacks(
+    envs: dict[str, dict[str, str]],
+    tmp_path_factory: pytest.TempPathFactory,
+    *,
+    bridge_on: str,
+) -> Iterator[dict[str, LocalStack]]:
+    """Simulated hosts on this machine, one per environment (its own WORKER_HOST and spool):
+    each a generation worker on `gpu,enhance` and a media worker, the bridge on `bridge_on`.
+    They boot at once, and all stop however the block ends."""
+    stacks = {
+        host: LocalStack(
+            env,
+            log_dir=tmp_path_factory.mktemp(f"logs-{host}"),
+            names=("gpu+enhance", "cpu", "bridge") if host == bridge_on else ("gpu+enhance", "cpu"),
+        )
+        for host, env in envs.items()
+    }
+    try:
+        with ThreadPoolExecutor(len(stacks)) as pool:
+            list(pool.map(LocalStack.start, stacks.values()))
+        yield stacks
+    finally:
+        for stack in stacks.values():
+            stack.stop()
 
 
 @pytest.fixture

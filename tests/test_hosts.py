@@ -14,14 +14,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import redis
 from pydantic import ValidationError
 
-from tests.conftest import JOB_TIMEOUT_S, PLATFORM_QUEUE, new_job, push
+from tests.conftest import JOB_TIMEOUT_S, PLATFORM_QUEUE, host_stacks, new_job, push
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import ROOT, LocalStack, wait_until
 from worker.records import FINAL_STATUSES, JobRecords
@@ -68,21 +67,10 @@ def two_hosts(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, LocalStack]]:
     client.flushdb()
-    stacks = {
-        host: LocalStack(
-            envs[host],
-            log_dir=tmp_path_factory.mktemp(f"logs-{host}"),
-            names=("gpu+enhance", "cpu", "bridge") if host == "host-a" else ("gpu+enhance", "cpu"),
-        )
-        for host in HOSTS
-    }
     try:
-        with ThreadPoolExecutor(len(stacks)) as pool:  # both hosts boot at once
-            list(pool.map(LocalStack.start, stacks.values()))
-        yield stacks
+        with host_stacks(envs, tmp_path_factory, bridge_on="host-a") as stacks:
+            yield stacks
     finally:
-        for stack in stacks.values():
-            stack.stop()
         client.flushdb()
 
 

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tasks.generate import generate
-from tests.conftest import JOB_TIMEOUT_S, api_url, new_job, sent_job_ids
+from tests.conftest import JOB_TIMEOUT_S, api_url, module_env, new_job, sent_job_ids
 from tests.test_load import TINY_CONFIG
 from worker.jobs import Job, parse_job
 from worker.lanes import WaitingJobs, promote_overdue, queue_depth
@@ -150,39 +150,29 @@ def test_a_job_waiting_past_promote_after_s_is_taken_next_once_however_many_swee
 
 
 @pytest.fixture(scope="module")
-def lanes_env(
+def env(
     stack_env: dict[str, str], lanes_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("lanes")
-    return stack_env | {
-        "REDIS_URL": lanes_redis.url,
-        "API_PORT": str(free_port()),
-        "PLATFORM_QUEUE": QUEUE,
-        "WAN_TEST_FAULT": "hold-:hang@step1",
-        "GENERATE_SOFT_LIMIT_S": str(HOLD_S),
-        "SPOOL_DIR": str(root / "spool"),
-        "OUTPUT_DIR": str(root / "outputs"),
-    }
+    return module_env(
+        stack_env,
+        tmp_path_factory,
+        "lanes",
+        redis_url=lanes_redis.url,
+        queue=QUEUE,
+        settings={
+            "API_PORT": str(free_port()),
+            "WAN_TEST_FAULT": "hold-:hang@step1",
+            "GENERATE_SOFT_LIMIT_S": str(HOLD_S),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def lanes_stack(
-    lanes_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
-    with LocalStack(
-        lanes_env, log_dir=tmp_path_factory.mktemp("lanes-logs"), names=FULL_STACK
-    ) as local:
+    with LocalStack(env, log_dir=tmp_path_factory.mktemp("lanes-logs"), names=FULL_STACK) as local:
         yield local
-
-
-@pytest.fixture
-def client(lanes_env: dict[str, str]) -> redis.Redis:
-    return redis.Redis.from_url(lanes_env["REDIS_URL"])
-
-
-@pytest.fixture
-def records(client: redis.Redis) -> JobRecords:
-    return JobRecords(client, ttl_s=600)
 
 
 def hold_gpu(client: redis.Redis, records: JobRecords) -> dict[str, Any]:
@@ -221,7 +211,7 @@ def generation_starts(
 
 def test_an_image_starts_before_waiting_videos(
     lanes_stack: LocalStack,
-    lanes_env: dict[str, str],
+    env: dict[str, str],
     platform: LocalPlatform,
     client: redis.Redis,
     records: JobRecords,
@@ -235,7 +225,7 @@ def test_an_image_starts_before_waiting_videos(
 
     # Then /metrics shows what an autoscaler scales on: the waiting jobs per lane, and how
     # long the oldest has waited
-    text = httpx.get(f"{api_url(lanes_env)}/metrics", timeout=10).text
+    text = httpx.get(f"{api_url(env)}/metrics", timeout=10).text
     assert 'wan_lane_waiting_jobs{lane="video"} 3.0' in text
     assert 'wan_lane_waiting_jobs{lane="image"} 1.0' in text
     assert 'wan_queue_depth{queue="gpu"} 4.0' in text
@@ -248,7 +238,7 @@ def test_an_image_starts_before_waiting_videos(
         image["id"], *(v["id"] for v in videos)
     ]  # fmt: skip
     # And nothing waits any more
-    text = httpx.get(f"{api_url(lanes_env)}/metrics", timeout=10).text
+    text = httpx.get(f"{api_url(env)}/metrics", timeout=10).text
     assert 'wan_lane_waiting_jobs{lane="video"} 0.0' in text
 
 

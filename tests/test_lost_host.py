@@ -13,13 +13,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import redis
 
-from tests.conftest import JOB_TIMEOUT_S, new_job
+from tests.conftest import JOB_TIMEOUT_S, host_stacks, new_job
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
 from worker.lost_jobs import LostJob, lost_stage
@@ -239,21 +238,8 @@ def envs(
 def hosts(
     envs: dict[str, dict[str, str]], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, LocalStack]]:
-    stacks = {
-        host: LocalStack(
-            envs[host],
-            log_dir=tmp_path_factory.mktemp(f"logs-{host}"),
-            names=("gpu+enhance", "cpu", "bridge") if host == "host-b" else ("gpu+enhance", "cpu"),
-        )
-        for host in HOSTS
-    }
-    try:
-        with ThreadPoolExecutor(len(stacks)) as pool:  # both hosts boot at once
-            list(pool.map(LocalStack.start, stacks.values()))
+    with host_stacks(envs, tmp_path_factory, bridge_on="host-b") as stacks:
         yield stacks
-    finally:
-        for stack in stacks.values():
-            stack.stop()
 
 
 def final_statuses(platform: LocalPlatform, job_id: str) -> list[str]:
