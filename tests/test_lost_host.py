@@ -76,15 +76,10 @@ def started(records: JobRecords, stage: str, *, lease_s: float = 60) -> str:
     return job_id
 
 
-def redis_now(records: JobRecords) -> float:
-    seconds, micros = records.redis.time()
-    return seconds + micros / 1e6
-
-
 def decide(
     records: JobRecords, job_id: str, *, after_s: float, hosts: dict[str, float] | None = None
 ) -> LostJob | None:
-    return lost_stage(records.get(job_id), now=redis_now(records) + after_s, timeout_s=300,
+    return lost_stage(records.get(job_id), now=records.now() + after_s, timeout_s=300,
                       lease_s=60, media_hosts=hosts or {})  # fmt: skip
 
 
@@ -125,7 +120,7 @@ def test_media_stages_waiting_on_a_host_without_a_live_media_worker_are_lost(
     job_id = started(records, "generate")
     records.update(job_id, generation={"host": "host-x"})
     records.stage_finished(job_id, "generate")
-    now = redis_now(records)
+    now = records.now()
 
     # A host whose media worker was seen within the timeout: not lost
     assert decide(records, job_id, after_s=301, hosts={"host-x": now + 100}) is None

@@ -124,8 +124,7 @@ class LostJobSweep:
 
     def find(self) -> list[tuple[JobRecord, LostJob]]:
         """Every lost job now, with its record as read."""
-        seconds, micros = self.records.redis.time()
-        now = seconds + micros / 1e6
+        now = self.records.now()
         media_hosts = self.records.media_hosts()
         found = []
         for record in self.records.newest():

@@ -443,10 +443,15 @@ class JobRecords:
         whose send failed) leaves `resend_pending`, and a later sweep sends it again."""
         self.redis.hdel(self.key(job_id), "resend_pending")
 
+    def now(self) -> float:
+        """Redis's clock, seconds: the one leases and heartbeats are kept on, the same for
+        every host whatever their own clocks say."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
+
     def media_heartbeat(self, host: str) -> None:
         """Say that `host` has a live media worker, on Redis's clock."""
-        seconds, micros = self.redis.time()
-        self.redis.hset(MEDIA_HOSTS_KEY, host, f"{seconds + micros / 1e6:.6f}")
+        self.redis.hset(MEDIA_HOSTS_KEY, host, f"{self.now():.6f}")
 
     def media_hosts(self) -> dict[str, float]:
         """When each host's media worker last said it lives (Redis time)."""
