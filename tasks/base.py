@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -190,12 +189,14 @@ class DeliveryTask(StageTask):
     def retry(self, *args: Any, exc: BaseException | None = None, **options: Any) -> Any:
         job_id = self.request.args[0]
         window_s = get_settings().delivery_retry_window_s
-        first = get_records().get(job_id).first_started(self.stage) or time.time()
-        left_s = first + window_s - time.time()
+        records = get_records()
+        now = records.now()  # `first_started:<stage>` is on Redis's clock too
+        first = records.get(job_id).first_started(self.stage) or now
+        left_s = first + window_s - now
         if exc is not None and left_s <= 0:
             raise DeliveryFailed(
                 f"{self.stage} given up after {self.request.retries + 1} attempts in "
-                f"{time.time() - first:.0f} s (DELIVERY_RETRY_WINDOW_S={window_s:g}); "
+                f"{now - first:.0f} s (DELIVERY_RETRY_WINDOW_S={window_s:g}); "
                 f"last error: {exc}"
             ) from exc
         if options.get("countdown") is not None:

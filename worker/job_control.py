@@ -13,10 +13,10 @@ cancel that comes once the files are uploaded is too late, and the job completes
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from enum import Enum
 
+from worker.clock import redis_stamp
 from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
 from worker.lanes import WaitingJobs, leave_waiting
@@ -87,7 +87,7 @@ OUTCOME_FIELDS = (
 def cancel(records: JobRecords, job_id: str) -> Answer:
     """Cancel a job: at once if it is queued, else at its next step or stage."""
     script = records.redis.register_script(_CANCEL_SCRIPT)
-    decision = script(keys=[records.key(job_id)], args=[repr(time.time())]).decode()
+    decision = script(keys=[records.key(job_id)], args=[redis_stamp(records.redis)]).decode()
     if decision == "missing":
         return Answer(Outcome.NOT_FOUND, job_id, None, f"no job {job_id}")
     if decision.startswith("refused:"):
@@ -123,7 +123,7 @@ def finish_cancelled(records: JobRecords, job_id: str, *, stage: str) -> bool:
     event of then: later stages overwrite `progress`); True for the one caller that must
     send the `cancelled` callback (a queued job's canceller may have sent it already)."""
     key = records.key(job_id)
-    if not records.redis.hsetnx(key, "cancelled_at", repr(time.time())):
+    if not records.redis.hsetnx(key, "cancelled_at", redis_stamp(records.redis)):
         records.write(job_id, status="cancelled")
         return False
     progress = (records.redis.hget(key, "progress") or b"{}").decode()

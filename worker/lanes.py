@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 
 import redis
 
+from worker.clock import redis_now, redis_stamp
 from worker.jobs import Job
 from worker.records import FINAL_STATUSES, JobRecords
 from worker.settings import Settings
@@ -123,7 +123,7 @@ class WaitingJobs:
         shared = lane if self.settings.priority_lanes else ONE_LANE  # where users take turns
         step = self._enter(
             keys=[_lane_key(lane), _user_key(shared, job.user_id)],
-            args=[job.id, repr(time.time()), first, last, int(self.settings.fair_share),
+            args=[job.id, redis_stamp(self.redis), first, last, int(self.settings.fair_share),
                   self.settings.job_record_ttl_s],
         )  # fmt: skip
         return int(step)
@@ -137,7 +137,7 @@ class WaitingJobs:
             pipe.execute()
 
     def state(self) -> dict[str, LaneState]:
-        now = time.time()
+        now = redis_now(self.redis)
         with self.redis.pipeline(transaction=False) as pipe:
             for lane in LANES:
                 pipe.zcard(_lane_key(lane))
@@ -151,7 +151,7 @@ class WaitingJobs:
 
     def overdue(self, older_than_s: float) -> list[str]:
         """Waiting job ids sent more than `older_than_s` ago, oldest first, all lanes."""
-        cutoff = time.time() - older_than_s
+        cutoff = redis_now(self.redis) - older_than_s
         with self.redis.pipeline(transaction=False) as pipe:
             for lane in LANES:
                 pipe.zrangebyscore(_lane_key(lane), "-inf", cutoff, withscores=True)

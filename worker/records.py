@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,6 +21,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from worker.clock import redis_now, redis_stamp
 from worker.jobs import Job
 from worker.settings import get_settings
 
@@ -308,7 +308,7 @@ class JobRecords:
         return None if owner is None else owner.decode()
 
     def mark_dispatched(self, job_id: str) -> None:
-        self.write(job_id, dispatched_at=repr(time.time()))
+        self.write(job_id, dispatched_at=redis_stamp(self.redis))
 
     def is_dispatched(self, job_id: str) -> bool:
         return bool(self.redis.hexists(self.key(job_id), "dispatched_at"))
@@ -335,7 +335,7 @@ class JobRecords:
     def prune_index(self) -> int:
         """Drop index entries whose record expired; only claims older than the record TTL
         can be gone (every write renews a record). How many were dropped."""
-        old = self.redis.zrangebyscore(INDEX_KEY, "-inf", time.time() - self.ttl_s)
+        old = self.redis.zrangebyscore(INDEX_KEY, "-inf", self.now() - self.ttl_s)
         if not old:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
@@ -446,25 +446,25 @@ class JobRecords:
     def now(self) -> float:
         """Redis's clock, seconds: the one leases and heartbeats are kept on, the same for
         every host whatever their own clocks say."""
-        seconds, micros = self.redis.time()
-        return seconds + micros / 1e6
+        return redis_now(self.redis)
 
     def media_heartbeat(self, host: str) -> None:
         """Say that `host` has a live media worker, on Redis's clock."""
-        self.redis.hset(MEDIA_HOSTS_KEY, host, f"{self.now():.6f}")
+        self.redis.hset(MEDIA_HOSTS_KEY, host, redis_stamp(self.redis))
 
     def media_hosts(self) -> dict[str, float]:
         """When each host's media worker last said it lives (Redis time)."""
         return {k.decode(): float(v) for k, v in self.redis.hgetall(MEDIA_HOSTS_KEY).items()}
 
     def stage_finished(self, job_id: str, stage: str) -> None:
-        """Note the stage done (later deliveries skip it) and release its lease."""
-        self.write(job_id, **{f"finished:{stage}": repr(time.time())})
+        """Note the stage done (later deliveries skip it) and release its lease. On Redis's
+        clock, as `started:<stage>` is: a stage's seconds never mix two hosts' clocks."""
+        self.write(job_id, **{f"finished:{stage}": redis_stamp(self.redis)})
         self.release_stage(job_id, stage)
 
     def callback_sent(self, job_id: str, status: str) -> None:
         """Note when the platform accepted a callback of this status."""
-        self.write(job_id, **{f"callback_sent:{status}": repr(time.time())})
+        self.write(job_id, **{f"callback_sent:{status}": redis_stamp(self.redis)})
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """Leave the record saying which stage failed, and why."""
