@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import new_job
-from worker.callback import post_callback, processing_body
+from tests.conftest import CALLBACK_BEARER, SERVICE_KEY, new_job
+from worker.callback import post_callback, processing_body, sends_service_key
 from worker.errors import DeliveryFailed, DeliveryRejected, TransientError
 from worker.jobs import parse_job
 from worker.local.platform import LocalPlatform
@@ -91,3 +91,64 @@ def test_a_final_callback_never_sent_is_recorded_as_undelivered_keeping_the_jobs
     assert record.fields["error"] == "the GPU caught fire"
     assert record.fields["error_stage"] == "generate"
     assert record.fields["error_type"] == "RuntimeError"
+
+
+# --- The service-role key goes to the Supabase project's own origin only -----------------
+
+
+@pytest.mark.parametrize(
+    ("supabase_url", "callback_url", "same"),
+    [
+        ("https://abc.supabase.co", "https://abc.supabase.co/functions/v1/job-callback", True),
+        ("https://abc.supabase.co/", "https://ABC.supabase.co:443/functions/v1/x", True),
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8000/functions/v1/job-callback", True),
+        ("https://abc.supabase.co", "https://hooks.example.com/job-callback", False),
+        ("https://abc.supabase.co", "http://abc.supabase.co/functions/v1/job-callback", False),
+        ("https://abc.supabase.co", "https://abc.supabase.co:8443/job-callback", False),
+        ("https://abc.supabase.co", "https://abc.supabase.co.evil.com/job-callback", False),
+        ("https://abc.supabase.co", "https://user@evil.com/abc.supabase.co", False),
+        ("http://127.0.0.1:8000", "http://localhost:8000/functions/v1/job-callback", False),
+        (None, "https://hooks.example.com/job-callback", False),
+    ],
+)  # fmt: skip
+def test_only_supabase_urls_own_origin_gets_the_service_key(
+    supabase_url: str | None, callback_url: str, same: bool
+) -> None:
+    settings = Settings(
+        _env_file=None, supabase_url=supabase_url, callback_url=callback_url,
+        supabase_service_key=SERVICE_KEY,
+    )  # fmt: skip
+
+    assert sends_service_key(settings) is same
+
+
+@pytest.mark.parametrize(
+    ("where", "bearer", "authorization"),
+    [
+        ("supabase", CALLBACK_BEARER, f"Bearer {SERVICE_KEY}"),
+        ("other", None, None),
+        ("other", CALLBACK_BEARER, f"Bearer {CALLBACK_BEARER}"),
+    ],
+    ids=["supabase-origin", "other-origin-signature-alone", "other-origin-callback-bearer"],
+)
+def test_a_callback_carries_the_service_key_to_supabases_origin_and_never_elsewhere(
+    platform: LocalPlatform, platform_with_bearer: LocalPlatform,
+    where: str, bearer: str | None, authorization: str | None,
+) -> None:  # fmt: skip
+    # Given the local platform reached by its own address (SUPABASE_URL's origin) or by
+    # another name, with or without CALLBACK_BEARER
+    receiver = platform if bearer is None else platform_with_bearer
+    callback_url = None if where == "supabase" else receiver.other_origin_callback_url
+    settings = Settings(
+        _env_file=None, **{k.lower(): v for k, v in receiver.worker_env().items()},
+        callback_url=callback_url, callback_bearer=bearer,
+    )  # fmt: skip
+    body = processing_body(f"job-{where}-{bearer is not None}")
+
+    # When a callback is posted
+    post_callback(settings, body)
+
+    # Then it arrives signed, with the service key only on Supabase's own origin
+    [arrived] = receiver.callbacks_for(body["job_id"])
+    assert arrived.headers.get("authorization") == authorization
+    assert arrived.headers["x-callback-signature"].startswith("sha256=")

@@ -10,6 +10,7 @@ import ssl
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -19,6 +20,9 @@ from worker.records import JobRecord, get_records
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: The port a URL without one means.
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def completed_body(record: JobRecord) -> dict[str, Any]:
@@ -131,6 +135,50 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def origin(url: str) -> str:
+    """`scheme://host:port` of a URL, the default port written out: what a browser calls
+    one origin (the path, user and password aside)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return f"{scheme}://{parts.hostname or ''}:{parts.port or DEFAULT_PORTS.get(scheme, '')}"
+
+
+def sends_service_key(settings: Settings) -> bool:
+    """Whether callbacks go to the Supabase project's own origin, the only place the
+    service-role key may go: a CALLBACK_URL elsewhere (a relay, another service) must not
+    be able to read a key that opens the whole project."""
+    return bool(
+        settings.callback_url
+        and settings.supabase_url
+        and origin(settings.callback_url) == origin(settings.supabase_url)
+    )
+
+
+def bearer_token(settings: Settings) -> str | None:
+    """The callbacks' Bearer token: the service-role key to SUPABASE_URL's origin,
+    CALLBACK_BEARER anywhere else; None sends no Authorization header (the signature alone)."""
+    secret = (
+        settings.supabase_service_key if sends_service_key(settings) else settings.callback_bearer
+    )
+    return secret.get_secret_value() if secret else None
+
+
+def callback_auth_line(settings: Settings) -> str:
+    """What a worker says at start about where callbacks go and what they carry (no secret)."""
+    target = origin(settings.callback_url or "")
+    if sends_service_key(settings):
+        return f"callbacks go to SUPABASE_URL's origin {target} with the service-role key"
+    carries = (
+        "CALLBACK_BEARER as Bearer"
+        if settings.callback_bearer
+        else "the HMAC signature alone, no Authorization header (CALLBACK_BEARER is unset)"
+    )
+    return (
+        f"callbacks go to {target}, not SUPABASE_URL's origin: they carry {carries}, "
+        "never the service-role key"
+    )
+
+
 @cache
 def _tls_context() -> ssl.SSLContext:
     """Built once per process: left to itself, httpx loads the CA bundle again for every
@@ -153,8 +201,8 @@ def post_callback(settings: Settings, body: dict[str, Any]) -> None:
         )
     content = json.dumps(body, separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json"}
-    if settings.supabase_service_key:
-        headers["Authorization"] = f"Bearer {settings.supabase_service_key.get_secret_value()}"
+    if token := bearer_token(settings):
+        headers["Authorization"] = f"Bearer {token}"
     if settings.job_callback_secret:
         headers["X-Callback-Signature"] = sign(
             settings.job_callback_secret.get_secret_value(), content
