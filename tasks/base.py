@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from media import spool
@@ -80,10 +80,10 @@ class StageTask(Task):
             # one: Redis's visibility timeout moves a long-running message back to the queue,
             # out of the unacknowledged set, so if the running worker died after this one
             # were acked, nothing would deliver the stage again. Wait it out as a retry
-            # (neither a delivery nor a failure); the retry then finds `done` or a dead lease.
+            # (neither a delivery, a retry nor a failure); it then finds `done` or a dead lease.
             log.info("job=%s stage %s is running elsewhere: retry in %.0f s", job_id,
                      self.stage, start.lease_left_s + 1)  # fmt: skip
-            raise self.retry(countdown=start.lease_left_s + 1, max_retries=None)
+            raise self.wait_for_other_run(countdown=start.lease_left_s + 1)
         if start.outcome == "too_many":
             raise TooManyDeliveries.of(self.stage, start.deliveries, settings.max_deliveries)
         log.info("job=%s stage %s started (delivery %d)", job_id, self.stage, start.deliveries)
@@ -98,6 +98,17 @@ class StageTask(Task):
             records.stage_finished(job_id, self.stage)
         progress.stage_finished(self.stage)
         return result
+
+    def wait_for_other_run(self, *, countdown: float) -> Retry:
+        """Send this message again after `countdown` seconds as Celery's `retry` does, but
+        with its retry count unchanged: a wait is no attempt, so it uses up no budget counted
+        in retries (REFERENCE_RETRIES, the backoff of network retries)."""
+        again = self.signature_from_request(countdown=countdown, retries=self.request.retries)
+        try:
+            again.apply_async()
+        except Exception as e:  # as Celery's `retry`: this duplicate is dropped
+            raise Reject(e, requeue=False) from e
+        return Retry(when=countdown, sig=again)
 
     def on_failure(
         self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any

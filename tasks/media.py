@@ -15,7 +15,7 @@ from media.storage import Storage, make_storage
 from media.thumbnail import make_thumbnail, middle_frame
 from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
-from worker.callback import FINAL_BODIES, post_callback
+from worker.callback import FINAL_BODIES, CallbackGate, post_callback
 from worker.errors import FramesMissing
 from worker.jobs import BUCKET, FPS
 from worker.observe.logs import job_summary
@@ -117,10 +117,13 @@ def upload(self: DeliveryTask, job_id: str) -> None:
 )
 def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None:
     """The final signed callback, retried hard; its status is written to the record once the
-    platform has answered 2xx (never when no callback URL is configured)."""
+    platform has answered 2xx (never when no callback URL is configured). No `processing`
+    callback of the job goes out after it (`CallbackGate`)."""
     records = get_records()
+    settings = get_settings()
+    CallbackGate(records, settings).close(job_id)
     record = records.get(job_id)
-    post_callback(get_settings(), FINAL_BODIES[status](record))
+    post_callback(settings, FINAL_BODIES[status](record))
     records.write(job_id, status=status, final_callback=status)
     records.callback_sent(job_id, status)
     log.info("job=%s finished %s", job_id, status, extra={"summary": job_summary(record, status)})

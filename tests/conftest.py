@@ -45,6 +45,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SERVICE_KEY = _test_secret("SERVICE_KEY")
 CALLBACK_SECRET = _test_secret("CALLBACK_SECRET")
 API_KEY = _test_secret("API_KEY")
+CALLBACK_BEARER = _test_secret("CALLBACK_BEARER")
 PLATFORM_QUEUE = "wan_queue"
 #: Long enough for a job on a loaded 2-core machine, short enough to fail a hung test.
 JOB_TIMEOUT_S = 120
@@ -90,7 +91,7 @@ def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     texts = {"this process": "\n".join(recorder.lines)}
     for path in tmp_path_factory.getbasetemp().rglob("*.log"):
         texts[str(path)] = path.read_text(errors="replace")
-    leaks = secret_leaks(texts, [SERVICE_KEY, CALLBACK_SECRET, API_KEY])
+    leaks = secret_leaks(texts, [SERVICE_KEY, CALLBACK_SECRET, API_KEY, CALLBACK_BEARER])
     assert not leaks, f"secrets in logs: {leaks[:5]}"
 
 
@@ -133,6 +134,15 @@ def tiny_vace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def platform() -> Iterator[LocalPlatform]:
     with LocalPlatform(service_key=SERVICE_KEY, callback_secret=CALLBACK_SECRET) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def platform_with_bearer() -> Iterator[LocalPlatform]:
+    """A platform whose callback endpoint on another origin takes CALLBACK_BEARER."""
+    with LocalPlatform(
+        service_key=SERVICE_KEY, callback_secret=CALLBACK_SECRET, callback_bearer=CALLBACK_BEARER
+    ) as server:
         yield server
 
 

@@ -15,7 +15,8 @@ Actions:
 - `pause<seconds>`: sleep that long, then go on (a slow but healthy stage).
 
 Points: `step<k>` (the end of denoising step k, counted from 1), `bridge_taken` (the bridge
-holds an item it has not dispatched yet), `bridge_sent` (its chain is sent, not yet marked).
+holds an item it has not dispatched yet), `bridge_sent` (its chain is sent, not yet marked),
+`progress_callback` (a progress callback is in flight, not yet posted: a slow network).
 
 Unset, nothing here does anything; a malformed rule is refused when the process starts, so
 a typo never passes for a fault that did not fire. Production never sets it.

@@ -16,7 +16,9 @@ from pydantic import Field, PositiveFloat, SecretStr, field_validator, model_val
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Field names whose values are secrets: shown as set/unset, never printed.
-SECRET_FIELDS = ("supabase_service_key", "job_callback_secret", "wan_worker_api_key")
+SECRET_FIELDS = (
+    "supabase_service_key", "job_callback_secret", "callback_bearer", "wan_worker_api_key",
+)  # fmt: skip
 #: Field names holding URLs that may carry credentials (`redis://:password@host`).
 URL_FIELDS = ("redis_url", "platform_redis_url", "supabase_url", "callback_url", "public_url")
 
@@ -78,6 +80,9 @@ class Settings(BaseSettings):
     supabase_service_key: SecretStr | None = None
     callback_url: str | None = None
     job_callback_secret: SecretStr | None = None
+    #: The Bearer token of callbacks to a CALLBACK_URL outside SUPABASE_URL's origin, which
+    #: never get the service-role key; unset: those carry the HMAC signature alone.
+    callback_bearer: SecretStr | None = None
     #: Seconds one callback POST may take before it counts as a timeout (then retried).
     callback_timeout_s: float = 10.0
     #: How long uploads and final callbacks keep retrying after their first attempt, seconds.
