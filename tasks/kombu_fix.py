@@ -19,12 +19,14 @@ goes through once Redis is back, as it does for a worker with no BRPOP pending. 
 worker dies before that, Redis's visibility timeout (or the lost-job sweep) brings the job
 back; a stage run twice is kept apart by its lease in the job record.
 
-Upstream: the same AttributeError from a Redis channel closed after its connection let go
-of the transport is celery/kombu#582 (closing Gossip's channel) and celery/kombu#970 (the
-restore of unacked messages at shutdown); neither covers this path. kombu 5.7.0, the latest
-release (celery 5.7.0 likewise), and kombu's main branch still stop at the read, so no
-upgrade fixes it. Applied when a worker starts (Celery's `worker_init`); the bridge and
-API only publish and never hold a BRPOP.
+Upstream: the read came with celery/kombu#1733 in kombu 5.4.0 (it keeps a message popped
+by a BRPOP whose reply was never read from being lost, so an older kombu is no way out, and
+celery 5.7 needs kombu 5.7); celery/kombu#2154, a revert proposed for the trouble it caused
+(celery/kombu#1785), was closed unmerged. The same AttributeError from a channel closed
+after its connection let go of the transport is celery/kombu#582. kombu 5.7.0, the latest
+release (celery 5.7.0 likewise), and kombu's main branch still stop at the read: no upgrade
+fixes it. Applied when a worker starts (Celery's `worker_init`); the bridge and API only
+publish and never hold a BRPOP.
 """
 
 from __future__ import annotations
