@@ -191,17 +191,20 @@ def test_a_stage_that_meets_a_redis_restart_in_its_bookkeeping_waits_for_redis(
                what="denoising", interval_s=0.01)  # fmt: skip
 
     # When Redis is killed during the pause and is back only two seconds after it ended
+    logged = {name: len(outage_stack.log(name)) for name in WORKERS}
     outage_redis.kill()
     time.sleep(PAUSE_S + 2)
     outage_redis.start()
 
     # Then the stage waited for Redis instead of failing: the job completes with one final
-    # callback, its generation delivered once
-    final = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
+    # callback, its generation delivered once, and no worker exited
+    wait_for_finals_with_every_worker_up(outage_stack, platform, [job], logged)
+    final = platform.wait_for_final(job["id"])
     assert final.body["status"] == "completed", final.body.get("error_message")
     assert final_statuses(platform, job["id"]) == ["completed"]
     assert records.get(job["id"]).fields["deliveries:generate"] == "1"
     assert f"job={job['id']} stage generate failed" not in outage_stack.log("gpu")
+    assert_every_worker_up(outage_stack, logged)
 
 
 def test_redis_killed_and_restarted_with_its_aof_loses_no_job(
