@@ -7,7 +7,10 @@ random-weight WAN model, local storage, callbacks to a local endpoint):
 - `kill -9` of the generation pool child in the middle of denoising, to the job's
   generation running again (its next `generate` start in the job record), over a few runs;
 - a burst of 200 of the cheapest jobs pushed at once: throughput, and the queue wait of
-  each job (RPUSH to its first `generate` start), p50 and p95.
+  each job (RPUSH to its first `generate` start), p50 and p95;
+- Redis killed (-9) for 5 s and for 60 s while the media worker holds a job's upload, then
+  restarted with its append-only file (a stack of its own, uploads through the local
+  platform's storage so they can be held): seconds until each worker consumes again.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from bench import tiny_stack
+from bench import TinyStack, tiny_stack
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, wait_until
 from worker.records import JobRecords
@@ -39,6 +42,10 @@ JOB_TIMEOUT_S = 900
 TINY_CONFIG = {"resolution": "256x256", "num_inference_steps": 1, "guidance_scale": 1.0}
 #: Long enough to be caught in the middle of denoising.
 KILLED_CONFIG = TINY_CONFIG | {"num_inference_steps": 40}
+#: Redis outages after which the workers' resume is timed, seconds.
+OUTAGES_S = (5, 60)
+#: The Celery workers of the stack, which nothing restarts here.
+CELERY_WORKERS = ("gpu", "enhance", "cpu")
 
 
 def job(config: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +94,60 @@ def burst(
     return BURST / elapsed_s, waits
 
 
+def outage_to_resume_s(tiny: TinyStack, outage_s: float) -> tuple[float, float, str]:
+    """Redis killed (-9) for `outage_s` while the media worker holds a job's upload (a pool
+    slot free, so its BRPOP pending: how kombu used to take a worker down, tasks/kombu_fix.py),
+    then restarted with its data. Seconds from Redis answering again to the media worker
+    starting the held job's final callback, and to a job pushed at that moment starting to
+    generate (the bridge and the generation worker back); and the held job's final status."""
+    platform, records = tiny.platform, tiny.records
+    held, pushed = job(TINY_CONFIG), job(TINY_CONFIG)
+    released = platform.hold_uploads()
+    try:
+        records.redis.rpush(QUEUE, queue_body(held))
+        platform.wait_for_held_upload(timeout_s=JOB_TIMEOUT_S)
+        tiny.redis_server.kill()
+        time.sleep(outage_s)  # the outage itself, not a wait for an event
+        tiny.redis_server.start()  # returns once Redis answers
+        back_at = time.time()
+    finally:
+        released.set()
+    records.redis.rpush(QUEUE, queue_body(pushed))
+    held_status = platform.wait_for_final(held["id"], timeout_s=JOB_TIMEOUT_S).body["status"]
+    body = platform.wait_for_final(pushed["id"], timeout_s=JOB_TIMEOUT_S).body
+    if body["status"] != "completed":
+        raise RuntimeError(f"a job pushed after the outage failed: {body['error_message']}")
+    exited = [name for name in CELERY_WORKERS if tiny.stack.processes[name].poll() is not None]
+    if exited:
+        raise RuntimeError(f"workers exited in the Redis outage: {exited}")
+    callback_at = records.get(held["id"]).first_started("callback")
+    generate_at = records.get(pushed["id"]).first_started("generate")
+    return callback_at - back_at, generate_at - back_at, held_status
+
+
+def outage_rows(console: Console, workdir: Path) -> list[tuple[str, str]]:
+    """The table's rows for OUTAGES_S, on a stack of their own: Redis with an append-only
+    file, uploads through the local platform's storage (which can hold them)."""
+    with ExitStack() as cleanup:
+        tiny = tiny_stack(cleanup, workdir / "outages", queue=QUEUE, aof=True,
+                          settings={"STORAGE_BACKEND": "supabase"})  # fmt: skip
+        warm = job(TINY_CONFIG)
+        tiny.records.redis.rpush(QUEUE, queue_body(warm))
+        tiny.platform.wait_for_final(warm["id"], timeout_s=JOB_TIMEOUT_S)
+        rows = []
+        for outage_s in OUTAGES_S:
+            console.print(f"Redis down for {outage_s} s under a held upload ...")
+            media_s, generation_s, held_status = outage_to_resume_s(tiny, outage_s)
+            rows += [
+                (f"Redis down {outage_s} s (no worker exits) -> media worker consuming "
+                 "again: held job's final callback starts", f"{media_s:.2f} s"),
+                ("... -> a job pushed on its return starts generating",
+                 f"{generation_s:.2f} s"),
+                ("... the held job's final status", held_status),
+            ]  # fmt: skip
+    return rows
+
+
 def main() -> None:
     console = Console(width=110)
     workdir = Path(tempfile.mkdtemp(prefix="wan-bench-faults-"))
@@ -105,6 +166,7 @@ def main() -> None:
             reruns.append(kill_to_rerun_s(stack, client, records, platform))
         console.print(f"burst: {BURST} jobs pushed at once ...")
         throughput, waits = burst(client, records, platform)
+    outages = outage_rows(console, workdir)
 
     table = Table(title=f"faults and load, tiny model on CPU ({os.cpu_count()} cores)")
     for column in ("measure", "value"):
@@ -117,6 +179,7 @@ def main() -> None:
          f"{throughput:.2f} jobs/s"),
         ("... queue wait (RPUSH -> generate start), p50", f"{statistics.median(waits):.1f} s"),
         ("... queue wait, p95", f"{statistics.quantiles(waits, n=20)[18]:.1f} s"),
+        *outages,
     ]  # fmt: skip
     for measure, value in rows:
         table.add_row(measure, value)
