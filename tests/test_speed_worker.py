@@ -114,10 +114,14 @@ def test_a_result_and_health_report_the_options_in_force_and_turbo(
     # When it completes
     body = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body
 
-    # Then its provenance says turbo, which checkpoint, its steps and guidance, and the
-    # options in force; /health says the same options
+    # Then its provenance says turbo, which checkpoint, its steps and guidance, that the
+    # step cache did not run and why, and the options in force; /health says the same options
     assert body["status"] == "completed"
     provenance = body["metadata"]["provenance"]
+    assert provenance["step_cache"] == {
+        "ran": "none",
+        "reason": "a turbo job's few distilled steps leave nothing to reuse",
+    }
     assert provenance["turbo"] is True
     assert provenance["turbo_checkpoint"] == tiny_wan_lora.name
     assert (provenance["steps"], provenance["guidance"]) == (TURBO_STEPS, 1.0)

@@ -3,7 +3,10 @@
 Each event goes out three ways: a Redis pub/sub message on `wan:progress:{job_id}` (the
 API's Server-Sent Events stream), the job record's `progress` field (throttled; what a
 late subscriber and GET /jobs/{id} read first), and, from inside a Celery task, the task's
-custom `PROGRESS` state plus a `task-progress` event, so Flower shows it too.
+custom `PROGRESS` state plus a `task-progress` event, so Flower shows it too. The event
+carries the progress in one `progress` field: Celery's event state (and so Flower) sets every
+field of an event as an attribute of its task, and a field named `event` replaced the
+task's own `event` method, so the task never left PROGRESS when it succeeded or failed.
 
 `percent` runs over the whole job: each stage owns a share (generation most of it) and
 the denoising steps fill generation's share. `eta_seconds` comes from this job's own
@@ -129,5 +132,5 @@ class Progress:
             self._recorded_at = time.monotonic()
         if self.task is not None and self.task.request.id:
             self.task.update_state(state="PROGRESS", meta=event)
-            self.task.send_event("task-progress", **event)
+            self.task.send_event("task-progress", progress=event)
         return event
