@@ -26,11 +26,13 @@ CONFIG_KEYS = ("resolution", "size", "frame_num", "num_inference_steps", "guidan
 
 
 def usable_id(raw: bytes) -> str | None:
-    """The id a correct bridge can answer: from UTF-8 JSON, either body shape (CONTRACT 1)."""
+    """The id a correct bridge can answer: from UTF-8 JSON, either body shape (CONTRACT 1),
+    whatever its numbers (kept as their text here). Nesting too deep for Python's decoder
+    counts as no id: only `extreme_jobs` makes objects that deep, and it names their ids."""
     try:
-        body = json.loads(raw.decode())
+        body = json.loads(raw.decode(), parse_int=str)
         if isinstance(body, list) and len(body) == 1 and isinstance(body[0], str):
-            body = json.loads(body[0])
+            body = json.loads(body[0], parse_int=str)
     except (ValueError, RecursionError):
         return None
     if not isinstance(body, dict):
