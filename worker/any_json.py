@@ -44,12 +44,6 @@ class Unreadable:
     def __repr__(self) -> str:
         return f"<{self.what}>"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Unreadable) and other.what == self.what
-
-    def __hash__(self) -> int:
-        return hash(self.what)
-
 
 def loads(text: str) -> Any:
     """Decode any JSON text; ValueError only for text that is not JSON."""
@@ -64,12 +58,6 @@ def _integer(digits: str) -> int | Unreadable:
     if limit and len(digits.lstrip("-")) > limit:
         return Unreadable(f"an integer of {len(digits.lstrip('-'))} digits")
     return int(digits)
-
-
-def _number(text: str) -> int | float | Unreadable:
-    match = _NUMBER.fullmatch(text)
-    assert match is not None  # the caller matched it
-    return _integer(text) if match[1] is None and match[2] is None else float(text)
 
 
 class _Parser:
@@ -152,7 +140,8 @@ class _Parser:
         if match is None:
             raise self._error("expected a value")
         self.pos = match.end()
-        return _number(match[0])
+        fraction, exponent = match[1], match[2]
+        return _integer(match[0]) if fraction is None and exponent is None else float(match[0])
 
     def _next(self) -> str:
         """Skip whitespace; the next character, '' at the end."""
