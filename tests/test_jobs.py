@@ -988,7 +988,11 @@ def test_the_frontends_start_frame_body_runs_with_its_start_frame_size_frames_an
         (frontend(reference_image_url=IMAGE_URL, reference_strength=1.5),
          "reference_strength", ["0..1", "1.5"]),
     ],
-    ids=lambda value: value if isinstance(value, str) else "",
+    ids=["fps-11", "fps-25", "fps-60", "fps-fraction", "fps-text", "width-100", "width-500",
+         "height-2000", "height-text", "frame_num-500", "frame_num-81-for-an-image",
+         "target_worker-sdxl", "target_worker-list", "quality-ultra", "reference_mode-sideways",
+         "reference_image_url-number", "first_frame-object", "denoise_strength-2",
+         "reference_strength-1.5"],
 )  # fmt: skip
 def test_a_bad_top_level_value_is_refused_naming_it_and_the_limit(
     job_body: dict[str, Any], field: str, fragments: list[str]
