@@ -61,6 +61,10 @@ DEFAULT_SHIFT = 5.0
 
 #: Nesting levels `metadata` may have: it is kept in the record as it came.
 METADATA_DEPTH_MAX = 32
+#: Keys of `metadata` an error names as `metadata.key`; others are quoted in brackets.
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Longest job type kept from a body that was refused before parsing.
+TYPE_NAME_MAX_CHARS = 64
 
 ReferenceMode = Literal["none", "single", "start", "end", "both"]
 REFERENCE_MODES: tuple[ReferenceMode, ...] = ("none", "single", "start", "end", "both")
@@ -370,10 +374,6 @@ def normalise_frames(frames: int) -> int:
 #: megabytes of text, integers of thousands of digits or deep nesting.
 _SHOWN = reprlib.Repr()
 _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong, _SHOWN.maxlevel = 80, 80, 40, 3
-#: Longest job type kept from a body that was refused before parsing.
-TYPE_NAME_MAX_CHARS = 64
-#: Keys of `metadata` an error names as `metadata.key`; others are quoted in brackets.
-PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _shown(value: Any) -> str:
