@@ -17,7 +17,7 @@ from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
 from worker.callback import FINAL_BODIES, CallbackGate, post_callback
 from worker.errors import FramesMissing
-from worker.jobs import BUCKET, FPS
+from worker.jobs import BUCKET
 from worker.observe.logs import job_summary
 from worker.observe.metrics import JOBS, Metrics
 from worker.observe.progress import Progress
@@ -56,7 +56,7 @@ def encode(self: StageTask, job_id: str) -> None:
     job = record.job
     out = spool.job_dir(get_settings().spool_dir, job_id) / f"0.{job.extension}"
     if job.type.is_video:
-        encode_mp4(frames, out, fps=FPS)
+        encode_mp4(frames, out, fps=job.fps)
     else:
         write_png(frames[0], out)
     get_records().update(
@@ -64,8 +64,8 @@ def encode(self: StageTask, job_id: str) -> None:
         output={
             "path": str(out.resolve()),
             "file_size_bytes": check_file(out, job.extension),
-            "duration_seconds": round(len(frames) / FPS, 2),
-            "fps": FPS,
+            "duration_seconds": round(len(frames) / job.fps, 2),
+            "fps": job.fps,
         },
     )
 

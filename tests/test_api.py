@@ -19,6 +19,7 @@ import redis
 from tests.conftest import API_KEY, JOB_TIMEOUT_S, api_url, auth, new_job
 from worker.local.platform import LocalPlatform
 from worker.local.stack import LocalStack, free_port, wait_until
+from worker.records import JobRecords
 
 
 @contextmanager
@@ -216,6 +217,36 @@ def test_the_same_job_posted_twice_starts_one_job(
 
     assert (first.status_code, second.status_code) == (202, 200)
     assert second.json()["created"] is False
+    statuses = [c.body["status"] for c in platform.callbacks_for(job["id"])]
+    assert statuses == ["processing", "completed"]
+
+
+def test_a_job_a_dead_dispatcher_claimed_is_refused_until_its_claim_runs_out_then_runs_once(
+    stack: LocalStack, stack_env: dict[str, str], platform: LocalPlatform
+) -> None:
+    # Given a dispatcher claimed a job and died before sending it (its claim short here)
+    job = new_job("image_fast")
+    client = redis.Redis.from_url(stack_env["REDIS_URL"])
+    dead = JobRecords(client, ttl_s=600, owner="dead-dispatcher", claim_lease_s=3)
+    assert dead.claim(job["id"]) == "claimed"
+
+    # When the job is posted while the claim runs: 409 with the seconds left, not `queued`
+    refused = httpx.post(f"{api_url(stack_env)}/jobs", json=job, headers=auth(), timeout=10)
+    assert refused.status_code == 409
+    assert 1 <= int(refused.headers["Retry-After"]) <= 3
+    assert "may have died before sending it" in refused.json()["detail"]
+
+    # Then posted again once the claim has run out, it is taken over and runs once
+    answers: list[int] = []
+
+    def answered_other_than_409() -> bool:
+        post = httpx.post(f"{api_url(stack_env)}/jobs", json=job, headers=auth(), timeout=10)
+        answers.append(post.status_code)
+        return post.status_code != 409
+
+    wait_until(answered_other_than_409, timeout_s=30, interval_s=0.5, what="the job taken")
+    assert answers[-1] == 202
+    platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
     statuses = [c.body["status"] for c in platform.callbacks_for(job["id"])]
     assert statuses == ["processing", "completed"]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,6 +43,9 @@ OUTAGE_S = 3
 #: The generation of a job with this id prefix pauses at its first step for PAUSE_S.
 PAUSED = "paused-"
 PAUSE_S = 3
+#: The claim lease of a bridge that dies between claiming a job and sending it: short, so
+#: the bridge that kept the job's item takes it over within a test.
+DEAD_CLAIM_LEASE_S = 5
 #: An orphan is older than SPOOL_ORPHAN_AGE_S (6 h by default).
 SEVEN_HOURS_S = 7 * 3600
 
@@ -127,6 +131,47 @@ def test_a_bridge_killed_around_sending_a_chain_runs_the_job_once_after_its_rest
         "completed"
     )
     wait_until(lambda: settled(client, QUEUE), timeout_s=JOB_TIMEOUT_S, what="queues drained")
+    assert final_statuses(platform, job["id"]) == ["completed"]
+    assert records.get(job["id"]).fields["attempts:generate"] == "1"
+
+
+def test_a_job_whose_bridge_died_between_claim_and_send_is_sent_by_another_bridge_once(
+    outage_stack: LocalStack,
+    platform: LocalPlatform,
+    client: redis.Redis,
+    records: JobRecords,
+) -> None:
+    # Given this host's bridge dies (SIGKILL) after claiming a job, before sending it
+    job = new_job("image_fast", id=f"claimed-{uuid.uuid4()}")
+    outage_stack.kill("bridge")
+    outage_stack.restart("bridge", env={"WAN_TEST_FAULT": "claimed-:crash@bridge_taken",
+                                        "CLAIM_LEASE_S": str(DEAD_CLAIM_LEASE_S)})  # fmt: skip
+    client.rpush(QUEUE, queue_body(job))
+    wait_until(lambda: outage_stack.processes["bridge"].poll() is not None,
+               timeout_s=JOB_TIMEOUT_S, what="the bridge's crash")  # fmt: skip
+    dead_owner = records.claim_owner(job["id"])
+
+    # When the platform sends the job again and another host's bridge takes it
+    outage_stack.restart("bridge", env={"WORKER_HOST": "other-host", "WAN_TEST_FAULT": ""})
+    client.rpush(QUEUE, queue_body(job))
+
+    # Then that bridge keeps it until the dead bridge's claim has run out, then sends it:
+    # the job completes, once
+    assert platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body["status"] == (
+        "completed"
+    )
+    assert records.claim_owner(job["id"]) not in (None, dead_owner)
+    assert final_statuses(platform, job["id"]) == ["completed"]
+    assert records.get(job["id"]).fields["attempts:generate"] == "1"
+
+    # And when the dead bridge's host starts its bridge again, the item it held comes back
+    # from its processing list and starts nothing: the job was dispatched
+    processing = f"{QUEUE}:processing:{socket.gethostname()}"
+    assert client.llen(processing) == 1
+    outage_stack.kill("bridge")
+    outage_stack.restart("bridge", env={"WAN_TEST_FAULT": ""})
+    wait_until(lambda: client.llen(processing) == 0 and settled(client, QUEUE),
+               timeout_s=JOB_TIMEOUT_S, what="the held item dealt with")  # fmt: skip
     assert final_statuses(platform, job["id"]) == ["completed"]
     assert records.get(job["id"]).fields["attempts:generate"] == "1"
 

@@ -503,4 +503,4 @@ def get_records() -> JobRecords:
     its commands wait out a short Redis outage (`REDIS_OUTAGE_RETRY`)."""
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, retry=REDIS_OUTAGE_RETRY)
-    return JobRecords(client, ttl_s=settings.job_record_ttl_s)
+    return JobRecords(client, ttl_s=settings.job_record_ttl_s, claim_lease_s=settings.claim_lease_s)

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
 
     #: How long a job record lives in Redis after its last update, seconds.
     job_record_ttl_s: int = 7 * 24 * 3600
+    #: How long a dispatcher's claim on a job id keeps other dispatchers off it, seconds:
+    #: claim to send takes milliseconds, so a claim this old is a dead dispatcher's, and the
+    #: bridge that kept the same job's item takes it over and sends it.
+    claim_lease_s: PositiveFloat = 300
 
     #: Deliveries of one stage (its worker died, the broker handed it out again) before the
     #: job fails and is dead-lettered; Celery's own retries of network stages do not count.
