@@ -116,6 +116,29 @@ def test_without_a_configured_key_protected_endpoints_answer_503(
     assert health.status_code == 200
 
 
+def test_an_empty_api_key_is_no_key(stack_env: dict[str, str], tmp_path: Path) -> None:
+    # `WAN_WORKER_API_KEY=` in an env file: a request without Authorization must not pass
+    with api_process(stack_env, tmp_path, WAN_WORKER_API_KEY="") as url:
+        debug = httpx.get(f"{url}/debug/env", timeout=10)
+        job = httpx.post(f"{url}/jobs", json=new_job(), timeout=10)
+
+    assert (debug.status_code, job.status_code) == (503, 503)
+    assert "WAN_WORKER_API_KEY is not set" in debug.json()["detail"]
+
+
+def test_a_short_api_key_stops_the_api_naming_the_setting(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = stack_env | {"API_PORT": str(free_port()), "WAN_WORKER_API_KEY": "fifteen-chars.."}
+    api = LocalStack(env, log_dir=tmp_path, names=("api",))
+
+    with pytest.raises(RuntimeError, match="api exited with 2"):
+        api.start(timeout_s=60)
+
+    assert "WAN_WORKER_API_KEY has 15 characters, at least 16" in api.log("api")
+    assert "fifteen-chars.." not in api.log("api")
+
+
 # -- /enhance ----------------------------------------------------------------------------
 
 

@@ -217,6 +217,15 @@ class Settings(BaseSettings):
             or self.wan_turbo_model_path is not None
         )
 
+    @field_validator(*SECRET_FIELDS)
+    @classmethod
+    def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        """`KEY=` in an env file reads as an empty secret: it means not set, everywhere (an
+        empty API key compared equal to a missing Authorization header and opened the API)."""
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
     @field_validator("worker_host")
     @classmethod
     def _safe_worker_host(cls, value: str) -> str:
