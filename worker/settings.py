@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = 7860
     public_url: str | None = None
+    #: The longest one `GET /jobs/{id}/events` stream lasts, seconds; the client's EventSource
+    #: then reconnects and starts again from a snapshot.
+    event_stream_max_s: PositiveFloat = 3600
     runpod_pod_id: str | None = None
     #: Hosts (or addresses) whose references may be private, e.g. an internal CDN: comma list.
     reference_allowed_hosts: str = ""

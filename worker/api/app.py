@@ -34,11 +34,14 @@ def check_api_key(settings: Settings) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Register once per start, in the background: serving never waits for the platform."""
+    """Register once per start, in the background: serving never waits for the platform.
+    The event streams' shared Redis subscription lives as long as the app."""
     settings = get_settings()
+    app.state.event_hub = events.make_hub(settings)
     registration = asyncio.create_task(register(settings))
     yield
     registration.cancel()
+    await app.state.event_hub.aclose()
 
 
 def create_app() -> FastAPI:
