@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 
+from bench.api import HEALTH_BURST, posts_during_health_burst
 from tests.conftest import API_KEY, JOB_TIMEOUT_S, PLATFORM_QUEUE, api_url, auth, new_job
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, free_port, wait_until
@@ -40,20 +41,49 @@ def api_process(env: dict[str, str], log_dir: Path, **overrides: str) -> Iterato
 # -- /health -----------------------------------------------------------------------------
 
 
-def test_health_lists_the_workers_their_queues_and_the_queue_depths(
+def health_once_surveyed(api: str, path: str = "/health") -> dict[str, Any]:
+    """The answer once the background survey has seen a worker on every queue."""
+    answers: list[dict[str, Any]] = []
+
+    def ok() -> bool:
+        answers.append(httpx.get(f"{api}{path}", headers=auth(), timeout=10).json())
+        return answers[-1]["status"] == "ok"
+
+    wait_until(ok, timeout_s=30, what=f"{path} says ok")
+    return answers[-1]
+
+
+def test_health_counts_the_workers_and_shows_the_queue_depths_but_no_node_or_model(
     stack: LocalStack, stack_env: dict[str, str]
 ) -> None:
-    response = httpx.get(f"{api_url(stack_env)}/health", timeout=10)
+    health_once_surveyed(api_url(stack_env))
+
+    response = httpx.get(f"{api_url(stack_env)}/health", timeout=10)  # no key
 
     assert response.status_code == 200
     health = response.json()
     assert health["status"] == "ok" and health["redis"] is True and health["worker"] == "wan"
-    queues = {queue for worker in health["workers"].values() for queue in worker["queues"]}
-    assert queues == {"gpu", "enhance", "cpu", f"cpu.{socket.gethostname()}"}  # + WORKER_HOST's
+    assert health["workers_answering"] == 3 and health["queues_without_workers"] == []
     assert set(health["queue_depths"]) == {"gpu", "enhance", "cpu", "platform"}
+    assert 0 <= health["workers_checked_s_ago"] < 30
+    assert "workers" not in health
+    for private in (socket.gethostname(), stack_env["WAN_MODEL_PATH"], "@"):
+        assert private not in response.text
 
 
-def test_health_shows_the_models_a_worker_loaded(
+def test_health_details_list_the_workers_and_their_queues_with_the_key_only(
+    stack: LocalStack, stack_env: dict[str, str]
+) -> None:
+    details = health_once_surveyed(api_url(stack_env), "/health/details")
+    without_key = httpx.get(f"{api_url(stack_env)}/health/details", timeout=10)
+
+    queues = {queue for worker in details["workers"].values() for queue in worker["queues"]}
+    assert queues == {"gpu", "enhance", "cpu", f"cpu.{socket.gethostname()}"}  # + WORKER_HOST's
+    assert set(details["queue_depths"]) == {"gpu", "enhance", "cpu", "platform"}
+    assert without_key.status_code == 401
+
+
+def test_health_details_show_the_models_a_worker_loaded(
     stack: LocalStack,
     stack_env: dict[str, str],
     platform: LocalPlatform,
@@ -65,13 +95,39 @@ def test_health_shows_the_models_a_worker_loaded(
     assert response.status_code == 202
     platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
 
-    workers = httpx.get(f"{api_url(stack_env)}/health", timeout=10).json()["workers"]
+    models: dict[str, dict[str, Any]] = {}
 
-    models = {name: node["models"] for name, node in workers.items()}
+    def both_loaded() -> bool:  # once the background survey has run since
+        workers = httpx.get(f"{api_url(stack_env)}/health/details", headers=auth()).json()
+        models.update({name: node["models"] for name, node in workers["workers"].items()})
+        return {"wan_t2v", "qwen"} <= {model for node in models.values() for model in node}
+
+    wait_until(both_loaded, timeout_s=30, what="/health/details shows both models")
     gpu = next(node for name, node in models.items() if name.startswith("gpu@"))
     enhance = next(node for name, node in models.items() if name.startswith("enhance@"))
     assert gpu["wan_t2v"]["path"] == stack_env["WAN_MODEL_PATH"]
     assert enhance["qwen"]["path"] == stack_env["QWEN_MODEL_PATH"]
+
+
+def test_a_burst_of_health_checks_leaves_post_jobs_its_normal_time(
+    stack_env: dict[str, str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Given an API whose workers never answer a broadcast (none on its Redis database)
+    db = redis_server.db_url(10)
+    redis.Redis.from_url(db).flushdb()
+    try:
+        with api_process(stack_env, tmp_path, REDIS_URL=db, PLATFORM_REDIS_URL=db) as api:
+            alone = posts_during_health_burst(api, API_KEY, posts=5, burst=0)
+            # When 200 /health requests come at once, and jobs are posted meanwhile
+            burst = posts_during_health_burst(api, API_KEY, posts=5, deadline_s=10)
+    finally:
+        redis.Redis.from_url(db).flushdb()
+
+    # Then each job is accepted in its normal time (milliseconds alone; the burst costs the
+    # API CPU, never a wait), and each probe is answered within the platform's 5 s
+    assert max(burst.posts_s) < 2.5, (alone.posts_s, burst.posts_s)
+    assert burst.health_codes == [200] * HEALTH_BURST
+    assert max(burst.health_s) < 5
 
 
 def test_health_answers_503_with_the_reason_when_redis_is_down(

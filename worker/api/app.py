@@ -35,12 +35,19 @@ def check_api_key(settings: Settings) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Register once per start, in the background: serving never waits for the platform.
-    The event streams' shared Redis subscription lives as long as the app."""
+    The workers' survey for /health and the event streams' shared Redis subscription live
+    as long as the app."""
     settings = get_settings()
     app.state.event_hub = events.make_hub(settings)
-    registration = asyncio.create_task(register(settings))
+    app.state.health = health.HealthMonitor(settings)
+    background = [
+        asyncio.create_task(app.state.health.run()),
+        asyncio.create_task(register(settings)),
+    ]
     yield
-    registration.cancel()
+    for task in background:
+        task.cancel()
+    await app.state.health.aclose()
     await app.state.event_hub.aclose()
 
 
