@@ -151,10 +151,10 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         console.print(f"POST /jobs alone, then during bursts of {HEALTH_BURST} /health ...")
         alone = measure(url, key, burst=0)
-        rows = [("alone", alone), (f"{HEALTH_BURST} concurrent /health",
+        rows = [("alone", alone), (f"{HEALTH_BURST} /health at once",
                                    measure(url, key, burst=HEALTH_BURST))]  # fmt: skip
 
-    table = Table(title="POST /jobs on the real API, tiny stack on CPU", min_width=60)
+    table = Table(title="POST /jobs on the real API, tiny stack on CPU", min_width=90)
     for column in ("while", "posts", "p50 ms", "p99 ms", "/health p99 ms", "/health not 200"):
         table.add_column(column, justify="left" if column == "while" else "right")
     for what, timings in rows:
