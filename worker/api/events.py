@@ -85,8 +85,12 @@ class EventHub:
         try:
             async with self._lock:
                 if name not in self._confirmed:
-                    self._confirmed[name] = asyncio.Event()
-                    await self._pubsub.subscribe(name)
+                    self._confirmed[name] = asyncio.Event()  # before: the reader may confirm
+                    try:
+                        await self._pubsub.subscribe(name)
+                    except BaseException:
+                        del self._confirmed[name]  # the next stream of this job tries again
+                        raise
                 if self._reader is None or self._reader.done():
                     self._reader = asyncio.create_task(self._read())
             await asyncio.wait_for(self._confirmed[name].wait(), SUBSCRIBE_TIMEOUT_S)
@@ -101,10 +105,15 @@ class EventHub:
 
     async def _unsubscribe(self, name: str) -> None:
         async with self._lock:
-            if self._streams.get(name) or name not in self._confirmed:
+            if self._streams.get(name):
                 return  # a new stream of the same job came meanwhile
-            del self._streams[name], self._confirmed[name]
-            await self._pubsub.unsubscribe(name)
+            self._streams.pop(name, None)
+            if self._confirmed.pop(name, None) is None:
+                return  # its subscription failed
+            try:
+                await self._pubsub.unsubscribe(name)
+            except RedisError as e:  # gone with the connection; a resubscription is harmless
+                log.warning("unsubscribing %s failed: %s", name, e)
 
     async def _read(self) -> None:
         """Hand every message to its job's streams; confirm subscriptions as Redis does."""
@@ -238,8 +247,11 @@ async def _stream(hub: EventHub, job_id: str, *, max_s: float) -> AsyncIterator[
                 if event["event"] == "final":
                     return
             if loop.time() - checked_at >= RECHECK_S:
-                exists, job_status = await _status(hub.client, job_id)
                 checked_at = loop.time()
+                try:
+                    exists, job_status = await _status(hub.client, job_id)
+                except RedisError:  # Redis away: keep pinging, read again at the next check
+                    continue
                 if recorded and not exists:
                     return  # the record expired
                 recorded = recorded or exists
