@@ -192,8 +192,11 @@ def test_a_short_api_key_stops_the_api_naming_the_setting(
     env = stack_env | {"API_PORT": str(free_port()), "WAN_WORKER_API_KEY": "fifteen-chars.."}
     api = LocalStack(env, log_dir=tmp_path, names=("api",))
 
-    with pytest.raises(RuntimeError, match="api exited with 2"):
-        api.start(timeout_s=60)
+    try:
+        with pytest.raises(RuntimeError, match="api exited with 2"):
+            api.start(timeout_s=60)
+    finally:
+        api.stop()  # an API that did start (the check missing) is not left running
 
     assert "WAN_WORKER_API_KEY has 15 characters, at least 16" in api.log("api")
     assert "fifteen-chars.." not in api.log("api")
