@@ -55,6 +55,7 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.gpu
 	$(PY) -m bench.faults
 	$(PY) -m bench.lanes
+	$(PY) -m bench.api
 
 clean:
 	rm -rf $(VENV) .demo spool outputs

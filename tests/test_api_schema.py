@@ -84,8 +84,8 @@ def test_the_schema_documents_every_endpoint(api_schema: schemathesis.BaseSchema
     paths = set(api_schema.raw_schema["paths"])
 
     assert paths == {
-        "/health", "/metrics", "/enhance", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/events",
-        "/jobs/{job_id}/cancel", "/jobs/{job_id}/retry", "/debug/env",
+        "/health", "/health/details", "/metrics", "/enhance", "/jobs", "/jobs/{job_id}",
+        "/jobs/{job_id}/events", "/jobs/{job_id}/cancel", "/jobs/{job_id}/retry", "/debug/env",
     }  # fmt: skip
 
 

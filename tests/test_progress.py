@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import redis
 
-from tests.conftest import JOB_TIMEOUT_S, api_url, auth, new_job, push
-from worker.local.platform import LocalPlatform
+from tests.conftest import JOB_TIMEOUT_S, PLATFORM_QUEUE, api_url, auth, new_job, push
+from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, wait_until
 from worker.records import JobRecords
 
@@ -44,15 +44,18 @@ class Listener(threading.Thread):
 def test_the_stream_shows_every_stage_and_step_with_a_rising_percent_and_ends_with_the_status(
     stack: LocalStack, stack_env: dict[str, str], platform_list: redis.Redis
 ) -> None:
-    # Given a subscriber listening before the job exists (the frontend right after queue-job)
+    # Given a subscriber listening while the job waits (the frontend right after queue-job),
+    # held where no bridge takes it (the processing list of a host without one) until then
     job = new_job("video_fast")
     job["config"]["num_inference_steps"] = 6
+    held = f"{PLATFORM_QUEUE}:processing:no-bridge-here"
+    platform_list.rpush(held, queue_body(job))
     listener = Listener(f"{api_url(stack_env)}/jobs/{job['id']}/events")
     listener.start()
     wait_until(lambda: listener.events, timeout_s=10, what="the snapshot")
 
-    # When the platform pushes the job and it runs
-    push(platform_list, job)
+    # When the job reaches the platform list and runs
+    platform_list.lmove(held, PLATFORM_QUEUE, "LEFT", "RIGHT")
     listener.join(timeout=JOB_TIMEOUT_S)
 
     # Then: the snapshot, every stage's start and end, every step, a rising percent, the status

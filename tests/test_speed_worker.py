@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import JOB_TIMEOUT_S, api_url, new_job
+from tests.conftest import JOB_TIMEOUT_S, api_url, auth, new_job
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, free_port, wait_until
 
@@ -76,7 +76,8 @@ def expected_options(lora: Path) -> dict:
 
 
 def gpu_models(env: dict[str, str]) -> dict:
-    workers = httpx.get(f"{api_url(env)}/health", timeout=10).json()["workers"]
+    details = httpx.get(f"{api_url(env)}/health/details", headers=auth(), timeout=10)
+    workers = details.json()["workers"]
     return next((node["models"] for name, node in workers.items() if name.startswith("gpu@")), {})
 
 

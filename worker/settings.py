@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = 7860
     public_url: str | None = None
+    #: The longest one `GET /jobs/{id}/events` stream lasts, seconds; the client's EventSource
+    #: then reconnects and starts again from a snapshot.
+    event_stream_max_s: PositiveFloat = 3600
     runpod_pod_id: str | None = None
     #: Hosts (or addresses) whose references may be private, e.g. an internal CDN: comma list.
     reference_allowed_hosts: str = ""
@@ -225,6 +228,15 @@ class Settings(BaseSettings):
             or self.wan_distill_lora is not None
             or self.wan_turbo_model_path is not None
         )
+
+    @field_validator(*SECRET_FIELDS)
+    @classmethod
+    def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        """`KEY=` in an env file reads as an empty secret: it means not set, everywhere (an
+        empty API key compared equal to a missing Authorization header and opened the API)."""
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
 
     @field_validator("worker_host")
     @classmethod

@@ -268,7 +268,11 @@ def run_demo(*, full: bool = False) -> int:
                 thumbnail,
             )
         console.print(table)
-        health = httpx.get(f"http://127.0.0.1:{env['API_PORT']}/health", timeout=10).json()
+        health = httpx.get(
+            f"http://127.0.0.1:{env['API_PORT']}/health/details",
+            headers={"Authorization": f"Bearer {env['WAN_WORKER_API_KEY']}"},
+            timeout=10,
+        ).json()
         console.print(
             f"GET /health: {health['status']}, workers {', '.join(health['workers'])}, "
             f"models {sorted({m for w in health['workers'].values() for m in w['models']})}"
