@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,13 +37,26 @@ def api_process(env: dict[str, str], log_dir: Path, **overrides: str) -> Iterato
 # -- /health -----------------------------------------------------------------------------
 
 
+def health_of_all(env: dict[str, str]) -> dict[str, Any]:
+    """/health once every worker of the session stack has answered its broadcast in time
+    (one second: a loaded machine can make a worker miss one)."""
+    answers: list[dict[str, Any]] = []
+
+    def all_answered() -> bool:
+        response = httpx.get(f"{api_url(env)}/health", timeout=10)
+        assert response.status_code == 200
+        answers.append(response.json())
+        return {name.split("@")[0] for name in answers[-1]["workers"]} >= {"gpu", "enhance", "cpu"}
+
+    wait_until(all_answered, timeout_s=JOB_TIMEOUT_S, what="every worker answering /health")
+    return answers[-1]
+
+
 def test_health_lists_the_workers_their_queues_and_the_queue_depths(
     stack: LocalStack, stack_env: dict[str, str]
 ) -> None:
-    response = httpx.get(f"{api_url(stack_env)}/health", timeout=10)
+    health = health_of_all(stack_env)
 
-    assert response.status_code == 200
-    health = response.json()
     assert health["status"] == "ok" and health["redis"] is True and health["worker"] == "wan"
     queues = {queue for worker in health["workers"].values() for queue in worker["queues"]}
     assert queues == {"gpu", "enhance", "cpu", f"cpu.{socket.gethostname()}"}  # + WORKER_HOST's
@@ -61,7 +75,7 @@ def test_health_shows_the_models_a_worker_loaded(
     assert response.status_code == 202
     platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
 
-    workers = httpx.get(f"{api_url(stack_env)}/health", timeout=10).json()["workers"]
+    workers = health_of_all(stack_env)["workers"]
 
     models = {name: node["models"] for name, node in workers.items()}
     gpu = next(node for name, node in models.items() if name.startswith("gpu@"))
@@ -182,7 +196,7 @@ def test_a_job_posted_over_http_runs_and_its_record_reads_back(
             httpx.get(f"{api_url(stack_env)}/jobs/{job['id']}", headers=auth()).json()["status"]
             == "completed"
         ),
-        timeout_s=10,
+        timeout_s=JOB_TIMEOUT_S,
         what="the record says completed",
     )
     view = httpx.get(f"{api_url(stack_env)}/jobs/{job['id']}", headers=auth(), timeout=10)
