@@ -156,11 +156,13 @@ class RedisServer:
         assert self.process is not None
         if self.process.poll() is not None:
             return True
-        try:
-            info = redis.Redis.from_url(self.url, socket_connect_timeout=1).info("server")
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        try:  # PING: refused while an append-only file is still loading
+            return bool(client.ping()) and client.info("server")["process_id"] == self.process.pid
         except redis.RedisError:
             return False
-        return info.get("process_id") == self.process.pid
+        finally:
+            client.close()
 
     def kill(self) -> None:
         """SIGKILL, as a crash or the OOM killer would: no last write, no goodbye to clients."""
@@ -290,6 +292,7 @@ class LocalStack:
                     timeout_s=30,
                     what=f"Redis closing the connections of {name}",
                 )
+                client.close()
 
     def _redis_clients(self, name: str) -> list[tuple[redis.Redis, set[int]]]:
         """Per Redis server of this stack, the ids of the clients that are `name`'s
