@@ -178,8 +178,8 @@ class RedisServer:
             self.process = None
 
 
-def _connected_ports(pids: list[int]) -> set[int]:
-    """The local ports of the TCP connections these processes hold (Linux /proc)."""
+def _connections(pids: list[int]) -> set[tuple[int, int]]:
+    """(local port, remote port) of each TCP connection these processes hold (Linux /proc)."""
     inodes = set()
     for pid in pids:
         try:
@@ -193,13 +193,14 @@ def _connected_ports(pids: list[int]) -> set[int]:
                 continue
             if target.startswith("socket:["):
                 inodes.add(target.removeprefix("socket:[").removesuffix("]"))
-    ports = set()
+    connections = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+                local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+                connections.add((local, remote))
+    return connections
 
 
 def _port(address: str) -> int:
@@ -298,7 +299,7 @@ class LocalStack:
         """Per Redis server of this stack, the ids of the clients that are `name`'s
         connections (its pool's included)."""
         try:
-            ports = _connected_ports(self.pids(name))
+            connections = _connections(self.pids(name))
         except OSError:  # it has exited already
             return []
         servers: dict[tuple[str, int], redis.Redis] = {}
@@ -307,7 +308,8 @@ class LocalStack:
             where = client.get_connection_kwargs()
             servers.setdefault((where["host"], where["port"]), client)
         held = []
-        for client in servers.values():
+        for (_, server_port), client in servers.items():
+            ports = {local for local, remote in connections if remote == server_port}
             try:
                 listed = client.client_list()
             except redis.RedisError:  # Redis is down: no connection of it outlives the kill
