@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +49,20 @@ CALLBACK_BEARER = _test_secret("CALLBACK_BEARER")
 PLATFORM_QUEUE = "wan_queue"
 #: Long enough for a job on a loaded 2-core machine, short enough to fail a hung test.
 JOB_TIMEOUT_S = 120
+#: Jobs whose id starts with this pause in the session stack's generation (after denoising
+#: steps 1 and 2, `PACED_RULES`): a test reads a job mid-denoise however fast the machine.
+PACED = "paced-"
+
+
+def pauses(prefix: str, seconds: float, steps: Iterable[int]) -> str:
+    """WAN_TEST_FAULT rules: jobs whose id starts with `prefix` pause `seconds` after each
+    of these denoising steps, so a test sees what happens between steps on any machine."""
+    return ";".join(f"{prefix}:pause{seconds}@step{step}" for step in steps)
+
+
+#: After step 1, past the record's throttle (its `progress` then shows step 2); after step 2,
+#: long enough for a test to open a stream and read the record while the job generates.
+PACED_RULES = f"{pauses(PACED, 0.6, [1])};{pauses(PACED, 3, [2])}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -166,6 +180,7 @@ def stack_env(
         "SPOOL_DIR": str(root / "spool"),
         "OUTPUT_DIR": str(root / "outputs"),
         "HF_HUB_OFFLINE": "1",
+        "WAN_TEST_FAULT": PACED_RULES,
     }
 
 

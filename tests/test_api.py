@@ -49,7 +49,7 @@ def health_once_surveyed(api: str, path: str = "/health") -> dict[str, Any]:
         answers.append(httpx.get(f"{api}{path}", headers=auth(), timeout=10).json())
         return answers[-1]["status"] == "ok"
 
-    wait_until(ok, timeout_s=30, what=f"{path} says ok")
+    wait_until(ok, timeout_s=JOB_TIMEOUT_S, what=f"{path} says ok")
     return answers[-1]
 
 
@@ -102,7 +102,7 @@ def test_health_details_show_the_models_a_worker_loaded(
         models.update({name: node["models"] for name, node in workers["workers"].items()})
         return {"wan_t2v", "qwen"} <= {model for node in models.values() for model in node}
 
-    wait_until(both_loaded, timeout_s=30, what="/health/details shows both models")
+    wait_until(both_loaded, timeout_s=JOB_TIMEOUT_S, what="/health/details shows both models")
     gpu = next(node for name, node in models.items() if name.startswith("gpu@"))
     enhance = next(node for name, node in models.items() if name.startswith("enhance@"))
     assert gpu["wan_t2v"]["path"] == stack_env["WAN_MODEL_PATH"]
@@ -268,7 +268,7 @@ def test_a_job_posted_over_http_runs_and_its_record_reads_back(
             httpx.get(f"{api_url(stack_env)}/jobs/{job['id']}", headers=auth()).json()["status"]
             == "completed"
         ),
-        timeout_s=10,
+        timeout_s=JOB_TIMEOUT_S,
         what="the record says completed",
     )
     view = httpx.get(f"{api_url(stack_env)}/jobs/{job['id']}", headers=auth(), timeout=10)

@@ -9,9 +9,9 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import JOB_TIMEOUT_S, api_url, new_job, push
+from tests.conftest import JOB_TIMEOUT_S, PLATFORM_QUEUE, api_url, new_job, push, settled
 from worker.local.platform import LocalPlatform
-from worker.local.stack import LocalStack, RedisServer
+from worker.local.stack import LocalStack, RedisServer, wait_until
 from worker.observe.metrics import ALL, OTHER, Metric, Metrics
 
 
@@ -34,6 +34,9 @@ def test_counters_and_histograms_move_when_a_job_completes_and_one_fails(
     completed = ("wan_jobs_total", (("job_type", "image_fast"), ("status", "completed")))
     failed = ("wan_jobs_total", (("job_type", "image_fast"), ("status", "failed")))
     generate_runs = ("wan_stage_seconds_count", (("outcome", "success"), ("stage", "generate")))
+    # (a job of an earlier test is counted after its final callback: let the stack settle)
+    wait_until(lambda: settled(platform_list, PLATFORM_QUEUE), timeout_s=JOB_TIMEOUT_S,
+               what="the session stack idle")  # fmt: skip
     before = scrape(stack_env)
 
     good, bad = new_job("image_fast"), new_job("image_fast")
@@ -42,6 +45,9 @@ def test_counters_and_histograms_move_when_a_job_completes_and_one_fails(
     push(platform_list, bad)
     platform.wait_for_final(good["id"], timeout_s=JOB_TIMEOUT_S)
     platform.wait_for_final(bad["id"], timeout_s=JOB_TIMEOUT_S)
+    # (each job is counted just after the platform took its final callback)
+    wait_until(lambda: settled(platform_list, PLATFORM_QUEUE), timeout_s=JOB_TIMEOUT_S,
+               what="both jobs counted")  # fmt: skip
     after = scrape(stack_env)
 
     assert after[completed] == before.get(completed, 0) + 1

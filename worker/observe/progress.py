@@ -76,7 +76,9 @@ class Progress:
         self.notify_every_s = notify_every_s
         self._stage_started = time.monotonic()
         self._recorded_at = 0.0
-        self._notified = (0.0, time.monotonic())  # (percent, when) of the last callback
+        #: (percent, `at`) of the last callback: the spacing is measured on the timestamps
+        #: the platform receives, so it holds there however long an event takes to publish.
+        self._notified = (0.0, time.time())
         #: Why the step count started again (a run at a lower preset), on every later step.
         self._note: str | None = None
 
@@ -101,10 +103,10 @@ class Progress:
         last_percent, last_at = self._notified
         due = (
             event["percent"] - last_percent >= CALLBACK_EVERY_PERCENT
-            and time.monotonic() - last_at >= self.notify_every_s
+            and sent["at"] - last_at >= self.notify_every_s
         )
         if self.notify is not None and due:
-            self._notified = (event["percent"], time.monotonic())
+            self._notified = (event["percent"], sent["at"])
             self.notify({k: v for k, v in sent.items() if k != "event"})
 
     def stage_restarted(self, stage: str, note: str) -> None:
