@@ -29,6 +29,12 @@ KEY_PREFIX = "wan:job:"
 #: Every job id with a record, scored by when it was first claimed: `jobs list` reads it
 #: newest first and pages through it, instead of scanning every key of the broker's Redis.
 INDEX_KEY = "wan:jobs"
+#: The jobs the platform has not yet been told the end of (running, waiting for a stage, or
+#: owing their final callback), scored by when each was sent (Redis time): what the sweeps
+#: read, so a pass costs these jobs, never every record. A job enters in the step that
+#: writes its record to be sent (`write_active`) and leaves in the step that notes its final
+#: callback accepted or given up (`callback_sent`, `delivery_failed`).
+ACTIVE_KEY = "wan:jobs:active"
 #: The chain's stages in order, as records name them.
 STAGES = ("enhance", "generate", "encode", "thumbnail", "upload", "callback")
 #: Statuses after which the platform expects no more callbacks for a job.
@@ -356,8 +362,55 @@ class JobRecords:
         """Set fields to JSON-encoded values, read back with `JobRecord.value`."""
         self.write(job_id, **{name: json.dumps(value) for name, value in values.items()})
 
+    def write_active(self, job_id: str, **fields: str) -> None:
+        """`write`, and the job enters the index of active jobs (`ACTIVE_KEY`) in the same
+        step: it is about to be sent, or owes the platform a callback again."""
+        now = self.now()
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(job_id), mapping=fields)
+            pipe.expire(self.key(job_id), self.ttl_s)
+            pipe.zadd(ACTIVE_KEY, {job_id: now})
+            pipe.execute()
+
+    def _write_settled(self, job_id: str, **fields: str) -> None:
+        """`write`, and the job leaves the index of active jobs in the same step."""
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(job_id), mapping=fields)
+            pipe.expire(self.key(job_id), self.ttl_s)
+            pipe.zrem(ACTIVE_KEY, job_id)
+            pipe.execute()
+
+    def active(self, *, page: int = 500) -> Iterator[tuple[JobRecord, float]]:
+        """Every active job's record with when it was sent (Redis time), read a page at a
+        time; entries whose record expired, or that settled by another way, are dropped from
+        the index as they are met. Costs the active jobs, whatever the number of records."""
+        entries = self.redis.zrange(ACTIVE_KEY, 0, -1, withscores=True)
+        for start in range(0, len(entries), page):
+            chunk = [(member.decode(), at) for member, at in entries[start : start + page]]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in chunk:
+                    pipe.hgetall(self.key(job_id))
+                raws = pipe.execute()
+            gone = []
+            for (job_id, at), raw in zip(chunk, raws, strict=True):
+                record = _record(job_id, raw)
+                if not raw or settled(record):
+                    gone.append(job_id)
+                else:
+                    yield record, at
+            if gone:
+                self.redis.zrem(ACTIVE_KEY, *gone)
+
+    def expires_at(self, job_id: str) -> float | None:
+        """When the record expires unless written again (Redis time); None if there is none."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.pttl(self.key(job_id))
+            (seconds, micros), left_ms = pipe.execute()
+        return None if left_ms < 0 else seconds + micros / 1e6 + left_ms / 1000
+
     def create(self, job: Job, *, payload: str) -> None:
-        self.write(
+        self.write_active(
             job.id,
             payload=payload,
             job=job.model_dump_json(),
@@ -463,18 +516,30 @@ class JobRecords:
         self.release_stage(job_id, stage)
 
     def callback_sent(self, job_id: str, status: str) -> None:
-        """Note when the platform accepted a callback of this status."""
-        self.write(job_id, **{f"callback_sent:{status}": repr(time.time())})
+        """Note when the platform accepted a callback of this status; a final one settles
+        the job (it leaves the index of active jobs)."""
+        write = self._write_settled if status in FINAL_STATUSES else self.write
+        write(job_id, **{f"callback_sent:{status}": repr(time.time())})
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """Leave the record saying which stage failed, and why."""
         self.write(job_id, status="failed", **_error_fields("error", stage, error))
 
     def delivery_failed(self, job_id: str, *, stage: str, error: BaseException) -> None:
-        """The platform was never told the outcome: say so, keeping the job's own error."""
-        self.write(
+        """The platform was never told the outcome: say so, keeping the job's own error. The
+        job settles (an operator's `jobs retry` sends the callback again)."""
+        self._write_settled(
             job_id, status="delivery_failed", **_error_fields("delivery_error", stage, error)
         )
+
+
+def settled(record: JobRecord) -> bool:
+    """Whether nothing more is owed to the platform: its final callback was accepted or
+    given up on (`delivery_failed`)."""
+    status = record.status
+    if status == "delivery_failed":
+        return True
+    return status in FINAL_STATUSES and f"callback_sent:{status}" in record.fields
 
 
 def _record(job_id: str, raw: dict[bytes, bytes]) -> JobRecord:

@@ -40,6 +40,10 @@ class Metric:
 
 
 JOBS = Metric("wan_jobs_total", "Jobs by type and final status.", ("job_type", "status"))
+#: `job_type` of a job whose body named no type the platform sends (refused at the bridge):
+#: one value for all of them, so the label holds the platform's types and this, whatever
+#: bodies arrive (the metric's hash stays bounded).
+OTHER_JOB_TYPE = "other"
 STAGE_SECONDS = Metric(
     "wan_stage_seconds", "Seconds per stage run.", ("stage", "outcome"), STAGE_BUCKETS_S
 )
