@@ -17,9 +17,9 @@ from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
 from worker.callback import FINAL_BODIES, post_callback
 from worker.errors import FramesMissing
-from worker.jobs import BUCKET, FPS, JobType
+from worker.jobs import BUCKET, FPS
 from worker.observe.logs import job_summary
-from worker.observe.metrics import JOBS, OTHER_JOB_TYPE, Metrics
+from worker.observe.metrics import JOBS, Metrics, job_type_label
 from worker.observe.progress import Progress
 from worker.records import JobRecord, get_records
 from worker.settings import get_settings
@@ -124,7 +124,5 @@ def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None
     records.write(job_id, status=status, final_callback=status)
     records.callback_sent(job_id, status)
     log.info("job=%s finished %s", job_id, status, extra={"summary": job_summary(record, status)})
-    job_type = record.fields.get("job_type", "")
-    job_type = job_type if job_type in JobType.__members__ else OTHER_JOB_TYPE
-    Metrics(records.redis).count(JOBS, job_type, status)
+    Metrics(records.redis).count(JOBS, job_type_label(record.fields.get("job_type", "")), status)
     Progress(records, job_id, task=self).final(status)

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from tasks.chain import build_chain
-from tests.conftest import JOB_TIMEOUT_S, module_env, new_job, sent_job_ids
+from tests.conftest import JOB_TIMEOUT_S, celery_broker, module_env, new_job, sent_job_ids
 from worker.dead_letters import DeadLetters
 from worker.dispatch import submit
 from worker.jobs import Job, parse_job
@@ -61,16 +61,8 @@ def tiny_job() -> dict[str, Any]:
 
 @pytest.fixture
 def broker(reconcile_redis: RedisServer) -> Iterator[redis.Redis]:
-    """This process's Celery app on a database of the private Redis no worker consumes."""
-    from tasks import app
-
-    url = reconcile_redis.db_url(1)
-    app.conf.update(broker_url=url, result_backend=url)
-    app._after_fork()  # drop producers connected to another broker
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield client
-    client.flushdb()
+    with celery_broker(reconcile_redis.db_url(1)) as client:
+        yield client
 
 
 @pytest.fixture
