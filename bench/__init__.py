@@ -21,9 +21,11 @@ class TinyStack:
     records: JobRecords
 
 
-def tiny_stack(cleanup: ExitStack, workdir: Path, *, queue: str) -> TinyStack:
+def tiny_stack(
+    cleanup: ExitStack, workdir: Path, *, queue: str, settings: dict[str, str] | None = None
+) -> TinyStack:
     """A private Redis, LocalPlatform and the workers with the bridge on the tiny random WAN,
-    all stopped by `cleanup`; the jobs' platform list is `queue`."""
+    all stopped by `cleanup`; the jobs' platform list is `queue`; `settings` on top."""
     from worker.local.tiny_models import make_tiny_wan
 
     server = RedisServer(workdir / "redis").start()
@@ -39,6 +41,7 @@ def tiny_stack(cleanup: ExitStack, workdir: Path, *, queue: str) -> TinyStack:
         "SPOOL_DIR": str(workdir / "spool"),
         **platform.worker_env(),
         "HF_HUB_OFFLINE": "1",
+        **(settings or {}),
     }
     stack = LocalStack(env, log_dir=workdir / "logs", names=WORKERS_AND_BRIDGE)
     cleanup.callback(stack.stop)

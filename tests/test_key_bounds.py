@@ -27,16 +27,16 @@ from celery.backends.redis import RedisBackend
 from enhancement.cache import EnhancementCache
 from enhancement.model import Sampling
 from tests.conftest import celery_broker
-from tests.test_reconcile import TIMEOUT_S, finish, sent, tiny_job, waited
+from tests.test_reconcile import TIMEOUT_S, sent, tiny_job, waited
 from worker.bridge import Bridge
 from worker.dead_letters import DeadLetters
 from worker.errors import TooManyDeliveries
 from worker.job_control import finish_cancelled
 from worker.jobs import JobType, parse_job
-from worker.lanes import WaitingJobs, leave_waiting, promote_overdue
+from worker.lanes import WaitingJobs, leave_waiting
 from worker.leftovers import drop_leftovers
+from worker.local.many_records import add_finished, finished_record, sweep_pass
 from worker.local.stack import ROOT, RedisServer, wait_until
-from worker.lost_jobs import LostJobSweep
 from worker.observe.metrics import JOBS, OTHER_JOB_TYPE, Metrics, job_type_label
 from worker.observe.metrics import KEY_PREFIX as METRICS_PREFIX
 from worker.observe.progress import Progress
@@ -91,47 +91,6 @@ def key_counts(client: redis.Redis) -> Counter[str]:
 # --- One sweep pass beside 100,000 finished records -----------------------------------------
 
 
-def finished_template(records: JobRecords) -> dict[str, str]:
-    """The record a completed job leaves, written by the record code's own steps."""
-    job = sent(records)
-    records.redis.delete("enhance")  # its message: taken and run
-    leave_waiting(records, Settings(), job.id)
-    finish(records, job.id, *STAGES)
-    records.write(job.id, status="completed", final_callback="completed")
-    records.callback_sent(job.id, "completed")
-    fields = records.get(job.id).fields
-    records.redis.delete(records.key(job.id))
-    records.redis.zrem(INDEX_KEY, job.id)
-    return fields
-
-
-#: Copies of one record, made inside Redis (packing 100,000 hashes in Python takes a minute
-#: on a loaded machine). KEYS: the record index; ARGV: the key prefix, the id prefix, the
-#: first and last number, the record TTL, when claimed, then the record's fields and values.
-_COPY_SCRIPT = """
-for n = tonumber(ARGV[3]), tonumber(ARGV[4]) do
-  local job_id = ARGV[2] .. n
-  redis.call('HSET', ARGV[1] .. job_id, unpack(ARGV, 7))
-  redis.call('EXPIRE', ARGV[1] .. job_id, ARGV[5])
-  redis.call('ZADD', KEYS[1], ARGV[6], job_id)
-end
-"""
-
-
-def add_finished(records: JobRecords, fields: dict[str, str], count: int) -> None:
-    """`count` copies of a finished record (`done-<n>`), in the record index as every record
-    is: one pipeline of copy scripts, a few seconds for 100,000."""
-    copy = records.redis.register_script(_COPY_SCRIPT)
-    pairs = [part for item in fields.items() for part in item]
-    claimed_at, batch = records.now(), 2_000  # each script well under a socket timeout
-    with records.redis.pipeline(transaction=False) as pipe:
-        for first in range(0, count, batch):
-            last = min(first + batch, count) - 1
-            copy(keys=[INDEX_KEY], args=[KEY_PREFIX, "done-", first, last, records.ttl_s,
-                                         claimed_at, *pairs], client=pipe)  # fmt: skip
-        pipe.execute()
-
-
 @contextmanager
 def monitored(client: redis.Redis) -> Iterator[list[str]]:
     """Every command Redis runs while the block runs (MONITOR), scripts' own included."""
@@ -156,16 +115,6 @@ def monitored(client: redis.Redis) -> Iterator[list[str]]:
     assert not listener.is_alive(), "MONITOR never saw the end of the pass"
 
 
-def sweep_pass(records: JobRecords, reconciler: QueuedJobReconciler, settings: Settings) -> None:
-    """What one host's sweeps do once: the media worker's lost-job sweep (lost jobs, swallowed
-    messages, leftovers) and its generation worker's promotion sweep (the lanes' prune)."""
-    records.media_heartbeat(settings.worker_host)
-    LostJobSweep(records, timeout_s=TIMEOUT_S, lease_s=60, max_deliveries=3).sweep()
-    reconciler.sweep()
-    drop_leftovers(records)
-    promote_overdue(records, settings)
-
-
 def records_read(commands: list[str]) -> list[str]:
     """The job ids of the records each command names."""
     return [
@@ -184,7 +133,7 @@ def test_a_sweep_pass_reads_the_running_and_waiting_jobs_not_the_finished_ones(
     # Given 100,000 finished records, 50 jobs generating and 20 waiting past half the timeout
     # (their messages on the enhance queue, so the reconciler reads the queues too)
     built_at = time.monotonic()
-    add_finished(records, finished_template(records), FINISHED)
+    add_finished(records, finished_record(records), FINISHED)
     build_s = time.monotonic() - built_at
     running = []
     for _ in range(RUNNING):

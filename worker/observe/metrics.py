@@ -46,11 +46,6 @@ JOBS = Metric("wan_jobs_total", "Jobs by type and final status.", ("job_type", "
 #: one value for all of them, so the label holds the platform's types and this, whatever
 #: bodies arrive (the metric's hash stays bounded).
 OTHER_JOB_TYPE = "other"
-
-
-def job_type_label(job_type: str) -> str:
-    """The `job_type` label of `JOBS` for a record's `job_type`: the type, or OTHER_JOB_TYPE."""
-    return job_type if job_type in JobType.__members__ else OTHER_JOB_TYPE
 STAGE_SECONDS = Metric(
     "wan_stage_seconds", "Seconds per stage run.", ("stage", "outcome"), STAGE_BUCKETS_S
 )
@@ -74,6 +69,11 @@ GPU_MEMORY = Metric(
 )
 ALL = (JOBS, STAGE_SECONDS, RETRIES, MODEL_LOADS, ENHANCEMENT_FALLBACKS, DEAD_LETTERS,
        CANCELLATIONS, QUALITY_DEGRADATIONS, GPU_MEMORY)  # fmt: skip
+
+
+def job_type_label(job_type: str) -> str:
+    """The `job_type` label of `JOBS` for a record's `job_type`: the type, or OTHER_JOB_TYPE."""
+    return job_type if job_type in JobType.__members__ else OTHER_JOB_TYPE
 
 
 class Metrics:
