@@ -27,11 +27,11 @@ from celery.backends.redis import RedisBackend
 from enhancement.cache import EnhancementCache
 from enhancement.model import Sampling
 from tests.conftest import celery_broker
-from tests.test_reconcile import TIMEOUT_S, sent, tiny_job, waited
+from tests.test_reconcile import TIMEOUT_S, finish, sent, tiny_job, waited
 from worker.bridge import Bridge
 from worker.dead_letters import DeadLetters
 from worker.errors import TooManyDeliveries
-from worker.job_control import finish_cancelled
+from worker.job_control import finish_cancelled, retry
 from worker.jobs import JobType, parse_job
 from worker.lanes import WaitingJobs, leave_waiting
 from worker.leftovers import drop_leftovers
@@ -41,7 +41,14 @@ from worker.observe.metrics import JOBS, OTHER_JOB_TYPE, Metrics, job_type_label
 from worker.observe.metrics import KEY_PREFIX as METRICS_PREFIX
 from worker.observe.progress import Progress
 from worker.reconcile import QueuedJobReconciler
-from worker.records import FINAL_STATUSES, INDEX_KEY, KEY_PREFIX, STAGES, JobRecords
+from worker.records import (
+    ACTIVE_KEY,
+    FINAL_STATUSES,
+    INDEX_KEY,
+    KEY_PREFIX,
+    STAGES,
+    JobRecords,
+)
 from worker.settings import Settings
 
 FINISHED = 100_000
@@ -86,6 +93,40 @@ def family(key: bytes) -> str:
 
 def key_counts(client: redis.Redis) -> Counter[str]:
     return Counter(family(key) for key in client.scan_iter(count=1000))
+
+
+# --- The index of active jobs --------------------------------------------------------------
+
+
+def active_ids(records: JobRecords) -> set[str]:
+    return {record.job_id for record, _ in records.active()}
+
+
+def test_the_active_index_holds_the_jobs_not_yet_settled(broker: redis.Redis) -> None:
+    records = JobRecords(broker, ttl_s=600)
+    # A job is active from its send, while it runs, and while its final callback is owed
+    job = sent(records).id
+    assert active_ids(records) == {job}
+    finish(records, job, *STAGES[:-1])
+    records.write(job, status="completed", final_callback="completed")
+    assert active_ids(records) == {job}
+    # It leaves in the step that notes its final callback accepted, or given up
+    records.callback_sent(job, "completed")
+    assert broker.zscore(ACTIVE_KEY, job) is None
+    undelivered = sent(records).id
+    records.delivery_failed(undelivered, stage="callback", error=RuntimeError("HTTP 503"))
+    assert broker.zscore(ACTIVE_KEY, undelivered) is None
+    # An operator's retry makes it active again, in the step that resets its record
+    assert retry(records, job, force=True).status == "queued"
+    assert active_ids(records) == {job}
+
+    # Entries whose record expired, or that settled by a step that left them, are dropped
+    # as the sweeps meet them
+    expired, settled_elsewhere = sent(records).id, sent(records).id
+    broker.delete(records.key(expired))
+    records.write(settled_elsewhere, status="failed", **{"callback_sent:failed": "1"})
+    assert active_ids(records) == {job}
+    assert broker.zrange(ACTIVE_KEY, 0, -1) == [job.encode()]
 
 
 # --- One sweep pass beside 100,000 finished records -----------------------------------------

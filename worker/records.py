@@ -165,6 +165,24 @@ return {'resent', tostring(deliveries)}
 """
 
 
+#: Atomically, for each job: drop it from the index of active jobs if its record is gone or
+#: settled (`settled`) still, as the caller read it: an operator's retry in between brings
+#: it back and keeps it. KEYS: the index, then the records; ARGV: the job ids.
+_DROP_SETTLED_SCRIPT = """
+local dropped = 0
+for i = 2, #KEYS do
+  local done = redis.call('EXISTS', KEYS[i]) == 0
+  local status = redis.call('HGET', KEYS[i], 'status')
+  if status == 'delivery_failed' then done = true end
+  if status == 'completed' or status == 'failed' or status == 'cancelled' then
+    done = redis.call('HEXISTS', KEYS[i], 'callback_sent:' .. status) == 1
+  end
+  if done then dropped = dropped + redis.call('ZREM', KEYS[1], ARGV[i - 1]) end
+end
+return dropped
+"""
+
+
 def stage_task_id(job_id: str, stage: str, run: int = 0) -> str:
     """`{job_id}:{stage}`; each later run of the chain (an operator's retry, the lost-job
     sweep's resend) gets fresh ids, `{job_id}:{stage}:retry{n}`."""
@@ -283,6 +301,7 @@ class JobRecords:
         self._renew_stage = client.register_script(_RENEW_STAGE_SCRIPT)
         self._release_stage = client.register_script(_RELEASE_STAGE_SCRIPT)
         self._resend = client.register_script(_RESEND_SCRIPT)
+        self._drop_settled = client.register_script(_DROP_SETTLED_SCRIPT)
 
     @property
     def owner(self) -> str:
@@ -382,8 +401,9 @@ class JobRecords:
 
     def active(self, *, page: int = 500) -> Iterator[tuple[JobRecord, float]]:
         """Every active job's record with when it was sent (Redis time), read a page at a
-        time; entries whose record expired, or that settled by another way, are dropped from
-        the index as they are met. Costs the active jobs, whatever the number of records."""
+        time; entries whose record expired, or that settled by a step that left them, are
+        dropped from the index as they are met. Costs the active jobs, whatever the number
+        of records."""
         entries = self.redis.zrange(ACTIVE_KEY, 0, -1, withscores=True)
         for start in range(0, len(entries), page):
             chunk = [(member.decode(), at) for member, at in entries[start : start + page]]
@@ -399,7 +419,7 @@ class JobRecords:
                 else:
                     yield record, at
             if gone:
-                self.redis.zrem(ACTIVE_KEY, *gone)
+                self._drop_settled(keys=[ACTIVE_KEY, *map(self.key, gone)], args=gone)
 
     def expires_at(self, job_id: str) -> float | None:
         """When the record expires unless written again (Redis time); None if there is none."""
