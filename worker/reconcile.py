@@ -31,7 +31,6 @@ both bounded by the jobs waiting and held, not by the jobs ever run.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,8 +43,6 @@ from worker.lanes import GPU_QUEUE, priority_lists
 from worker.lost_jobs import LostJob, LostJobSweep, restart_stage
 from worker.records import STAGES, JobRecord, JobRecords, get_records, run_of_task
 from worker.settings import get_settings
-
-log = logging.getLogger(__name__)
 
 #: kombu's hash of the messages workers hold: delivery tag -> [message, exchange, key].
 UNACKED_KEY = "unacked"
