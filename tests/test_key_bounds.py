@@ -34,10 +34,11 @@ from worker.errors import TooManyDeliveries
 from worker.job_control import finish_cancelled, retry
 from worker.jobs import JobType, parse_job
 from worker.lanes import WaitingJobs, leave_waiting
-from worker.leftovers import drop_leftovers
+from worker.leftovers import BINDING_PREFIX, drop_leftovers
 from worker.local.many_records import add_finished, finished_record, sweep_pass
 from worker.local.stack import ROOT, RedisServer, wait_until
-from worker.observe.metrics import JOBS, OTHER_JOB_TYPE, Metrics, job_type_label
+from worker.observe.loaded_models import LoadedModels
+from worker.observe.metrics import GPU_MEMORY, JOBS, OTHER_JOB_TYPE, Metrics, job_type_label
 from worker.observe.metrics import KEY_PREFIX as METRICS_PREFIX
 from worker.observe.progress import Progress
 from worker.reconcile import QueuedJobReconciler
@@ -46,6 +47,7 @@ from worker.records import (
     FINAL_STATUSES,
     INDEX_KEY,
     KEY_PREFIX,
+    MEDIA_HOSTS_KEY,
     STAGES,
     JobRecords,
 )
@@ -127,6 +129,30 @@ def test_the_active_index_holds_the_jobs_not_yet_settled(broker: redis.Redis) ->
     records.write(settled_elsewhere, status="failed", **{"callback_sent:failed": "1"})
     assert active_ids(records) == {job}
     assert broker.zrange(ACTIVE_KEY, 0, -1) == [job.encode()]
+
+
+def test_a_host_silent_for_the_record_ttl_is_forgotten(broker: redis.Redis) -> None:
+    # Given a host whose media worker was last seen longer than the record TTL ago, and one
+    # seen a moment ago, each with its queue's binding, a worker's models and GPU memory
+    records = JobRecords(broker, ttl_s=60)
+    now = records.now()
+    broker.hset(MEDIA_HOSTS_KEY, mapping={"gone": now - 61, "live": now - 1})
+    for host in ("gone", "live"):
+        broker.sadd(f"{BINDING_PREFIX}cpu.{host}", f"cpu.{host}\x06\x16\x06\x16cpu.{host}")
+        LoadedModels(broker).note(f"gpu0@{host}", "wan_t2v", path="/models/wan", loaded=True)
+        Metrics(broker).set(GPU_MEMORY, 1e9, f"gpu0@{host}", "in_use")
+
+    # When the sweep drops leftovers
+    assert drop_leftovers(records).hosts == ["gone"]
+
+    # Then everything of the silent host is gone, and nothing of the live one
+    assert set(records.media_hosts()) == {"live"}
+    assert [key.decode() for key in broker.scan_iter(f"{BINDING_PREFIX}*")] == [
+        f"{BINDING_PREFIX}cpu.live"
+    ]
+    assert set(LoadedModels(broker).all()) == {"gpu0@live"}
+    gauges = broker.hkeys(METRICS_PREFIX + GPU_MEMORY.name)
+    assert [json.loads(field)[0][0] for field in gauges] == ["gpu0@live"]
 
 
 # --- One sweep pass beside 100,000 finished records -----------------------------------------
