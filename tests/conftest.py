@@ -264,20 +264,26 @@ def platform_list(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.url)
 
 
-@pytest.fixture
-def idle_broker(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    """Point this process's Celery app at a database no worker consumes, emptied around."""
+@contextmanager
+def celery_broker(url: str) -> Iterator[redis.Redis]:
+    """Point this process's Celery app at `url`, a database no worker consumes, emptied
+    around."""
     from tasks import app
 
-    url = redis_server.url.removesuffix("/0") + "/1"
     app.conf.update(broker_url=url, result_backend=url)
     # Producers an earlier test opened still point at the old broker: drop them, as
     # Celery does in a forked child.
     app._after_fork()
     client = redis.Redis.from_url(url)
-    client.flushdb()
+    client.flushdb(asynchronous=True)  # gone at once; freed behind (a test's 100,000 keys)
     yield client
-    client.flushdb()
+    client.flushdb(asynchronous=True)
+
+
+@pytest.fixture
+def idle_broker(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    with celery_broker(redis_server.db_url(1)) as client:
+        yield client
 
 
 #: Celery's queues in a stack on this machine: DESIGN.md's three and the media worker's own

@@ -49,7 +49,8 @@ POLL_S = 1.0
 RECONNECT_S = 2.0
 #: How often the bridge asks again about a job another dispatcher holds the claim of, seconds.
 HELD_RECHECK_S = 1.0
-#: Entries kept in `{queue}:rejected`, newest first; older ones are trimmed away.
+#: Entries kept in `{queue}:rejected`, newest first; older ones are trimmed away (and the
+#: whole list expires JOB_RECORD_TTL_S after the last one).
 REJECTED_MAX = 1_000
 #: Errors that are an outage of Redis or the broker, not a fault of the item in hand: out
 #: of memory and a read-only or cut-off replica (failover) pass like a lost connection.
@@ -231,6 +232,7 @@ class Bridge:
         with self.platform.pipeline() as pipe:
             pipe.lpush(self.rejected, json.dumps(entry))
             pipe.ltrim(self.rejected, 0, REJECTED_MAX - 1)
+            pipe.expire(self.rejected, self.records.ttl_s)  # gone a record's life after the last
             pipe.execute()
         log.error("parked an item in %s: %s", self.rejected, reason)
 

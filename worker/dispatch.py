@@ -81,7 +81,7 @@ def reject(
     The record is marked dispatched only once the callback is published: a broker error in
     between leaves the claim open, so the caller's next attempt sends the callback again.
     """
-    records.write(job_id, payload=payload, job_type=job_type)
+    records.write_active(job_id, payload=payload, job_type=job_type)  # owes a callback
     records.fail(job_id, stage="validate", error=error)
     send_final_callback(job_id, "failed")
     records.mark_dispatched(job_id)

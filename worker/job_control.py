@@ -21,7 +21,7 @@ from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
 from worker.lanes import WaitingJobs, leave_waiting
 from worker.observe.metrics import CANCELLATIONS, Metrics
-from worker.records import STAGES, JobRecord, JobRecords
+from worker.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords
 from worker.settings import get_settings
 
 
@@ -159,7 +159,7 @@ def retry(
     if record.status == "delivery_failed" and not from_start:
         stage, outcome = "callback", _outcome(record)
         records.redis.hdel(records.key(job_id), *DELIVERY_ERROR_FIELDS)
-        records.write(job_id, status=outcome, retries=str(run), retried_from=stage)
+        records.write_active(job_id, status=outcome, retries=str(run), retried_from=stage)
         send_final_callback(job_id, outcome)
     else:
         stage = "enhance" if from_start else _restart_stage(record)
@@ -217,7 +217,9 @@ def run_again_fields(record: JobRecord, stage: str) -> list[str]:
 
 
 def _reset(records: JobRecords, record: JobRecord, stage: str, run: int) -> None:
-    """Forget the outcome and what the stages from `stage` on did, deliveries included."""
+    """Forget the outcome and what the stages from `stage` on did, deliveries included; the
+    job is active again (`ACTIVE_KEY`) from now, in the same step."""
+    now = records.now()
     with records.redis.pipeline() as pipe:
         pipe.hdel(records.key(record.job_id), *run_again_fields(record, stage))
         pipe.hset(
@@ -225,4 +227,5 @@ def _reset(records: JobRecords, record: JobRecord, stage: str, run: int) -> None
             mapping={"status": "queued", "stage": "", "retries": str(run), "retried_from": stage},
         )
         pipe.expire(records.key(record.job_id), records.ttl_s)
+        pipe.zadd(ACTIVE_KEY, {record.job_id: now})
         pipe.execute()

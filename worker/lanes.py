@@ -184,20 +184,20 @@ class WaitingJobs:
 
     def prune(self, records: JobRecords) -> int:
         """Drop entries a crash left behind: jobs whose record is gone, final, or whose
-        generation began (a worker killed between the two writes). How many."""
+        generation began (a worker killed between the two writes). How many. Reads the
+        three fields that tell, of the waiting jobs only, in one round trip per lane."""
         stale = 0
         for lane in LANES:
             job_ids = [m.decode() for m in self.redis.zrange(_lane_key(lane), 0, -1)]
-            for job_id in job_ids:
-                record = records.get(job_id)
-                if (
-                    "job" not in record.fields
-                    or record.status in FINAL_STATUSES
-                    or "started:generate" in record.fields
-                ):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hmget(records.key(job_id), "job", "status", "started:generate")
+                found = pipe.execute()
+            for job_id, (job, status, started) in zip(job_ids, found, strict=True):
+                if job is None or (status or b"").decode() in FINAL_STATUSES or started:
                     self.redis.zrem(_lane_key(lane), job_id)
-                    if "job" in record.fields:
-                        self.leave(record.job)
+                    if job is not None:
+                        self.leave(Job.model_validate_json(job))
                     stale += 1
         return stale
 

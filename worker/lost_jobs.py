@@ -127,7 +127,7 @@ class LostJobSweep:
         now = self.records.now()
         media_hosts = self.records.media_hosts()
         found = []
-        for record in self.records.newest():
+        for record, _ in self.records.active():  # not every record: see ACTIVE_KEY
             lost = lost_stage(record, now=now, timeout_s=self.timeout_s, lease_s=self.lease_s,
                               media_hosts=media_hosts)  # fmt: skip
             if lost is not None:

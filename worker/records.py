@@ -29,6 +29,12 @@ KEY_PREFIX = "wan:job:"
 #: Every job id with a record, scored by when it was first claimed: `jobs list` reads it
 #: newest first and pages through it, instead of scanning every key of the broker's Redis.
 INDEX_KEY = "wan:jobs"
+#: The jobs the platform has not yet been told the end of (running, waiting for a stage, or
+#: owing their final callback), scored by when each was sent (Redis time): what the sweeps
+#: read, so a pass costs these jobs, never every record. A job enters in the step that
+#: writes its record to be sent (`write_active`) and leaves in the step that notes its final
+#: callback accepted or given up (`callback_sent`, `delivery_failed`).
+ACTIVE_KEY = "wan:jobs:active"
 #: The chain's stages in order, as records name them.
 STAGES = ("enhance", "generate", "encode", "thumbnail", "upload", "callback")
 #: Statuses after which the platform expects no more callbacks for a job.
@@ -159,6 +165,24 @@ return {'resent', tostring(deliveries)}
 """
 
 
+#: Atomically, for each job: drop it from the index of active jobs if its record is gone or
+#: settled (`settled`) still, as the caller read it: an operator's retry in between brings
+#: it back and keeps it. KEYS: the index, then the records; ARGV: the job ids.
+_DROP_SETTLED_SCRIPT = """
+local dropped = 0
+for i = 2, #KEYS do
+  local done = redis.call('EXISTS', KEYS[i]) == 0
+  local status = redis.call('HGET', KEYS[i], 'status')
+  if status == 'delivery_failed' then done = true end
+  if status == 'completed' or status == 'failed' or status == 'cancelled' then
+    done = redis.call('HEXISTS', KEYS[i], 'callback_sent:' .. status) == 1
+  end
+  if done then dropped = dropped + redis.call('ZREM', KEYS[1], ARGV[i - 1]) end
+end
+return dropped
+"""
+
+
 def stage_task_id(job_id: str, stage: str, run: int = 0) -> str:
     """`{job_id}:{stage}`; each later run of the chain (an operator's retry, the lost-job
     sweep's resend) gets fresh ids, `{job_id}:{stage}:retry{n}`."""
@@ -277,6 +301,7 @@ class JobRecords:
         self._renew_stage = client.register_script(_RENEW_STAGE_SCRIPT)
         self._release_stage = client.register_script(_RELEASE_STAGE_SCRIPT)
         self._resend = client.register_script(_RESEND_SCRIPT)
+        self._drop_settled = client.register_script(_DROP_SETTLED_SCRIPT)
 
     @property
     def owner(self) -> str:
@@ -356,8 +381,56 @@ class JobRecords:
         """Set fields to JSON-encoded values, read back with `JobRecord.value`."""
         self.write(job_id, **{name: json.dumps(value) for name, value in values.items()})
 
+    def write_active(self, job_id: str, **fields: str) -> None:
+        """`write`, and the job enters the index of active jobs (`ACTIVE_KEY`) in the same
+        step: it is about to be sent, or owes the platform a callback again."""
+        now = self.now()
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(job_id), mapping=fields)
+            pipe.expire(self.key(job_id), self.ttl_s)
+            pipe.zadd(ACTIVE_KEY, {job_id: now})
+            pipe.execute()
+
+    def _write_settled(self, job_id: str, **fields: str) -> None:
+        """`write`, and the job leaves the index of active jobs in the same step."""
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(job_id), mapping=fields)
+            pipe.expire(self.key(job_id), self.ttl_s)
+            pipe.zrem(ACTIVE_KEY, job_id)
+            pipe.execute()
+
+    def active(self, *, page: int = 500) -> Iterator[tuple[JobRecord, float]]:
+        """Every active job's record with when it was sent (Redis time), read a page at a
+        time; entries whose record expired, or that settled by a step that left them, are
+        dropped from the index as they are met. Costs the active jobs, whatever the number
+        of records."""
+        entries = self.redis.zrange(ACTIVE_KEY, 0, -1, withscores=True)
+        for start in range(0, len(entries), page):
+            chunk = [(member.decode(), at) for member, at in entries[start : start + page]]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in chunk:
+                    pipe.hgetall(self.key(job_id))
+                raws = pipe.execute()
+            gone = []
+            for (job_id, at), raw in zip(chunk, raws, strict=True):
+                record = _record(job_id, raw)
+                if not raw or settled(record):
+                    gone.append(job_id)
+                else:
+                    yield record, at
+            if gone:
+                self._drop_settled(keys=[ACTIVE_KEY, *map(self.key, gone)], args=gone)
+
+    def expires_at(self, job_id: str) -> float | None:
+        """When the record expires unless written again (Redis time); None if there is none."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.pttl(self.key(job_id))
+            (seconds, micros), left_ms = pipe.execute()
+        return None if left_ms < 0 else seconds + micros / 1e6 + left_ms / 1000
+
     def create(self, job: Job, *, payload: str) -> None:
-        self.write(
+        self.write_active(
             job.id,
             payload=payload,
             job=job.model_dump_json(),
@@ -463,18 +536,30 @@ class JobRecords:
         self.release_stage(job_id, stage)
 
     def callback_sent(self, job_id: str, status: str) -> None:
-        """Note when the platform accepted a callback of this status."""
-        self.write(job_id, **{f"callback_sent:{status}": redis_stamp(self.redis)})
+        """Note when the platform accepted a callback of this status; a final one settles
+        the job (it leaves the index of active jobs)."""
+        write = self._write_settled if status in FINAL_STATUSES else self.write
+        write(job_id, **{f"callback_sent:{status}": redis_stamp(self.redis)})
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """Leave the record saying which stage failed, and why."""
         self.write(job_id, status="failed", **_error_fields("error", stage, error))
 
     def delivery_failed(self, job_id: str, *, stage: str, error: BaseException) -> None:
-        """The platform was never told the outcome: say so, keeping the job's own error."""
-        self.write(
+        """The platform was never told the outcome: say so, keeping the job's own error. The
+        job settles (an operator's `jobs retry` sends the callback again)."""
+        self._write_settled(
             job_id, status="delivery_failed", **_error_fields("delivery_error", stage, error)
         )
+
+
+def settled(record: JobRecord) -> bool:
+    """Whether nothing more is owed to the platform: its final callback was accepted or
+    given up on (`delivery_failed`)."""
+    status = record.status
+    if status == "delivery_failed":
+        return True
+    return status in FINAL_STATUSES and f"callback_sent:{status}" in record.fields
 
 
 def _record(job_id: str, raw: dict[bytes, bytes]) -> JobRecord:

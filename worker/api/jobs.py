@@ -115,10 +115,11 @@ def post_job(body: Annotated[dict[str, Any], Body()]) -> Accepted | JSONResponse
 
 @router.get("/jobs/{job_id}", responses={404: {"description": "no such job"}})
 def get_job(job_id: JobId) -> JobView:
-    record = get_records().get(job_id)
+    records = get_records()
+    record = records.get(job_id)
     if not record.fields:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
-    return job_view(record)
+    return job_view(record, expires_at=records.expires_at(job_id))
 
 
 class ControlAnswer(BaseModel):
