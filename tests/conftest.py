@@ -272,8 +272,13 @@ def celery_broker(url: str) -> Iterator[redis.Redis]:
 
     app.conf.update(broker_url=url, result_backend=url)
     # Producers an earlier test opened still point at the old broker: drop them, as
-    # Celery does in a forked child.
+    # Celery does in a forked child. The result backend, and its subscription to task
+    # results, is kept across a conf change too: drop it, or a module that runs after a
+    # module whose Redis stopped fails its first send ("Retry limit exceeded while trying to
+    # reconnect to the Celery result store").
     app._after_fork()
+    app._backend_cache = None
+    vars(app._local).pop("backend", None)
     client = redis.Redis.from_url(url)
     client.flushdb(asynchronous=True)  # gone at once; freed behind (a test's 100,000 keys)
     yield client
