@@ -264,10 +264,8 @@ def platform_list(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.url)
 
 
-@contextmanager
-def celery_broker(url: str) -> Iterator[redis.Redis]:
-    """Point this process's Celery app at `url`, a database no worker consumes, emptied
-    around."""
+def point_celery_at(url: str) -> None:
+    """Send this process's Celery tasks to `url` (broker and result backend)."""
     from tasks import app
 
     app.conf.update(broker_url=url, result_backend=url)
@@ -279,6 +277,13 @@ def celery_broker(url: str) -> Iterator[redis.Redis]:
     app._after_fork()
     app._backend_cache = None
     vars(app._local).pop("backend", None)
+
+
+@contextmanager
+def celery_broker(url: str) -> Iterator[redis.Redis]:
+    """Point this process's Celery app at `url`, a database no worker consumes, emptied
+    around."""
+    point_celery_at(url)
     client = redis.Redis.from_url(url)
     client.flushdb(asynchronous=True)  # gone at once; freed behind (a test's 100,000 keys)
     yield client

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 
 from hypothesis import strategies as st
 
@@ -27,12 +28,13 @@ CONFIG_KEYS = ("resolution", "size", "frame_num", "num_inference_steps", "guidan
 
 def usable_id(raw: bytes) -> str | None:
     """The id a correct bridge can answer: from UTF-8 JSON, either body shape (CONTRACT 1),
-    whatever its numbers (kept as their text here). Nesting too deep for Python's decoder
-    counts as no id: only `extreme_jobs` makes objects that deep, and it names their ids."""
+    whatever its numbers (decimals here, of any length; a number is never an id: ids are
+    strings). Nesting too deep for Python's decoder counts as no id: only `extreme_jobs` makes
+    objects that deep, and it names their ids."""
     try:
-        body = json.loads(raw.decode(), parse_int=str)
+        body = json.loads(raw.decode(), parse_int=Decimal)
         if isinstance(body, list) and len(body) == 1 and isinstance(body[0], str):
-            body = json.loads(body[0], parse_int=str)
+            body = json.loads(body[0], parse_int=Decimal)
     except (ValueError, RecursionError):
         return None
     if not isinstance(body, dict):

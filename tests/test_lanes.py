@@ -19,7 +19,14 @@ import pytest
 import redis
 
 from tasks.generate import generate
-from tests.conftest import JOB_TIMEOUT_S, api_url, module_env, new_job, sent_job_ids
+from tests.conftest import (
+    JOB_TIMEOUT_S,
+    api_url,
+    celery_broker,
+    module_env,
+    new_job,
+    sent_job_ids,
+)
 from tests.test_load import TINY_CONFIG
 from worker.jobs import Job, parse_job
 from worker.lanes import WaitingJobs, promote_overdue, queue_depth
@@ -55,15 +62,8 @@ def tiny(job_type: str, user_id: str, prefix: str = "") -> dict[str, Any]:
 @pytest.fixture
 def broker(lanes_redis: RedisServer) -> Iterator[redis.Redis]:
     """This process's Celery app on a database of the private Redis no worker consumes."""
-    from tasks import app
-
-    url = lanes_redis.url.removesuffix("/0") + "/1"
-    app.conf.update(broker_url=url, result_backend=url)
-    app._after_fork()  # drop producers connected to another broker
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield client
-    client.flushdb()
+    with celery_broker(lanes_redis.db_url(1)) as client:
+        yield client
 
 
 def waiting(broker: redis.Redis, **settings: Any) -> WaitingJobs:
