@@ -9,6 +9,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from media.spool import Frames
+
 #: x264 speed/size trade-off; veryfast keeps encoding well under generation time.
 X264_PRESET = "veryfast"
 #: x264 constant rate factor: x264's own default. 18 looks the same on generated video but
@@ -16,8 +18,9 @@ X264_PRESET = "veryfast"
 X264_CRF = 23
 
 
-def encode_mp4(frames: np.ndarray, out: Path, *, fps: int) -> Path:
-    """Encode (F, H, W, 3) uint8 frames; the moov atom goes first so browsers play at once."""
+def encode_mp4(frames: Frames, out: Path, *, fps: int) -> Path:
+    """Encode (F, H, W, 3) uint8 frames; the moov atom goes first so browsers play at once.
+    The frames are read one at a time: a long video's windows stream from the spool."""
     out.parent.mkdir(parents=True, exist_ok=True)
     _, height, width, _ = frames.shape
     with av.open(str(out), mode="w", options={"movflags": "+faststart"}) as container:

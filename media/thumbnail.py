@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from media.spool import Frames
+
 #: Longest edge of a thumbnail, pixels (aspect ratio kept).
 THUMBNAIL_EDGE_PX = 256
 THUMBNAIL_QUALITY = 85
 
 
-def middle_frame(frames: np.ndarray) -> np.ndarray:
+def middle_frame(frames: Frames) -> np.ndarray:
     """The frame a thumbnail shows: the middle one (the only one for an image)."""
     return np.asarray(frames[len(frames) // 2])
 

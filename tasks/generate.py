@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
@@ -25,19 +25,29 @@ from tasks.app import app
 from tasks.base import NETWORK_RETRY, StageTask
 from worker import faults
 from worker.callback import notify_processing
-from worker.errors import JobCancelled, ReferenceUnusable, TransientError
+from worker.errors import (
+    JobCancelled,
+    ModelNotConfigured,
+    ReferenceUnusable,
+    StageTimedOut,
+    TransientError,
+)
 from worker.job_control import raise_if_cancelled
 from worker.jobs import SEED_MAX, Job, PresetName
 from worker.observe.loaded_models import LoadedModels
 from worker.observe.metrics import QUALITY_DEGRADATIONS, Metrics
 from worker.observe.progress import Notify, Progress
-from worker.records import JobRecords, get_records, run_of_task
-from worker.settings import Settings, get_settings
+from worker.records import JobRecord, JobRecords, get_records, run_of_task
+from worker.settings import Settings, get_settings, soft_limit_setting
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL import Image
 
     from worker.generation import Pipelines, StepHook
+    from worker.generation.continuation import WindowStepHook
+    from worker.generation.windows import Continuation, Window
 
 log = get_task_logger(__name__)
 
@@ -117,6 +127,39 @@ class GenerateTask(StageTask):
             ) from e
         return images, None
 
+    def apply_async(
+        self, args: tuple | None = None, kwargs: dict | None = None, **options: Any
+    ) -> Any:
+        """A long video's generation runs under the stage's time limits once per window
+        (GENERATE_SOFT_LIMIT_S x windows, then HARD_LIMIT_GRACE_S): whoever sends it (the
+        chain after enhance, a retry, the lost-job sweep, a resume) reads its windows from
+        the job record, as the media stages' router reads their host."""
+        if args and (limits := window_limits(str(args[0]))) is not None:
+            _, soft_s, hard_s = limits
+            options |= {"soft_time_limit": soft_s, "time_limit": hard_s}
+        return super().apply_async(args, kwargs, **options)
+
+    def timed_out(self) -> StageTimedOut:
+        limits = window_limits(self.request.args[0])
+        if limits is None:
+            return super().timed_out()
+        count, soft_s, _ = limits
+        return StageTimedOut(
+            f"generate ran past its soft time limit of {soft_s:g} s "
+            f"({soft_limit_setting('generate')}={soft_s / count:g} per window x {count} windows)"
+        )
+
+    def killed_at_hard_limit(self) -> StageTimedOut:
+        limits = window_limits(self.request.args[0])
+        if limits is None:
+            return super().killed_at_hard_limit()
+        count, soft_s, hard_s = limits
+        return StageTimedOut(
+            f"generate was killed at its hard time limit of {hard_s:g} s "
+            f"({soft_limit_setting('generate')}={soft_s / count:g} per window x {count} windows "
+            "+ HARD_LIMIT_GRACE_S): it did not stop at the soft limit"
+        )
+
     def on_failure(
         self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
     ) -> None:
@@ -128,6 +171,22 @@ class GenerateTask(StageTask):
 
             gpu_memory.free()
         super().on_failure(exc, task_id, args, kwargs, einfo)
+
+
+def window_limits(job_id: str) -> tuple[int, float, float] | None:
+    """(windows, soft, hard) time limits of a long video's generation, seconds; None for a
+    job made in one pass (the stage's own limits) or one with no valid job recorded."""
+    from worker.generation.windows import window_count  # arithmetic: no torch comes in
+
+    record = get_records().get(job_id)
+    if "job" not in record.fields:
+        return None
+    settings = get_settings()
+    count = window_count(record.job, settings)
+    if count == 1:
+        return None
+    soft_s, _ = settings.stage_time_limits()["generate"]
+    return count, soft_s * count, soft_s * count + settings.hard_limit_grace_s
 
 
 def start_processing(records: JobRecords, job_id: str) -> bool:
@@ -155,17 +214,20 @@ def progress_callback(settings: Settings, job_id: str, run: int | None) -> Notif
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
 def generate(self: GenerateTask, job_id: str) -> None:
     from worker.generation import generate as run
-    from worker.generation import gpu_memory, speed
+    from worker.generation import gpu_memory, speed, windows
     from worker.generation.fallback import generate_within_memory
-    from worker.generation.load import vace_model_dir
     from worker.generation.provenance import describe
 
     settings = get_settings()
     records = get_records()
     record = records.get(job_id)
     job = record.job
-    if job.reference_mode != "none" and not job.image_to_image:
-        vace_model_dir(settings)  # a reference job without VACE fails naming the setting
+    continuation = None
+    if windows.windowed(job, settings):
+        continuation = windows.Continuation.of(settings)  # a setting that cannot work: named
+        require_vace(job, settings)
+    elif job.reference_mode != "none" and not job.image_to_image:
+        require_vace(job, settings)
     images, fallback_reason = self.references(job, settings)
     if fallback_reason is not None:
         log.warning("job=%s reference not used, text only: %s", job_id, fallback_reason)
@@ -184,13 +246,18 @@ def generate(self: GenerateTask, job_id: str) -> None:
         notify_every_s=settings.progress_callback_every_s,
     )  # fmt: skip
 
-    def on_step(quality: PresetName) -> StepHook:
-        def step_done(done: int, total: int) -> None:
-            progress.step("generate", done, total)
+    def on_window_step(quality: PresetName, count: int) -> WindowStepHook:
+        def step_done(window: int, done: int, total: int) -> None:
+            progress.step("generate", done, total, window=(window, count))
             raise_if_cancelled(records, job_id)  # raised out of the pipeline: no VAE decode
             faults.hit(faults.step_point(done), job_id, preset=quality)
+            faults.hit(faults.window_step_point(window, done), job_id, preset=quality)
 
         return step_done
+
+    def on_step(quality: PresetName) -> StepHook:
+        step = on_window_step(quality, 1)
+        return lambda done, total: step(1, done, total)
 
     def on_degrade(tried: PresetName, next_quality: PresetName) -> None:
         Metrics(records.redis).count(QUALITY_DEGRADATIONS, tried, next_quality)
@@ -201,43 +268,133 @@ def generate(self: GenerateTask, job_id: str) -> None:
     enhancement = record.value("enhancement") or {}
     job = job.model_copy(update={"prompt": enhancement.get("enhanced_prompt") or job.prompt})
     job = speed.as_run(job, settings)  # a fast type may run on the turbo checkpoint
-    produced = generate_within_memory(
-        job,
-        lambda run_as: run(
-            self.pipelines,
-            run_as,
-            seed=seed,
-            references=images,
-            fallback_reason=fallback_reason,
-            on_step=on_step(run_as.quality),
-        ),
-        on_degrade=on_degrade,
-    )
-    generated, job = produced.generated, produced.job
+    if continuation is None:
+        produced = generate_within_memory(
+            job,
+            lambda run_as: run(
+                self.pipelines,
+                run_as,
+                seed=seed,
+                references=images,
+                fallback_reason=fallback_reason,
+                on_step=on_step(run_as.quality),
+            ),
+            on_degrade=on_degrade,
+        )
+        frames = produced.generated.frames
+        path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
+        frame_num, made = len(frames), produced.generated
+    else:
+        from worker.generation.continuation import generate_long
+
+        frames_dir = spool.windows_dir(settings.spool_dir, job_id)
+        done = WindowsDone(records, record, settings, continuation, frames_dir)
+        count = len(windows.plan(job, continuation))
+        try:
+            produced = generate_within_memory(
+                job,
+                lambda run_as: generate_long(
+                    self.pipelines,
+                    run_as,
+                    seed=seed,
+                    references=images,
+                    continuation=continuation,
+                    frames_dir=frames_dir,
+                    first_window=done.first_unfinished(),
+                    fallback_reason=fallback_reason,
+                    on_step=on_window_step(run_as.quality, count),
+                    log=done,
+                ),
+                on_degrade=on_degrade,
+            )
+        except SoftTimeLimitExceeded:
+            if not done.finished_here:
+                raise
+            log.warning("job=%s past its soft time limit after %d new windows: going on from "
+                        "window %d in a new delivery", job_id, done.finished_here,
+                        done.first_unfinished())  # fmt: skip
+            raise self.wait_for_other_run(countdown=0) from None
+        path, frame_num, made = frames_dir, produced.generated.frame_num, produced.generated
+    job = produced.job
     self.note_loaded(settings, self.request.hostname)
     peak_mib = gpu_memory.report(Metrics(records.redis), self.request.hostname)
-    frames = generated.frames
-    path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
-    frame_num, height, width, _ = frames.shape
+    provenance = describe(self.pipelines, job, seed=seed, wan_task=made.metadata["wan_task"],
+                          settings=settings)  # fmt: skip
+    if continuation is not None:
+        provenance["continuation"] = made.metadata["continuation"]
     records.update(
         job_id,
         generation={
             "seed": seed,
-            "width": width,
-            "height": height,
+            "width": job.width,
+            "height": job.height,
             "frame_num": frame_num,
             "frames_path": str(path.resolve()),
             "host": settings.worker_host,  # whose spool: the media stages go there
             "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
             "peak_gpu_memory_mib": peak_mib,
-            "metadata": job.reference_notes | generated.metadata,
+            "metadata": job.reference_notes | job.length_notes | made.metadata,
             "asset_metadata": produced.asset_metadata(),
-            "provenance": describe(
-                self.pipelines, job, seed=seed, wan_task=generated.metadata["wan_task"],
-                settings=settings,
-            ),
+            "provenance": provenance,
         },
     )  # fmt: skip
+
+
+def require_vace(job: Job, settings: Settings) -> None:
+    """A job that needs VACE (reference frames, a long video) on a worker without it fails
+    naming WAN_VACE_MODEL_PATH."""
+    from worker.generation.load import vace_model_dir
+
+    try:
+        vace_model_dir(settings)
+    except ModelNotConfigured as e:
+        if job.reference_mode != "none":
+            raise
+        raise ModelNotConfigured(
+            f"a video of {job.frames} frames is made window by window with VACE, and {e}"
+        ) from e
+
+
+class WindowsDone:
+    """A long video's windows in the job record: which are in this host's spool (`windows`:
+    host, settings, windows done, pipeline calls per window), written as each window starts
+    and ends, read back by a later delivery to go on at the first window not done. The spool
+    is per host: on another host, or after the continuation settings changed, the video
+    starts again from window 1."""
+
+    def __init__(
+        self,
+        records: JobRecords,
+        record: JobRecord,
+        settings: Settings,
+        continuation: Continuation,
+        frames_dir: Path,
+    ) -> None:
+        self.records = records
+        self.job_id = record.job_id
+        self.here = {"host": settings.worker_host, "settings": continuation.described()}
+        state = record.value("windows") or {}
+        same = all(state.get(name) == value for name, value in self.here.items())
+        self.done = min(state.get("done", 0), spool.windows_written(frames_dir)) if same else 0
+        self.runs: dict[str, int] = state.get("runs", {}) if same else {}
+        #: Windows this delivery finished.
+        self.finished_here = 0
+
+    def first_unfinished(self) -> int:
+        return self.done + 1
+
+    def started(self, window: Window) -> None:
+        self.runs[str(window.number)] = self.runs.get(str(window.number), 0) + 1
+        self._write()
+
+    def finished(self, window: Window) -> None:
+        self.done = window.number
+        self.finished_here += 1
+        self._write()
+
+    def _write(self) -> None:
+        self.records.update(self.job_id, windows=self.here | {"done": self.done,
+                                                               "runs": self.runs})  # fmt: skip
 
 
 @worker_process_init.connect

@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 from celery.utils.log import get_task_logger
 
 from media import spool
@@ -29,12 +28,13 @@ log = get_task_logger(__name__)
 CONTENT_TYPES = {"mp4": "video/mp4", "png": "image/png", "webp": "image/webp"}
 
 
-def _frames(job_id: str) -> tuple[JobRecord, np.ndarray]:
-    """The job's record and its generated frames, from the spool of this host."""
+def _frames(job_id: str) -> tuple[JobRecord, spool.Frames]:
+    """The job's record and its generated frames, from the spool of this host (a long
+    video's window by window)."""
     record = get_records().get(job_id)
     generation = record.value("generation") or {}
     path = Path(generation.get("frames_path", ""))
-    if not path.is_file():
+    if not path.is_file() and not (path.is_dir() and spool.windows_written(path)):
         here = get_settings().worker_host
         raise FramesMissing(
             f"the frames of job {job_id} are not in the spool of host {here} ({path}); "

@@ -339,7 +339,7 @@ def test_a_job_a_dead_dispatcher_claimed_is_refused_until_its_claim_runs_out_the
 @pytest.mark.parametrize(
     ("change", "loc", "words"),
     [
-        ({"config": {"frame_num": 500}}, ["body", "config", "frame_num"], "1..121"),
+        ({"config": {"frame_num": 1000}}, ["body", "config", "frame_num"], "1..961"),
         ({"prompt": None}, ["body", "prompt"], "required"),
         ({"type": "video_ultra"}, ["body", "type"], "unknown job type"),
         ({"user_id": "../etc"}, ["body", "user_id"], "letters, digits"),

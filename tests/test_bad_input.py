@@ -26,7 +26,7 @@ def with_config(job: dict, **config: object) -> dict:
 BAD_JOBS = {
     "missing prompt": (without(new_job(), "prompt"), "prompt", "required"),
     "unknown type": (new_job() | {"type": "video_ultra"}, "type", "video_ultra"),
-    "frames 500": (with_config(new_job(), frame_num=500), "config.frame_num", "1..121"),
+    "frames 1000": (with_config(new_job(), frame_num=1000), "config.frame_num", "1..961"),
     "width 100": (with_config(new_job(), resolution="100x256"), "config.resolution", "256..1280"),
     "steps 101": (
         with_config(new_job(), num_inference_steps=101),

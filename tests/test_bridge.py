@@ -211,7 +211,7 @@ def test_two_bridges_given_the_same_jobs_send_each_chain_once(idle_broker: redis
 def test_an_invalid_job_is_recorded_as_failed_and_answered(
     idle_broker: redis.Redis, bridge: Bridge
 ) -> None:
-    job = new_job("video_fast") | {"config": {"frame_num": 500}}
+    job = new_job("video_fast") | {"config": {"frame_num": 1000}}
     idle_broker.rpush(QUEUE, json.dumps(job))
 
     bridge.run(drain=True)
@@ -219,7 +219,7 @@ def test_an_invalid_job_is_recorded_as_failed_and_answered(
     record = bridge.records.get(job["id"])
     assert record.status == "failed"
     assert record.fields["error_stage"] == "validate"
-    assert record.fields["error"] == "config.frame_num: 500 is outside the allowed range 1..121"
+    assert record.fields["error"] == "config.frame_num: 1000 is outside the allowed range 1..961"
     assert sent_job_ids(idle_broker, "enhance") == []
     assert sent_job_ids(idle_broker, "cpu") == [job["id"]]  # the failed callback
 
@@ -252,7 +252,7 @@ def test_a_failed_callback_is_not_lost_to_a_broker_outage_while_rejecting(
     own_broker: RedisServer, idle_broker: redis.Redis, bridge: Bridge
 ) -> None:
     # Given the broker is down when an invalid job arrives
-    job = new_job("video_fast") | {"config": {"frame_num": 500}}
+    job = new_job("video_fast") | {"config": {"frame_num": 1000}}
     own_broker.stop()
     idle_broker.rpush(QUEUE, json.dumps(job))
     serving = threading.Thread(target=bridge.run)

@@ -314,9 +314,9 @@ def test_an_unknown_quality_preset_is_refused_naming_quality(quality: Any) -> No
 @pytest.mark.parametrize(
     ("job_body", "field", "fragments"),
     [
-        (config(frame_num=0), "config.frame_num", ["0 is outside", "1..121"]),
-        (config(frame_num=122), "config.frame_num", ["122", "1..121"]),
-        (config(frame_num=500), "config.frame_num", ["500", "1..121"]),
+        (config(frame_num=0), "config.frame_num", ["0 is outside", "1..961"]),
+        (config(frame_num=962), "config.frame_num", ["962", "1..961"]),
+        (config(frame_num=5000), "config.frame_num", ["5000", "1..961"]),
         (config(resolution="100x832"), "config.resolution", ["width 100", "256..1280"]),
         (config(resolution="1300x832"), "config.resolution", ["width 1300", "256..1280"]),
         (config(resolution="250x832"), "config.resolution", ["width 250", "256..1280"]),
@@ -339,8 +339,8 @@ def test_an_unknown_quality_preset_is_refused_naming_quality(quality: Any) -> No
     ],
     ids=[
         "frames-0",
-        "frames-122",
-        "frames-500",
+        "frames-962",
+        "frames-5000",
         "width-100",
         "width-1300",
         "width-250",
@@ -975,7 +975,7 @@ def test_the_frontends_start_frame_body_runs_with_its_start_frame_size_frames_an
         (frontend(width=500), "width", ["500", "multiple of 16"]),
         (frontend(height=2000), "height", ["2000", "256..1280"]),
         (frontend(height="832"), "height", ["whole number"]),
-        (frontend(frame_num=500), "frame_num", ["500", "1..121"]),
+        (frontend(frame_num=1000), "frame_num", ["1000", "1..961"]),
         (frontend(frame_num=81, type="image_fast"), "frame_num", ["image jobs make 1 frame"]),
         (frontend(target_worker="sdxl"), "target_worker", ["'wan'", "'sdxl'"]),
         (frontend(target_worker=["wan"]), "target_worker", ["'wan'"]),
@@ -989,7 +989,7 @@ def test_the_frontends_start_frame_body_runs_with_its_start_frame_size_frames_an
          "reference_strength", ["0..1", "1.5"]),
     ],
     ids=["fps-11", "fps-25", "fps-60", "fps-fraction", "fps-text", "width-100", "width-500",
-         "height-2000", "height-text", "frame_num-500", "frame_num-81-for-an-image",
+         "height-2000", "height-text", "frame_num-1000", "frame_num-81-for-an-image",
          "target_worker-sdxl", "target_worker-list", "quality-ultra", "reference_mode-sideways",
          "reference_image_url-number", "first_frame-object", "denoise_strength-2",
          "reference_strength-1.5"],
@@ -1005,7 +1005,7 @@ def test_a_bad_top_level_value_is_refused_naming_it_and_the_limit(
 
 
 def test_a_bad_config_value_is_named_though_the_top_level_gives_a_good_one() -> None:
-    assert refusal(frontend(frame_num=49, config={"frame_num": 500})).field == "config.frame_num"
+    assert refusal(frontend(frame_num=49, config={"frame_num": 1000})).field == "config.frame_num"
 
 
 # --- Valid JSON with extreme values: decoded, and refused by name where it matters -------
@@ -1117,3 +1117,110 @@ def test_any_valid_json_body_with_a_usable_id_decodes_to_a_job_or_a_refusal_nami
     else:
         job.model_dump_json().encode()
     job_type_of(decoded).encode()
+
+
+# --- Long videos (CONTRACT.md section 7): frames, seconds, storyboards -----------------
+
+
+@pytest.mark.parametrize(("requested", "real"), [(122, 121), (500, 497), (961, 961)])
+def test_a_video_may_ask_for_up_to_961_frames_normalised_down(requested: int, real: int) -> None:
+    job = parse_job(config(frame_num=requested))
+    assert (job.frames, job.frames_requested) == (real, requested)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "fps", "asked", "real"),
+    [(10, 16, 160, 161), (15, 16, 240, 241), (30, 16, 480, 481), (60, 16, 960, 961),
+     (5.06, 16, 81, 81), (2.5, 24, 60, 61), (0.1, 16, 2, 1)],
+)  # fmt: skip
+def test_duration_seconds_makes_the_nearest_4n_plus_1_frames_and_wins_over_frame_num(
+    seconds: float, fps: int, asked: int, real: int
+) -> None:
+    job = parse_job(body(fps=fps, config={"duration_seconds": seconds, "frame_num": 49}))
+    assert (job.frames, job.frames_requested, job.duration_seconds) == (real, asked, seconds)
+    assert (job.frames - 1) % 4 == 0
+
+
+@pytest.mark.parametrize(
+    ("job_body", "field", "fragments"),
+    [
+        (config(duration_seconds=61), "config.duration_seconds", ["977 frames", "961", "about 60 s at 16 fps"]),
+        (body(fps=24, config={"duration_seconds": 60}), "config.duration_seconds",
+         ["1441 frames", "about 40 s at 24 fps"]),
+        (config(duration_seconds=0), "config.duration_seconds", ["above 0", "0"]),
+        (config(duration_seconds=-5), "config.duration_seconds", ["above 0", "-5"]),
+        (config(duration_seconds="10"), "config.duration_seconds", ["above 0", "'10'"]),
+        (config(duration_seconds=True), "config.duration_seconds", ["above 0", "True"]),
+        (config(duration_seconds=0.01), "config.duration_seconds", ["under one frame"]),
+        (body(type="image_fast", config={"duration_seconds": 30}), "config.duration_seconds",
+         ["image jobs make 1 frame"]),
+        (body(type="image_high", config={"segments": [{"prompt": "a", "seconds": 5}]}),
+         "config.segments", ["image jobs make 1 frame"]),
+        (config(image=IMAGE_URL, pipeline="img2img", frame_num=200), "config.frame_num",
+         ["image to image runs in one pass", "121", "197"]),
+        (config(first_frame=START_URL, denoise_strength=0.5, duration_seconds=15),
+         "config.duration_seconds", ["image to image runs in one pass", "241"]),
+    ],
+    ids=["61-s", "60-s-at-24-fps", "0-s", "negative", "text", "boolean", "under-a-frame",
+         "image-30-s", "image-storyboard", "i2i-200-frames", "i2i-15-s"],
+)  # fmt: skip
+def test_a_long_request_out_of_bounds_is_refused_naming_the_field(
+    job_body: dict[str, Any], field: str, fragments: list[str]
+) -> None:
+    error = refusal(job_body)
+    assert error.field == field
+    for fragment in fragments:
+        assert fragment in str(error)
+
+
+def test_image_to_image_keeps_its_one_pass_up_to_121_frames() -> None:
+    assert parse_job(config(image=IMAGE_URL, pipeline="img2img", frame_num=121)).frames == 121
+
+
+def storyboard(*segments: tuple[str, float], **extra: Any) -> dict[str, Any]:
+    scenes = [{"prompt": prompt, "seconds": seconds} for prompt, seconds in segments]
+    return config(segments=scenes, **extra)
+
+
+def test_a_storyboard_keeps_its_segments_in_order_and_their_frames_make_the_video() -> None:
+    job = parse_job(storyboard(("a fox in the snow", 5), ("the fox in a city", 2.5),
+                               ("night falls", 3)))  # fmt: skip
+
+    assert [s.prompt for s in job.segments] == ["a fox in the snow", "the fox in a city",
+                                                 "night falls"]  # fmt: skip
+    # the first segment 4n+1 frames, each later one a multiple of 4
+    assert [s.frames for s in job.segments] == [81, 40, 48]
+    assert job.frames == 169 and (job.frames - 1) % 4 == 0
+    assert job.duration_seconds == 10.5 and job.frames_requested == 80 + 40 + 48
+    assert job.length_notes == {}
+
+
+def test_a_storyboard_decides_the_length_and_says_what_it_overrode() -> None:
+    job = parse_job(storyboard(("a", 1), ("b", 1), duration_seconds=30, frame_num=83))
+    assert job.frames == 17 + 16
+    assert "config.duration_seconds, config.frame_num ignored" in job.length_notes["length_note"]
+
+
+@pytest.mark.parametrize(
+    ("job_body", "field", "fragment"),
+    [
+        (config(segments=[]), "config.segments", "non-empty list"),
+        (config(segments={"prompt": "a", "seconds": 5}), "config.segments", "non-empty list"),
+        (config(segments=["a fox"]), "config.segments[0]", "must be an object"),
+        (storyboard(("a", 5), ("", 5)), "config.segments[1].prompt", "non-empty text"),
+        (storyboard(("a", 5), ("x" * 2001, 5)), "config.segments[1].prompt", "2001 characters"),
+        (storyboard(("a", 5), ("\ud800", 5)), "config.segments[1].prompt", "lone surrogate"),
+        (storyboard(("a", 0)), "config.segments[0].seconds", "above 0"),
+        (config(segments=[{"prompt": "a"}]), "config.segments[0].seconds", "above 0"),
+        (storyboard(("a", 30), ("b", 31)), "config.segments", "over the limit of 961"),
+        (storyboard(*[("a", 0.01)] * 300), "config.segments", "over the limit of 961"),
+    ],
+    ids=["empty", "object", "text-item", "empty-prompt", "long-prompt", "surrogate",
+         "0-s", "no-seconds", "61-s", "300-tiny-segments"],
+)  # fmt: skip
+def test_a_bad_storyboard_is_refused_naming_the_segment_and_field(
+    job_body: dict[str, Any], field: str, fragment: str
+) -> None:
+    error = refusal(job_body)
+    assert error.field == field
+    assert fragment in str(error)

@@ -17,7 +17,17 @@ from PIL import Image
 
 from media.checks import MIN_BYTES, check_file, mp4_top_level_boxes
 from media.encode import encode_mp4, write_png
-from media.spool import frames_path, job_dir, read_frames, remove_job, write_frames
+from media.spool import (
+    frames_path,
+    job_dir,
+    read_frames,
+    remove_job,
+    remove_windows,
+    windows_dir,
+    windows_written,
+    write_frames,
+    write_window,
+)
 from media.storage import LocalStorage, make_storage
 from media.thumbnail import make_thumbnail, middle_frame
 from worker.errors import MediaCheckFailed
@@ -453,6 +463,60 @@ def test_remove_job_of_an_unknown_job_is_harmless(tmp_path: Path) -> None:
     assert [p.name for p in spool.iterdir()] == ["job-2"]
     np.testing.assert_array_equal(read_frames(frames_path(spool, "job-2")), moving_gradients(1))
     assert not (tmp_path / "no-spool-yet").exists()
+
+
+def spooled_windows(directory: Path, sizes: list[int]) -> np.ndarray:
+    """A long video written window by window as generation writes it; the whole video."""
+    video = moving_gradients(sum(sizes), height=32, width=48)
+    first = 0
+    for number, size in enumerate(sizes, start=1):
+        write_window(directory, number, video[first : first + size])
+        first += size
+    return video
+
+
+def test_a_long_videos_windows_read_back_as_one_video(tmp_path: Path) -> None:
+    windows = windows_dir(tmp_path / "spool", "job-1")
+    video = spooled_windows(windows, [9, 4, 4])
+
+    read = read_frames(windows)
+
+    assert read.shape == video.shape == (17, 32, 48, 3) and len(read) == 17
+    np.testing.assert_array_equal(np.stack(list(read)), video)
+    for index in (0, 8, 9, 12, 13, 16, -1, -17):
+        np.testing.assert_array_equal(read[index], video[index])
+    with pytest.raises(IndexError):
+        read[17]
+    np.testing.assert_array_equal(read.tail(6), video[-6:])  # across two windows
+    np.testing.assert_array_equal(read.tail(30), video)
+    np.testing.assert_array_equal(middle_frame(read), video[8])
+
+
+def test_only_the_windows_written_without_a_gap_count(tmp_path: Path) -> None:
+    windows = tmp_path / "windows"
+    spooled_windows(windows, [5, 4])
+    write_window(windows, 4, moving_gradients(4, height=32, width=48))  # 3 is missing
+
+    assert windows_written(windows) == 2
+    assert len(read_frames(windows)) == 9
+    remove_windows(windows)
+    assert windows_written(windows) == 0 and not windows.exists()
+
+
+def test_a_long_video_encodes_from_its_windows_frame_for_frame(tmp_path: Path) -> None:
+    windows = tmp_path / "windows"
+    video = spooled_windows(windows, [9, 4, 4])
+
+    from_windows = encode_mp4(read_frames(windows), tmp_path / "windows.mp4", fps=FPS)
+    whole = encode_mp4(video, tmp_path / "whole.mp4", fps=FPS)
+
+    _, decoded = decode_video(from_windows)
+    _, expected = decode_video(whole)
+    assert len(decoded) == len(expected) == 17
+    for got, want in zip(decoded, expected, strict=True):
+        np.testing.assert_array_equal(
+            got.to_ndarray(format="rgb24"), want.to_ndarray(format="rgb24")
+        )
 
 
 # ---------------------------------------------------------------- storage

@@ -114,7 +114,7 @@ def cancelled_body(record: JobRecord) -> dict[str, Any]:
             "cancelled_stage": fields.get("cancelled_stage"),
             "progress": {
                 name: progress[name]
-                for name in ("stage", "step", "total_steps", "percent")
+                for name in ("stage", "step", "total_steps", "window", "windows", "percent")
                 if name in progress
             },
             "job_type": fields.get("job_type"),

@@ -14,7 +14,8 @@ Actions:
   CUDA kernel that no signal interrupts);
 - `pause<seconds>`: sleep that long, then go on (a slow but healthy stage).
 
-Points: `step<k>` (the end of denoising step k, counted from 1), `bridge_taken` (the bridge
+Points: `step<k>` (the end of denoising step k, counted from 1, in every window of a long
+video), `window<n>_step<k>` (the same, in window n only), `bridge_taken` (the bridge
 holds an item it has not dispatched yet), `bridge_sent` (its chain is sent, not yet marked),
 `progress_callback` (a progress callback is in flight, not yet posted: a slow network).
 
@@ -90,6 +91,10 @@ def hit(point: str, job_id: str, *, preset: str | None = None) -> None:
 
 def step_point(step: int) -> str:
     return f"step{step}"
+
+
+def window_step_point(window: int, step: int) -> str:
+    return f"window{window}_step{step}"
 
 
 def _act(rule: Rule, job_id: str) -> None:

@@ -25,6 +25,7 @@ import re
 import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -50,6 +51,9 @@ TARGET_WORKER = "wan"
 WAN_TASK = "t2v-1.3B"
 
 FRAMES_MIN, FRAMES_MAX = 1, 121
+#: A video job may ask for more frames than one pass makes: up to 60 s at 16 fps, made window
+#: by window (CONTRACT.md section 7, worker/generation/windows.py).
+LONG_FRAMES_MAX = 961
 SIZE_MIN_PX, SIZE_MAX_PX, SIZE_STEP_PX = 256, 1280, 16
 STEPS_MIN, STEPS_MAX = 1, 100
 GUIDANCE_MIN, GUIDANCE_MAX = 0.0, 20.0
@@ -75,6 +79,8 @@ STEPS_FROM = ("config.num_inference_steps", "config.sample_steps")
 GUIDANCE_FROM = ("config.guidance_scale", "config.sample_guide_scale")
 SHIFT_FROM = ("config.sample_shift",)
 FRAMES_FROM = ("config.frame_num", "frame_num")
+DURATION_FROM = ("config.duration_seconds",)
+SEGMENTS_FROM = ("config.segments",)
 FPS_FROM = ("fps",)
 QUALITY_FROM = ("quality",)
 TARGET_WORKER_FROM = ("target_worker",)
@@ -154,6 +160,18 @@ class JobType(StrEnum):
         return 83 if self.is_video else 1
 
 
+class Segment(BaseModel):
+    """One scene of a storyboard (`config.segments`): its prompt, the seconds asked for and
+    the frames it adds to the video (the first segment 4n+1, every later one a multiple of
+    4, so each continues from the last frames of the one before)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    seconds: float
+    frames: int
+
+
 def presets_from(quality: PresetName) -> tuple[PresetName, ...]:
     """The preset a job runs at, then each lower one it may fall back to, in order."""
     return DEGRADATION_ORDER[DEGRADATION_ORDER.index(quality) :]
@@ -183,8 +201,16 @@ class Job(BaseModel):
     shift: float = DEFAULT_SHIFT
     width: int = DEFAULT_WIDTH_PX
     height: int = DEFAULT_HEIGHT_PX
+    #: Frames of the video (4n+1): up to FRAMES_MAX in one pass, up to LONG_FRAMES_MAX by
+    #: continuation windows (worker/generation/windows.py).
     frames: int
     frames_requested: int
+    #: `config.duration_seconds` as asked (it decided `frames`), if given.
+    duration_seconds: float | None = None
+    #: A storyboard: its scenes in order (their frames add up to `frames`); empty otherwise.
+    segments: tuple[Segment, ...] = ()
+    #: What the callback says about how the length was read (a value the segments overrode).
+    length_notes: dict[str, str] = {}
     #: The MP4's frame rate: `duration_seconds` is frames / fps.
     fps: int = FPS
     enhance: bool
@@ -318,15 +344,14 @@ def parse_job(body: dict[str, Any]) -> Job:
     own_guidance = _float_in(body, GUIDANCE_FROM, GUIDANCE_MIN, GUIDANCE_MAX)
     shift = _float_in(body, SHIFT_FROM, SHIFT_MIN, SHIFT_MAX)
     width, height = _size(body, config)
-    frames_requested = _int_in(body, FRAMES_FROM, FRAMES_MIN, FRAMES_MAX)
-    if frames_requested is None:
-        frames_requested = job_type.default_frames
-    elif not job_type.is_video and frames_requested != 1:
-        raise InvalidJob(
-            _given(body, FRAMES_FROM)[0], f"image jobs make 1 frame, got {frames_requested}"
-        )
     fps = _int_in(body, FPS_FROM, FPS_MIN, FPS_MAX)
+    length = _length(body, job_type, fps if fps is not None else FPS)
     references = _references(body, config, metadata)
+    if references.image_to_image and length.frames > FRAMES_MAX:
+        raise InvalidJob(
+            length.field,
+            f"image to image runs in one pass of at most {FRAMES_MAX} frames, got {length.frames}",
+        )
     guidance = own_guidance if own_guidance is not None else preset.guidance
     if references.exact_copy:
         references.notes["exact_copy_mode"] = True
@@ -350,8 +375,11 @@ def parse_job(body: dict[str, Any]) -> Job:
         shift=shift if shift is not None else DEFAULT_SHIFT,
         width=width,
         height=height,
-        frames=normalise_frames(frames_requested),
-        frames_requested=frames_requested,
+        frames=length.frames,
+        frames_requested=length.requested,
+        duration_seconds=length.seconds,
+        segments=length.segments,
+        length_notes=length.notes,
         fps=fps if fps is not None else FPS,
         enhance=_enhance(config, job_type),
         reference_mode=references.mode,
@@ -368,6 +396,112 @@ def parse_job(body: dict[str, Any]) -> Job:
 def normalise_frames(frames: int) -> int:
     """WAN makes 4n+1 frames: round down to the nearest such count (83 -> 81)."""
     return (frames - 1) // 4 * 4 + 1
+
+
+def frames_of_seconds(seconds: float, fps: int) -> tuple[int, int]:
+    """(frames asked for, frames made) for a duration: round(seconds x fps), then the
+    nearest 4n+1 (160 -> 161: 10 s at 16 fps; a tie goes down, as for `frame_num`)."""
+    asked = round(seconds * fps)
+    below = normalise_frames(max(asked, 1))
+    return asked, below + 4 if asked - below > 2 else below
+
+
+@dataclass
+class _Length:
+    """How long the video is, and where that was read."""
+
+    frames: int
+    requested: int
+    #: The field that decided it, for errors about it.
+    field: str
+    seconds: float | None = None
+    segments: tuple[Segment, ...] = ()
+    notes: dict[str, str] = dataclass_field(default_factory=dict)
+
+
+def _length(body: dict[str, Any], job_type: JobType, fps: int) -> _Length:
+    """The frames a job makes: a storyboard's segments, else `duration_seconds` (which wins
+    over `frame_num`), else `frame_num`, else the type's default. Up to LONG_FRAMES_MAX for
+    a video, 1 for an image; the request is kept and the 4n+1 count reported."""
+    given_frames, frames = _given(body, FRAMES_FROM)
+    given_seconds, _ = _given(body, DURATION_FROM)
+    given_segments, _ = _given(body, SEGMENTS_FROM)
+    if not job_type.is_video and (given_segments or given_seconds):
+        raise InvalidJob(
+            given_segments or given_seconds, "image jobs make 1 frame: no duration or storyboard"
+        )
+    if given_segments:
+        length = _storyboard(body, fps)
+        overridden = [f for f in (given_seconds, given_frames) if f]
+        if overridden:
+            length.notes["length_note"] = (
+                f"the storyboard's segments decide the length: {', '.join(overridden)} ignored"
+            )
+        return length
+    if given_seconds:
+        seconds = _seconds(given_seconds, _given(body, DURATION_FROM)[1])
+        asked, made = frames_of_seconds(seconds, fps)
+        if asked < 1:
+            raise InvalidJob(given_seconds, f"{seconds:g} s at {fps} fps is under one frame")
+        _check_long(given_seconds, f"{seconds:g} s at {fps} fps", made, fps)
+        return _Length(made, asked, given_seconds, seconds=seconds)
+    frames = _int_in(body, FRAMES_FROM, FRAMES_MIN, LONG_FRAMES_MAX)
+    if frames is None:
+        return _Length(normalise_frames(job_type.default_frames), job_type.default_frames, "")
+    if not job_type.is_video and frames != 1:
+        raise InvalidJob(given_frames, f"image jobs make 1 frame, got {frames}")
+    return _Length(normalise_frames(frames), frames, given_frames)
+
+
+def _check_long(field: str, what: str, frames: int, fps: int) -> None:
+    if frames > LONG_FRAMES_MAX:
+        raise InvalidJob(
+            field,
+            f"{what} is {frames} frames, over the limit of {LONG_FRAMES_MAX} "
+            f"(about {LONG_FRAMES_MAX // fps} s at {fps} fps)",
+        )
+
+
+def _seconds(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise InvalidJob(field, f"must be a number of seconds above 0, got {_shown(value)}")
+    return float(value)
+
+
+def _storyboard(body: dict[str, Any], fps: int) -> _Length:
+    """`config.segments`: a list of `{prompt, seconds}`, each prompt within the prompt
+    limit; the first segment makes 4n+1 frames, each later one a multiple of 4 (at least 4),
+    and all of them together at most LONG_FRAMES_MAX."""
+    field, items = _given(body, SEGMENTS_FROM)
+    if not isinstance(items, list) or not items:
+        raise InvalidJob(field, "must be a non-empty list of {prompt, seconds} objects")
+    segments: list[Segment] = []
+    asked_in_all = made_in_all = 0
+    for index, item in enumerate(items):
+        where = f"{field}[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidJob(where, f"must be an object {{prompt, seconds}}, got {_shown(item)}")
+        prompt = item.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidJob(f"{where}.prompt", "is required and must be non-empty text")
+        if len(prompt) > PROMPT_MAX_CHARS:
+            raise InvalidJob(
+                f"{where}.prompt",
+                f"{len(prompt)} characters is over the limit of {PROMPT_MAX_CHARS}",
+            )
+        _check_text(f"{where}.prompt", prompt)
+        seconds = _seconds(f"{where}.seconds", item.get("seconds"))
+        asked = round(seconds * fps)
+        if index == 0:
+            made = frames_of_seconds(seconds, fps)[1]
+        else:
+            made = max(4, 4 * round(asked / 4))
+        asked_in_all, made_in_all = asked_in_all + asked, made_in_all + made
+        _check_long(field, f"the segments up to [{index}] at {fps} fps", made_in_all, fps)
+        segments.append(Segment(prompt=prompt, seconds=seconds, frames=made))
+    seconds_in_all = sum(segment.seconds for segment in segments)
+    return _Length(made_in_all, asked_in_all, field, seconds=seconds_in_all,
+                   segments=tuple(segments))  # fmt: skip
 
 
 #: How an error message quotes a value the job sent: cut short, since a body may hold

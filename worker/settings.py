@@ -190,6 +190,20 @@ class Settings(BaseSettings):
             for name in stages
         }
 
+    # --- Long videos by continuation (CONTRACT.md section 7; worker/generation/windows.py).
+    #: Frames one window makes (normalised down to 4n+1): a job longer than this runs as
+    #: windows, each after the first continuing from the last frames of the one before.
+    continuation_window_frames: int = Field(default=81, ge=5, le=121)
+    #: Frames of the video so far each later window starts from, kept (normalised down to
+    #: 4n+1; a long job fails naming it unless it is below the window).
+    continuation_overlap_frames: int = Field(default=5, ge=1, le=121)
+    #: Noise on the kept frames' conditioning, Wan2GP's scale 0..150 (against a blurred seam).
+    continuation_overlap_noise: float = Field(default=20, ge=0, le=150)
+    #: How far each window's colours are moved to the first window's (Lab mean and deviation).
+    continuation_color_match: float = Field(default=1.0, ge=0, le=1)
+    #: Frames cross-faded at each seam (at most the overlap); 0: the seam is a clean cut.
+    continuation_blend_frames: int = Field(default=0, ge=0, le=121)
+
     # --- Speed on real GPUs: worker/generation/speed.py applies these once per loaded model;
     # --- an option the device cannot run stops the GPU worker at start (README "On a GPU host").
     #: diffusers attention backend: `auto` (the fastest installed: flash 3 or 2, else PyTorch's

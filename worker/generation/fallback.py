@@ -13,28 +13,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from worker.errors import OutOfGpuMemory
 from worker.generation import gpu_memory
-from worker.generation.modes import Generated
 from worker.jobs import Job, PresetName, presets_from
 
 log = logging.getLogger(__name__)
 
+#: What a generation made: frames in hand (`modes.Generated`) or a long video's windows in
+#: the spool (`continuation.Continued`).
+Made = TypeVar("Made")
 #: Runs the job as given (at one preset) and returns what it made.
-Attempt = Callable[[Job], Generated]
+Attempt = Callable[[Job], Made]
 #: Told (preset that ran out of memory, preset tried next) before each new run.
 OnDegrade = Callable[[PresetName, PresetName], None]
 
 
 @dataclass(frozen=True)
-class Produced:
+class Produced(Generic[Made]):
     """What generation made, and the job as it ran (its preset's steps and guidance)."""
 
-    generated: Generated
+    generated: Made
     job: Job
     degraded_from: PresetName | None = None
 
@@ -47,8 +49,8 @@ class Produced:
 
 
 def generate_within_memory(
-    job: Job, attempt: Attempt, *, on_degrade: OnDegrade | None = None
-) -> Produced:
+    job: Job, attempt: Attempt[Made], *, on_degrade: OnDegrade | None = None
+) -> Produced[Made]:
     """Run `attempt` at the job's preset, and at each lower one after running out of memory."""
     tried: list[PresetName] = []
     last_error = ""

@@ -69,7 +69,7 @@ def generate(
                 "reference_fallback_reason": fallback_reason,
                 "reference_mode_requested": job.reference_mode,
             }
-        frames = _run(
+        frames = call_pipeline(
             pipelines.for_job("t2v", job), job, seed, on_step, num_frames=job.frames, **common
         )
         return Generated(frames, metadata)
@@ -87,7 +87,7 @@ def generate(
         metadata["references_ignored"] = {
             role: "a 1-frame job has room for the start frame only" for role in ignored
         }
-    frames = _run(
+    frames = call_pipeline(
         pipelines.for_job("vace", job),
         job,
         seed,
@@ -146,7 +146,7 @@ def _image_to_image(
         metadata["denoise_note"] = (
             f"strength {strength:g} x {job.steps} steps is under one step: one step was run"
         )
-    frames = _run(
+    frames = call_pipeline(
         pipelines.for_job("v2v", job, steps=steps),
         job,
         seed,
@@ -165,7 +165,7 @@ def denoise_steps(job: Job) -> int:
     return max(min(int(job.steps * strength), job.steps), 1)
 
 
-def _run(
+def call_pipeline(
     pipe: DiffusionPipeline, job: Job, seed: int, on_step: StepHook | None, **call: Any
 ) -> np.ndarray:
     """One pipeline call with the job's shift, the seed's noise and the step hook."""

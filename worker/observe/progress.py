@@ -81,21 +81,32 @@ class Progress:
         self._notified = (0.0, time.time())
         #: Why the step count started again (a run at a lower preset), on every later step.
         self._note: str | None = None
+        #: Denoising steps reported since the stage (re)started: the ETA's mean step time.
+        self._steps = 0
 
     def stage_started(self, stage: str) -> None:
         self._stage_started = time.monotonic()
+        self._steps = 0
         self._emit({"event": "stage_started", "stage": stage, "percent": percent(stage, 0)})
 
-    def step(self, stage: str, done: int, total: int) -> None:
-        """After denoising step `done` of `total`: the ETA from this run's mean step time."""
-        mean_step_s = (time.monotonic() - self._stage_started) / max(done, 1)
+    def step(self, stage: str, done: int, total: int, *, window: tuple[int, int] = (1, 1)) -> None:
+        """After denoising step `done` of `total` of window `window[0]` of `window[1]` (a
+        long video's, CONTRACT.md section 7; (1, 1) in one pass): percent over the whole
+        job, the ETA from this run's mean step time (windows that ran before a resume do
+        not count)."""
+        number, windows = window
+        self._steps += 1
+        mean_step_s = (time.monotonic() - self._stage_started) / self._steps
+        left = (windows - number) * total + total - done
         event = {
             "event": "step",
             "stage": stage,
             "step": done,
             "total_steps": total,
-            "percent": percent(stage, done / total),
-            "eta_seconds": round(mean_step_s * (total - done), 2),
+            "window": number,
+            "windows": windows,
+            "percent": percent(stage, ((number - 1) * total + done) / (windows * total)),
+            "eta_seconds": round(mean_step_s * left, 2),
         }
         if self._note is not None:
             event["note"] = self._note
@@ -114,6 +125,7 @@ class Progress:
         every later event says why, so a percent going back does not read as a fault."""
         self._note = note
         self._stage_started = time.monotonic()
+        self._steps = 0
         self._emit({"event": "stage_restarted", "stage": stage, "percent": percent(stage, 0),
                     "note": note})  # fmt: skip
 

@@ -1,0 +1,128 @@
+"""Long videos window by window, as the generation child runs them: tiny WAN and VACE.
+
+What the windows hand VACE is read off its pipeline calls (the real pipeline runs; the
+calls are only recorded), and windows are started at window 2 from frames this test puts
+in the spool, as a resumed generation does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from diffusers import WanPipeline, WanVACEPipeline
+
+from media import spool
+from tests.test_media import moving_gradients
+from worker.generation.continuation import generate_long, overlap_noised
+from worker.generation.windows import Continuation
+from worker.jobs import Job, parse_job
+from worker.settings import Settings
+
+SIZE = 256
+WINDOW, OVERLAP = 9, 5
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_wan: Path, tiny_vace: Path):
+    from worker.generation import Pipelines
+
+    return Pipelines(Settings(_env_file=None, wan_model_path=tiny_wan,
+                              wan_vace_model_path=tiny_vace, device="cpu"))  # fmt: skip
+
+
+def continuation(**values: Any) -> Continuation:
+    settings = {"continuation_window_frames": WINDOW, "continuation_overlap_frames": OVERLAP,
+                "continuation_overlap_noise": 0} | values  # fmt: skip
+    return Continuation.of(Settings(_env_file=None, **settings))
+
+
+def job(**config: Any) -> Job:
+    config = {"resolution": f"{SIZE}x{SIZE}", "num_inference_steps": 2, "seed": 5} | config
+    return parse_job({"id": "long-1", "type": "video_fast", "prompt": "a red fox",
+                      "user_id": "user-1", "config": config})  # fmt: skip
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """Every WanPipeline and WanVACEPipeline call's arguments, in order; the calls run."""
+    recorded: list[tuple[str, dict[str, Any]]] = []
+
+    def recording(kind: str, call: Callable) -> Callable:
+        def wrapper(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+            recorded.append((kind, kwargs))
+            return call(pipe, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(WanPipeline, "__call__", recording("t2v", WanPipeline.__call__))
+    monkeypatch.setattr(WanVACEPipeline, "__call__", recording("vace", WanVACEPipeline.__call__))
+    yield recorded
+
+
+def pixels(images: list) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in images])
+
+
+def test_each_window_continues_from_the_last_overlap_frames_and_follows_its_segment(
+    pipelines: Any, calls: list, tmp_path: Path
+) -> None:
+    # Given a storyboard of 9 frames of snow, then 8 of a city: 3 windows of 9
+    board = job(segments=[{"prompt": "snow", "seconds": 9 / 16},
+                          {"prompt": "city", "seconds": 8 / 16}])  # fmt: skip
+
+    made = generate_long(pipelines, board, seed=5, references={}, continuation=continuation(),
+                         frames_dir=tmp_path)  # fmt: skip
+
+    # Then window 1 ran on text, windows 2 and 3 on VACE, with their segments' prompts
+    assert [(kind, call["prompt"], call["num_frames"]) for kind, call in calls] == [
+        ("t2v", "snow", 9), ("vace", "city", 9), ("vace", "city", 9)]  # fmt: skip
+    video = np.stack(list(spool.SpooledWindows(tmp_path)))
+    assert made.frame_num == len(video) == 17
+    # And each VACE call's control video starts with the video's last 5 frames so far, kept
+    for (_, call), so_far in zip(calls[1:], (9, 13), strict=True):
+        control, mask = pixels(call["video"]), pixels(call["mask"])
+        np.testing.assert_array_equal(control[:OVERLAP], video[so_far - OVERLAP : so_far])
+        assert (control[OVERLAP:] == 128).all()  # gray: to make
+        assert (mask[:OVERLAP] == 0).all() and (mask[OVERLAP:] == 255).all()
+    assert [s["first_frame"] for s in made.metadata["segments"]] == [0, 9]
+
+
+def second_window(pipelines: Any, first: np.ndarray, where: Path, **values: Any) -> np.ndarray:
+    """Window 2 of a 2-window job, made after `first` (window 1's frames, in the spool)."""
+    spool.write_window(where, 1, first)
+    generate_long(pipelines, job(frame_num=13), seed=5, references={}, first_window=2,
+                  continuation=continuation(**values), frames_dir=where)  # fmt: skip
+    return np.load(spool.window_path(where, 2))
+
+
+def test_window_2_depends_on_window_1_and_its_colours_are_matched_to_it(
+    pipelines: Any, tmp_path: Path
+) -> None:
+    first = moving_gradients(9, height=SIZE, width=SIZE)
+    other = first[:, ::-1].copy()  # the same colours, mirrored
+
+    made = second_window(pipelines, first, tmp_path / "a", continuation_color_match=0)
+    again = second_window(pipelines, first, tmp_path / "b", continuation_color_match=0)
+    after_other = second_window(pipelines, other, tmp_path / "c", continuation_color_match=0)
+    matched = second_window(pipelines, first, tmp_path / "d")
+
+    assert made.shape == (4, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(made, again)  # the same job, seed and window 1
+    assert np.abs(made.astype(int) - after_other).mean() > 1  # another window 1
+    assert np.abs(made.astype(int) - matched).mean() > 1  # CONTINUATION_COLOR_MATCH 1 and 0
+
+
+def test_overlap_noise_is_wan2gp_thousandths_of_the_pixel_range_and_seeded() -> None:
+    kept = moving_gradients(5, height=64, width=64)
+
+    noisy = overlap_noised(kept, 20, seed=1)
+
+    deviation = (noisy.astype(float) - kept).std()
+    assert 2.2 < deviation < 2.9  # 20 / 1000 of [-1, 1] is 2.55 of uint8's 0..255
+    np.testing.assert_array_equal(noisy, overlap_noised(kept, 20, seed=1))
+    assert not np.array_equal(noisy, overlap_noised(kept, 20, seed=2))
+    assert overlap_noised(kept, 0, seed=1) is kept
