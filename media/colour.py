@@ -16,8 +16,8 @@ import warnings
 import numpy as np
 from skimage.color import lab2rgb, rgb2lab
 
-#: A channel whose deviation is below this (a flat frame) keeps its contrast.
-FLAT_DEVIATION = 1e-3
+#: Keeps a flat channel (deviation 0) from dividing by zero: it takes the target's mean.
+MIN_DEVIATION = 1e-6
 
 
 def lab_statistics(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +38,7 @@ def match_colours(
         return frames.copy()
     source_mean, source_std = lab_statistics(source)
     target_mean, target_std = lab_statistics(target)
-    scale = np.where(source_std > FLAT_DEVIATION, target_std / np.maximum(source_std, 1e-12), 1.0)
+    scale = target_std / np.maximum(source_std, MIN_DEVIATION)
     scale, source_mean, target_mean = (a.astype(np.float32) for a in (scale, source_mean,
                                                                       target_mean))  # fmt: skip
     matched = np.empty_like(frames)

@@ -23,9 +23,12 @@ import redis
 from tests.conftest import JOB_TIMEOUT_S, module_env, new_job
 from tests.test_end_to_end import decode_video
 from worker.job_control import cancel
+from worker.jobs import parse_job
+from worker.lanes import priority_lists
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.records import JobRecord, JobRecords
+from worker.records import JobRecord, JobRecords, get_records
+from worker.settings import get_settings
 
 pytestmark = pytest.mark.runs_long
 
@@ -250,3 +253,46 @@ def test_a_worker_that_cannot_make_windows_fails_the_job_naming_the_setting(
         "a video of 125 frames is made window by window with VACE, and "
         "WAN_VACE_MODEL_PATH=/nonexistent holds no diffusers model"
     )
+
+
+@pytest.fixture
+def sender(
+    idle_broker: redis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[JobRecords]:
+    """This process sends generations as the bridge does, with records in the idle broker's
+    database (no worker takes them), a generate soft limit of 100 s and a grace of 30 s."""
+    settings = {"REDIS_URL": redis_server.db_url(1), "WAN_VACE_MODEL_PATH": "/models/vace",
+                "CONTINUATION_WINDOW_FRAMES": str(WINDOW),
+                "CONTINUATION_OVERLAP_FRAMES": str(OVERLAP), "GENERATE_SOFT_LIMIT_S": "100",
+                "HARD_LIMIT_GRACE_S": "30"}  # fmt: skip
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    get_records.cache_clear()
+    yield get_records()
+    get_settings.cache_clear()
+    get_records.cache_clear()
+
+
+def test_a_long_jobs_generation_is_sent_with_the_time_limits_of_its_windows(
+    sender: JobRecords,
+) -> None:
+    from tasks import build_chain
+    from tasks.generate import generate
+
+    # Given a 3-window job and a one-pass job, recorded
+    jobs = {"long": long_job(13), "short": long_job(5)}
+    for job in jobs.values():
+        sender.create(parse_job(job), payload=json.dumps(job))
+
+    # When their generations are sent
+    for job in jobs.values():
+        build_chain(job["id"], from_stage="generate").apply_async()
+
+    # Then the long one's message carries 3 x 100 s soft, plus 30 s grace hard; the other the
+    # stage's own (celeryconfig's, read when this process imported it)
+    raws = [m for name in priority_lists("gpu") for m in sender.redis.lrange(name, 0, -1)]
+    limits = {json.loads(m)["headers"]["id"].split(":")[0]: json.loads(m)["headers"]["timelimit"]
+              for m in raws}  # fmt: skip
+    own = [generate.time_limit, generate.soft_time_limit]
+    assert limits == {jobs["long"]["id"]: [330, 300], jobs["short"]["id"]: own}
