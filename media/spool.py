@@ -60,6 +60,21 @@ def write_window(directory: Path, number: int, frames: np.ndarray) -> Path:
     return write_frames(window_path(directory, number), frames)
 
 
+def overwrite(directory: Path, first: int, frames: np.ndarray) -> None:
+    """Replace the video's frames from index `first` on with `frames`, in whichever window
+    files hold them (each written again atomically)."""
+    start = 0
+    for number in range(1, windows_written(directory) + 1):
+        path = window_path(directory, number)
+        end = start + np.load(path, mmap_mode="r").shape[0]
+        if first < end and first + len(frames) > start:
+            window = np.load(path)
+            lo, hi = max(first, start), min(first + len(frames), end)
+            window[lo - start : hi - start] = frames[lo - first : hi - first]
+            write_frames(path, window)
+        start = end
+
+
 def remove_windows(directory: Path) -> None:
     """Forget every window written here (a generation that starts from the first again)."""
     shutil.rmtree(directory, ignore_errors=True)

@@ -20,6 +20,7 @@ from enhancement.model import QwenModel, Sampling
 from enhancement.prompts import Content, Quality
 from tasks.app import app
 from tasks.base import StageTask
+from worker.jobs import Job
 from worker.observe.loaded_models import LoadedModels
 from worker.observe.metrics import ENHANCEMENT_FALLBACKS, Metrics
 from worker.records import get_records
@@ -81,6 +82,9 @@ def enhance(self: StageTask, job_id: str) -> None:
     job = record.job
     if not job.enhance or record.value("enhancement") is not None:
         return
+    if job.segments:
+        records.update(job_id, enhancement=enhance_segments(self, job))
+        return
     result = enhance_safely(self, job.prompt, content=job.content_type, quality=job.type.quality)
     if result.applied:
         log.info("job=%s prompt enhanced by %s", job_id, result.model)
@@ -90,6 +94,33 @@ def enhance(self: StageTask, job_id: str) -> None:
             "job=%s enhancement fell back (%s): %s", job_id, result.fallback_reason, result.detail
         )
     records.update(job_id, enhancement=result.metadata())
+
+
+def enhance_segments(task: Task, job: Job) -> dict[str, Any]:
+    """A storyboard's segments enhanced one by one, each as any prompt is (and cached so):
+    the record's `enhancement` holds the prompts WAN receives, in order, and what happened
+    to each. Once one runs out of time the rest keep their own prompts: the stage's time
+    limit is for the whole storyboard."""
+    results: list[Enhancement] = []
+    for segment in job.segments:
+        if results and results[-1].fallback_reason == "timeout":
+            results.append(Enhancement.fallback(segment.prompt, "timeout",
+                                                "an earlier segment ran out of time"))  # fmt: skip
+            continue
+        results.append(enhance_safely(task, segment.prompt, content="video",
+                                      quality=job.type.quality))  # fmt: skip
+    fell_back = [r for r in results if not r.applied]
+    if fell_back:
+        Metrics(get_records().redis).count(
+            ENHANCEMENT_FALLBACKS, fell_back[0].fallback_reason or ""
+        )
+        log.warning("job=%s enhancement of %d of %d segments fell back (%s)", job.id,
+                    len(fell_back), len(results), fell_back[0].fallback_reason)  # fmt: skip
+    return {
+        "enhancement_applied": not fell_back,
+        "enhanced_segment_prompts": [result.prompt for result in results],
+        "segment_enhancements": [result.metadata() for result in results],
+    }
 
 
 @app.task(bind=True, name="wan.enhance_prompt")

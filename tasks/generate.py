@@ -265,8 +265,7 @@ def generate(self: GenerateTask, job_id: str) -> None:
             "generate", f"out of GPU memory at quality {tried}: running again at {next_quality}"
         )
 
-    enhancement = record.value("enhancement") or {}
-    job = job.model_copy(update={"prompt": enhancement.get("enhanced_prompt") or job.prompt})
+    job = as_enhanced(job, record.value("enhancement") or {})
     job = speed.as_run(job, settings)  # a fast type may run on the turbo checkpoint
     if continuation is None:
         produced = generate_within_memory(
@@ -322,6 +321,8 @@ def generate(self: GenerateTask, job_id: str) -> None:
                           settings=settings)  # fmt: skip
     if continuation is not None:
         provenance["continuation"] = made.metadata["continuation"]
+    if job.segments:  # what WAN received, segment by segment
+        provenance["segment_prompts"] = [segment.prompt for segment in job.segments]
     records.update(
         job_id,
         generation={
@@ -333,11 +334,30 @@ def generate(self: GenerateTask, job_id: str) -> None:
             "host": settings.worker_host,  # whose spool: the media stages go there
             "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
             "peak_gpu_memory_mib": peak_mib,
-            "metadata": job.reference_notes | job.length_notes | made.metadata,
+            "metadata": job.reference_notes | job.length_notes | made.metadata
+            | storyboard(record.job),
             "asset_metadata": produced.asset_metadata(),
             "provenance": provenance,
         },
     )  # fmt: skip
+
+
+def as_enhanced(job: Job, enhancement: dict[str, Any]) -> Job:
+    """The job with the prompts WAN receives: the enhanced prompt, or a storyboard's
+    enhanced segment prompts, where the enhance stage made them."""
+    segment_prompts = enhancement.get("enhanced_segment_prompts")
+    if segment_prompts:
+        pairs = zip(job.segments, segment_prompts, strict=True)
+        segments = tuple(segment.model_copy(update={"prompt": prompt}) for segment, prompt in pairs)
+        return job.model_copy(update={"segments": segments})
+    return job.model_copy(update={"prompt": enhancement.get("enhanced_prompt") or job.prompt})
+
+
+def storyboard(job: Job) -> dict[str, Any]:
+    """A storyboard's segments as the user wrote them, each with its first and last frame."""
+    from worker.generation.windows import segment_ranges
+
+    return {"segments": segment_ranges(job)} if job.segments else {}
 
 
 def require_vace(job: Job, settings: Settings) -> None:

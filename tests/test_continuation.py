@@ -48,13 +48,16 @@ def job(**config: Any) -> Job:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict[str, Any]]]]:
-    """Every WanPipeline and WanVACEPipeline call's arguments, in order; the calls run."""
+    """Every WanPipeline and WanVACEPipeline call's arguments, in order, and (under the key
+    `made`) the frames it made as uint8; the calls run."""
     recorded: list[tuple[str, dict[str, Any]]] = []
 
     def recording(kind: str, call: Callable) -> Callable:
         def wrapper(pipe: Any, *args: Any, **kwargs: Any) -> Any:
-            recorded.append((kind, kwargs))
-            return call(pipe, *args, **kwargs)
+            output = call(pipe, *args, **kwargs)
+            made = (np.clip(output.frames[0], 0, 1) * 255).round().astype(np.uint8)
+            recorded.append((kind, kwargs | {"made": made}))
+            return output
 
         return wrapper
 
@@ -88,7 +91,6 @@ def test_each_window_continues_from_the_last_overlap_frames_and_follows_its_segm
         np.testing.assert_array_equal(control[:OVERLAP], video[so_far - OVERLAP : so_far])
         assert (control[OVERLAP:] == 128).all()  # gray: to make
         assert (mask[:OVERLAP] == 0).all() and (mask[OVERLAP:] == 255).all()
-    assert [s["first_frame"] for s in made.metadata["segments"]] == [0, 9]
 
 
 def second_window(pipelines: Any, first: np.ndarray, where: Path, **values: Any) -> np.ndarray:
@@ -114,6 +116,24 @@ def test_window_2_depends_on_window_1_and_its_colours_are_matched_to_it(
     np.testing.assert_array_equal(made, again)  # the same job, seed and window 1
     assert np.abs(made.astype(int) - after_other).mean() > 1  # another window 1
     assert np.abs(made.astype(int) - matched).mean() > 1  # CONTINUATION_COLOR_MATCH 1 and 0
+
+
+def test_blend_frames_fade_the_videos_last_frames_into_the_new_windows_own(
+    pipelines: Any, calls: list, tmp_path: Path
+) -> None:
+    first = moving_gradients(9, height=SIZE, width=SIZE)
+
+    second_window(pipelines, first, tmp_path, continuation_color_match=0,
+                  continuation_blend_frames=2)  # fmt: skip
+
+    [(_, call)] = calls
+    made = call["made"]  # window 2's 9 frames: 5 over the overlap, then 4 new
+    video = np.stack(list(spool.SpooledWindows(tmp_path)))
+    np.testing.assert_array_equal(video[:7], first[:7])
+    for index, weight in ((7, 1 / 3), (8, 2 / 3)):  # the last 2: window 2's own weigh more
+        faded = np.rint(first[index] * (1 - weight) + made[index - 4] * weight)
+        np.testing.assert_allclose(video[index], faded, atol=1)
+    np.testing.assert_array_equal(video[9:], made[5:])
 
 
 def test_overlap_noise_is_wan2gp_thousandths_of_the_pixel_range_and_seeded() -> None:

@@ -147,8 +147,9 @@ def test_a_long_job_gives_an_mp4_of_exactly_the_frames_asked_and_says_how(
 def test_a_storyboard_makes_one_video_whose_segments_frames_add_up(
     stack: LocalStack, client: redis.Redis, platform: LocalPlatform
 ) -> None:
-    job = long_job(segments=[{"prompt": "a fox in the snow", "seconds": 0.3},
-                             {"prompt": "a fox in a city", "seconds": 0.25}])  # fmt: skip
+    scenes = [{"prompt": "a fox in the snow", "seconds": 0.3},
+              {"prompt": "a fox in a city", "seconds": 0.25}]  # fmt: skip
+    job = long_job(segments=scenes)
 
     body = run(client, platform, job)
 
@@ -158,6 +159,30 @@ def test_a_storyboard_makes_one_video_whose_segments_frames_add_up(
     assert [(s["first_frame"], s["last_frame"]) for s in segments] == [(0, 4), (5, 8)]
     assert frames_of(platform, body) == body["metadata"]["frame_num"] == 9
     assert body["metadata"]["continuation"]["windows"] == 2
+    assert body["metadata"]["provenance"]["segment_prompts"] == [s["prompt"] for s in scenes]
+
+
+def test_an_enhanced_storyboard_enhances_each_segment_and_caches_them(
+    stack: LocalStack, client: redis.Redis, platform: LocalPlatform
+) -> None:
+    scenes = [{"prompt": "a heron by a river", "seconds": 0.3},
+              {"prompt": "the heron takes off", "seconds": 0.25}]  # fmt: skip
+
+    enhanced = {"type": "video7b_fast_enhanced"}
+    first, again = (run(client, platform, long_job(segments=scenes) | enhanced) for _ in range(2))
+
+    for body in (first, again):
+        assert body["status"] == "completed", body
+        metadata = body["metadata"]
+        assert metadata["enhancement_applied"] is True
+        done = metadata["segment_enhancements"]
+        assert [d["original_prompt"] for d in done] == [s["prompt"] for s in scenes]
+        assert metadata["provenance"]["segment_prompts"] == metadata["enhanced_segment_prompts"]
+        assert metadata["enhanced_segment_prompts"] == [d["enhanced_prompt"] for d in done]
+        # the storyboard as the user wrote it
+        assert [s["prompt"] for s in metadata["segments"]] == [s["prompt"] for s in scenes]
+    assert [d["enhancement_cached"] for d in again["metadata"]["segment_enhancements"]] == [
+        True, True]  # fmt: skip
 
 
 def test_a_generation_killed_in_window_2_goes_on_from_window_2_and_completes_once(

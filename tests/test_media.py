@@ -507,16 +507,14 @@ def test_a_long_video_encodes_from_its_windows_frame_for_frame(tmp_path: Path) -
     windows = tmp_path / "windows"
     video = spooled_windows(windows, [9, 4, 4])
 
-    from_windows = encode_mp4(read_frames(windows), tmp_path / "windows.mp4", fps=FPS)
-    whole = encode_mp4(video, tmp_path / "whole.mp4", fps=FPS)
+    encoded = encode_mp4(read_frames(windows), tmp_path / "video.mp4", fps=FPS)
 
-    _, decoded = decode_video(from_windows)
-    _, expected = decode_video(whole)
-    assert len(decoded) == len(expected) == 17
-    for got, want in zip(decoded, expected, strict=True):
-        np.testing.assert_array_equal(
-            got.to_ndarray(format="rgb24"), want.to_ndarray(format="rgb24")
-        )
+    _, decoded = decode_video(encoded)
+    assert len(decoded) == 17
+    for index, frame in enumerate(decoded):  # each frame is its own source frame, in order
+        pixels = frame.to_ndarray(format="rgb24").astype(int)
+        errors = [np.abs(pixels - source).mean() for source in video]
+        assert int(np.argmin(errors)) == index and errors[index] < 8
 
 
 # ---------------------------------------------------------------- storage

@@ -13,6 +13,10 @@ caller's `WindowLog` records them; a generation that starts again on the same ho
 `first_window` and goes on from there, reading the overlap frames back from the spool. The
 child holds the overlap frames and the window in hand, never more: at most two windows of
 decoded frames.
+
+With CONTINUATION_BLEND_FRAMES, the last of the frames a window makes over the overlap are
+not all dropped: the video's frames they stand for fade into them (`cross_faded`), and
+those frames of the spool are written again once the new window's are in.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from media import spool
 from media.colour import match_colours
 from worker.generation.load import Pipelines
 from worker.generation.modes import VACE_GRAY, WAN_TASKS, call_pipeline, vace_conditions
-from worker.generation.windows import Continuation, Window, plan, segment_ranges, window_seed
+from worker.generation.windows import Continuation, Window, plan, window_seed
 from worker.jobs import Job
 from worker.settings import Settings
 
@@ -77,6 +81,7 @@ def generate_long(
     windows = plan(job, continuation)
     later = windows_job(job, pipelines.settings)
     tail: np.ndarray | None = None
+    blend = 0
     if first_window > 1:
         tail = spool.SpooledWindows(frames_dir).tail(continuation.overlap_frames)
     else:
@@ -91,11 +96,17 @@ def generate_long(
             made = _continue(pipelines, later, window, seed, tail, references,
                              last=window is windows[-1], continuation=continuation,
                              on_step=step)  # fmt: skip
-            frames = match_colours(made[window.overlap :], source=made[: window.overlap],
-                                   target=tail[-window.overlap :],
-                                   strength=continuation.color_match)  # fmt: skip
+            blend = min(continuation.blend_frames, window.overlap)
+            matched = match_colours(made[window.overlap - blend :], source=made[: window.overlap],
+                                    target=tail[-window.overlap :],
+                                    strength=continuation.color_match)  # fmt: skip
             del made
+            frames = matched[blend:]
+            if blend:
+                tail[-blend:] = cross_faded(tail[-blend:], matched[:blend])
         spool.write_window(frames_dir, window.number, frames)
+        if tail is not None and blend:  # the faded frames replace the video's, after the new
+            spool.overwrite(frames_dir, window.first_frame - blend, tail[-blend:])  # window
         tail = frames if tail is None else np.concatenate([tail, frames])
         tail = tail[-continuation.overlap_frames :].copy()
         del frames
@@ -202,6 +213,14 @@ def _continue(
     return call_pipeline(vace, job, number_seed, on_step, **conditions, **call)
 
 
+def cross_faded(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """CONTINUATION_BLEND_FRAMES: the video's last frames faded into the new window's own
+    versions of them, linearly, the new window's weight rising towards the seam."""
+    weights = np.arange(1, len(old) + 1, dtype=np.float32) / (len(old) + 1)
+    faded = old * (1 - weights[:, None, None, None]) + new * weights[:, None, None, None]
+    return np.clip(np.rint(faded), 0, 255).astype(np.uint8)
+
+
 def overlap_noised(frames: np.ndarray, noise: float, *, seed: int) -> np.ndarray:
     """The kept frames with CONTINUATION_OVERLAP_NOISE on them: Gaussian noise whose
     standard deviation is `noise` thousandths of the [-1, 1] pixel range (Wan2GP's scale),
@@ -259,6 +278,4 @@ def _metadata(
             "reference_fallback_reason": fallback_reason,
             "reference_mode_requested": job.reference_mode,
         }
-    if job.segments:
-        metadata["segments"] = segment_ranges(job)
     return metadata

@@ -1,5 +1,6 @@
-"""`make demo`: text-to-video, an enhanced text-to-image, a start-frame video and an
-image-to-image job end to end on this machine, then a table and the API's /health.
+"""`make demo`: text-to-video, an enhanced text-to-image, a start-frame video, an
+image-to-image job and a 10-second video (made window by window) end to end on this
+machine, then a table and the API's /health.
 
 Everything runs as in production (the same worker commands, the bridge, RPUSH onto the
 platform list in both body shapes, signed callbacks, reference download through the SSRF
@@ -48,6 +49,9 @@ HEALTH_WAIT_S = 30
 CPU_VIDEO_CONFIG = {"frame_num": 33, "num_inference_steps": 4}
 #: VACE also encodes its control video: on a CPU the reference video is smaller still.
 CPU_REFERENCE_CONFIG = {"frame_num": 9, "num_inference_steps": 4, "resolution": "320x320"}
+#: The long video keeps its 10 s (161 frames, 3 windows of 81); on a CPU it is small.
+LONG_SECONDS = 10
+CPU_LONG_CONFIG = {"num_inference_steps": 2, "resolution": "256x256"}
 
 #: Piped output gets a wide table: rich would otherwise fold the paths at 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -94,12 +98,29 @@ def demo_jobs(*, short: bool, reference_url: str) -> list[tuple[dict[str, Any], 
         "user_id": "demo-user",
         "config": {"seed": 9, "image": reference_url, "denoise_strength": 0.6},
     }
+    long_video = {
+        "id": str(uuid.uuid4()),
+        "type": "video_fast",
+        "prompt": "a paper boat drifts down a winding forest stream, the camera follows it",
+        "user_id": "demo-user",
+        "config": {
+            "seed": 11,
+            "duration_seconds": LONG_SECONDS,
+            **(CPU_LONG_CONFIG if short else {}),
+        },  # fmt: skip
+    }
     return [
         (video, "object"),
         (image, "array"),
         (start_frame, "object"),
         (image_to_image, "object"),
+        (long_video, "object"),
     ]
+
+
+def needs_vace(job: dict[str, Any]) -> bool:
+    """The start-frame job, and the long video (its windows after the first are VACE's)."""
+    return "start_reference_url" in job.get("metadata", {}) or "duration_seconds" in job["config"]
 
 
 def show_progress(watcher: PubSub, jobs: list[dict[str, Any]]) -> dict[str, float]:
@@ -127,6 +148,8 @@ def show_progress(watcher: PubSub, jobs: list[dict[str, Any]]) -> dict[str, floa
                 detail = (
                     f"step {event['step']}/{event['total_steps']}, ETA {event['eta_seconds']:.0f} s"
                 )
+                if event.get("windows", 1) > 1:
+                    detail = f"window {event['window']}/{event['windows']}, {detail}"
             if event.get("percent") is not None:
                 bars.update(bar[event["job_id"]], completed=event["percent"])
             bars.update(bar[event["job_id"]], detail=detail)
@@ -190,7 +213,8 @@ def run_demo(*, full: bool = False) -> int:
             vace_path = tiny_model("tiny-vace", tiny_models.make_tiny_vace)
         if vace_path is None:
             console.print(
-                "[yellow]WAN_VACE_MODEL_PATH is unset: the reference-frame job is skipped[/]"
+                "[yellow]WAN_VACE_MODEL_PATH is unset: the reference-frame job and the long "
+                "video are skipped[/]"
             )
         else:
             env["WAN_VACE_MODEL_PATH"] = str(vace_path)
@@ -238,11 +262,12 @@ def run_demo(*, full: bool = False) -> int:
         short = not full and resolve_device(settings).type == "cpu"
         jobs = demo_jobs(short=short, reference_url=reference_url)
         if vace_path is None:  # image to image needs no VACE; the start-frame job does
-            jobs = [job for job in jobs if "start_reference_url" not in job[0].get("metadata", {})]
+            jobs = [job for job in jobs if not needs_vace(job[0])]
         if short:
             console.print(
                 f"on a CPU: the video job is shortened to {CPU_VIDEO_CONFIG}, "
-                f"the start-frame job to {CPU_REFERENCE_CONFIG}"
+                f"the start-frame job to {CPU_REFERENCE_CONFIG}, the {LONG_SECONDS} s video "
+                f"made at {CPU_LONG_CONFIG}"
             )
         client = redis.Redis.from_url(redis_url)
         watcher = client.pubsub(ignore_subscribe_messages=True)
@@ -255,7 +280,8 @@ def run_demo(*, full: bool = False) -> int:
 
         finished_at = show_progress(watcher, [job for job, _ in jobs])
         table = Table(title="demo jobs")
-        columns = ("job", "type", "task", "prompt", "status", "seconds", "output file", "thumbnail")
+        columns = ("job", "type", "task", "frames", "prompt", "status", "seconds", "output file",
+                   "thumbnail")  # fmt: skip
         for column in columns:
             table.add_column(column, overflow="fold")
         all_completed = True
@@ -265,6 +291,9 @@ def run_demo(*, full: bool = False) -> int:
             output = thumbnail = body.get("error_message") or ""
             metadata = body.get("metadata", {})
             task = f"{metadata.get('wan_task', '')} {metadata.get('reference_mode', '')}"
+            frames = str(metadata.get("frame_num", ""))
+            if "continuation" in metadata:
+                frames += f" in {metadata['continuation']['windows']} windows"
             if body["status"] == "completed":
                 asset = body["assets"][0]
                 root = settings.output_dir / "workspace-temp"
@@ -274,6 +303,7 @@ def run_demo(*, full: bool = False) -> int:
                 job["id"][:8],
                 job["type"],
                 task,
+                frames,
                 prompt_note(metadata),
                 body["status"],
                 f"{seconds:.1f}",
