@@ -146,3 +146,37 @@ def test_overlap_noise_is_wan2gp_thousandths_of_the_pixel_range_and_seeded() -> 
     np.testing.assert_array_equal(noisy, overlap_noised(kept, 20, seed=1))
     assert not np.array_equal(noisy, overlap_noised(kept, 20, seed=2))
     assert overlap_noised(kept, 0, seed=1) is kept
+
+
+@pytest.mark.gpu
+def test_with_real_weights_no_seam_is_sharper_than_the_motion_inside_a_window(
+    tmp_path: Path,
+) -> None:
+    # Needs Wan2.1-T2V-1.3B and Wan2.1-VACE-1.3B (WAN_MODEL_PATH, WAN_VACE_MODEL_PATH) and a
+    # GPU: the random-weight models make noise, whose every frame is a cut.
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() or not (
+        os.environ.get("WAN_MODEL_PATH") and os.environ.get("WAN_VACE_MODEL_PATH")
+    ):
+        pytest.skip("needs CUDA and real WAN_MODEL_PATH / WAN_VACE_MODEL_PATH weights")
+    from worker.generation import Pipelines
+    from worker.generation.windows import plan
+
+    settings = Settings(_env_file=None)
+    a_job = parse_job({"id": "gpu-long", "type": "video_fast", "user_id": "u",
+                       "prompt": "a sailing boat crosses a calm bay at sunset, the camera follows",
+                       "config": {"duration_seconds": 15, "seed": 3}})  # fmt: skip
+    default = Continuation.of(settings)
+
+    generate_long(Pipelines(settings), a_job, seed=3, references={}, continuation=default,
+                  frames_dir=tmp_path)  # fmt: skip
+
+    video = [np.asarray(frame, dtype=float) for frame in spool.SpooledWindows(tmp_path)]
+    steps = [float(np.abs(b - a).mean()) for a, b in zip(video, video[1:], strict=False)]
+    seams = {w.first_frame for w in plan(a_job, default)[1:]}
+    inside = [step for index, step in enumerate(steps) if index + 1 not in seams]
+    for seam in seams:
+        assert steps[seam - 1] <= 1.5 * float(np.median(inside)), f"the seam at frame {seam}"

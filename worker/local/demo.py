@@ -54,7 +54,7 @@ LONG_SECONDS = 10
 CPU_LONG_CONFIG = {"num_inference_steps": 2, "resolution": "256x256"}
 
 #: Piped output gets a wide table: rich would otherwise fold the paths at 80 columns.
-console = Console() if sys.stdout.isatty() else Console(width=200)
+console = Console() if sys.stdout.isatty() else Console(width=240)
 
 
 def reference_png() -> bytes:
