@@ -22,6 +22,9 @@ from worker.generation.windows import Continuation
 from worker.jobs import Job, parse_job
 from worker.settings import Settings
 
+#: About a minute of CPU: a 3-window storyboard and five single windows, at 256x256.
+pytestmark = pytest.mark.runs_long
+
 SIZE = 256
 WINDOW, OVERLAP = 9, 5
 
