@@ -1144,7 +1144,8 @@ def test_duration_seconds_makes_the_nearest_4n_plus_1_frames_and_wins_over_frame
 @pytest.mark.parametrize(
     ("job_body", "field", "fragments"),
     [
-        (config(duration_seconds=61), "config.duration_seconds", ["977 frames", "961", "about 60 s at 16 fps"]),
+        (config(duration_seconds=61), "config.duration_seconds",
+         ["977 frames", "961", "about 60 s at 16 fps"]),
         (body(fps=24, config={"duration_seconds": 60}), "config.duration_seconds",
          ["1441 frames", "about 40 s at 24 fps"]),
         (config(duration_seconds=0), "config.duration_seconds", ["above 0", "0"]),
