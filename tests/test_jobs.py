@@ -1144,10 +1144,13 @@ def test_duration_seconds_makes_the_nearest_4n_plus_1_frames_and_wins_over_frame
 @pytest.mark.parametrize(
     ("job_body", "field", "fragments"),
     [
+        (config(duration_seconds=60.2), "config.duration_seconds",
+         ["60.2 s at 16 fps is over the limit of 961 frames"]),
         (config(duration_seconds=61), "config.duration_seconds",
-         ["977 frames", "961", "about 60 s at 16 fps"]),
+         ["61 s at 16 fps is over the limit of 961 frames", "about 60 s at 16 fps"]),
         (body(fps=24, config={"duration_seconds": 60}), "config.duration_seconds",
-         ["1441 frames", "about 40 s at 24 fps"]),
+         ["60 s at 24 fps is over the limit", "about 40 s at 24 fps"]),
+        (config(duration_seconds=1e308), "config.duration_seconds", ["1e+308 s", "over the limit"]),
         (config(duration_seconds=0), "config.duration_seconds", ["above 0", "0"]),
         (config(duration_seconds=-5), "config.duration_seconds", ["above 0", "-5"]),
         (config(duration_seconds="10"), "config.duration_seconds", ["above 0", "'10'"]),
@@ -1162,8 +1165,8 @@ def test_duration_seconds_makes_the_nearest_4n_plus_1_frames_and_wins_over_frame
         (config(first_frame=START_URL, denoise_strength=0.5, duration_seconds=15),
          "config.duration_seconds", ["image to image runs in one pass", "241"]),
     ],
-    ids=["61-s", "60-s-at-24-fps", "0-s", "negative", "text", "boolean", "under-a-frame",
-         "image-30-s", "image-storyboard", "i2i-200-frames", "i2i-15-s"],
+    ids=["60.2-s", "61-s", "60-s-at-24-fps", "1e308-s", "0-s", "negative", "text", "boolean",
+         "under-a-frame", "image-30-s", "image-storyboard", "i2i-200-frames", "i2i-15-s"],
 )  # fmt: skip
 def test_a_long_request_out_of_bounds_is_refused_naming_the_field(
     job_body: dict[str, Any], field: str, fragments: list[str]
@@ -1214,10 +1217,11 @@ def test_a_storyboard_decides_the_length_and_says_what_it_overrode() -> None:
         (storyboard(("a", 0)), "config.segments[0].seconds", "above 0"),
         (config(segments=[{"prompt": "a"}]), "config.segments[0].seconds", "above 0"),
         (storyboard(("a", 30), ("b", 31)), "config.segments", "over the limit of 961"),
+        (storyboard(("a", 1), ("b", 1e308)), "config.segments[1].seconds", "over the limit"),
         (storyboard(*[("a", 0.01)] * 300), "config.segments", "over the limit of 961"),
     ],
     ids=["empty", "object", "text-item", "empty-prompt", "long-prompt", "surrogate",
-         "0-s", "no-seconds", "61-s", "300-tiny-segments"],
+         "0-s", "no-seconds", "61-s", "1e308-s", "300-tiny-segments"],
 )  # fmt: skip
 def test_a_bad_storyboard_is_refused_naming_the_segment_and_field(
     job_body: dict[str, Any], field: str, fragment: str

@@ -236,7 +236,8 @@ def test_a_job_cancelled_in_window_2_stops_there_uploads_nothing_and_empties_its
     ("job", "field"),
     [
         (long_job(1000), "config.frame_num: 1000 is outside the allowed range 1..961"),
-        (long_job(duration_seconds=61), "config.duration_seconds: 61 s at 16 fps is 977 frames"),
+        (long_job(duration_seconds=61),
+         "config.duration_seconds: 61 s at 16 fps is over the limit of 961"),
         (new_job("image_fast") | {"config": {"duration_seconds": 30}},
          "config.duration_seconds: image jobs make 1 frame"),
     ],

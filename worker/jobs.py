@@ -439,11 +439,10 @@ def _length(body: dict[str, Any], job_type: JobType, fps: int) -> _Length:
             )
         return length
     if given_seconds:
-        seconds = _seconds(given_seconds, _given(body, DURATION_FROM)[1])
+        seconds = _seconds(given_seconds, _given(body, DURATION_FROM)[1], fps)
         asked, made = frames_of_seconds(seconds, fps)
         if asked < 1:
             raise InvalidJob(given_seconds, f"{seconds:g} s at {fps} fps is under one frame")
-        _check_long(given_seconds, f"{seconds:g} s at {fps} fps", made, fps)
         return _Length(made, asked, given_seconds, seconds=seconds)
     frames = _int_in(body, FRAMES_FROM, FRAMES_MIN, LONG_FRAMES_MAX)
     if frames is None:
@@ -453,18 +452,17 @@ def _length(body: dict[str, Any], job_type: JobType, fps: int) -> _Length:
     return _Length(normalise_frames(frames), frames, given_frames)
 
 
-def _check_long(field: str, what: str, frames: int, fps: int) -> None:
-    if frames > LONG_FRAMES_MAX:
-        raise InvalidJob(
-            field,
-            f"{what} is {frames} frames, over the limit of {LONG_FRAMES_MAX} "
-            f"(about {LONG_FRAMES_MAX // fps} s at {fps} fps)",
-        )
-
-
-def _seconds(field: str, value: Any) -> float:
+def _seconds(field: str, value: Any, fps: int) -> float:
+    """A number of seconds above 0 that makes at most LONG_FRAMES_MAX frames at `fps`
+    (checked before any rounding: 1e308 s would overflow it)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise InvalidJob(field, f"must be a number of seconds above 0, got {_shown(value)}")
+    if value * fps > LONG_FRAMES_MAX + 2:  # the nearest 4n+1 of 963 is still 961
+        raise InvalidJob(
+            field,
+            f"{_shown(value)} s at {fps} fps is over the limit of {LONG_FRAMES_MAX} frames "
+            f"(about {LONG_FRAMES_MAX // fps} s at {fps} fps)",
+        )
     return float(value)
 
 
@@ -490,14 +488,19 @@ def _storyboard(body: dict[str, Any], fps: int) -> _Length:
                 f"{len(prompt)} characters is over the limit of {PROMPT_MAX_CHARS}",
             )
         _check_text(f"{where}.prompt", prompt)
-        seconds = _seconds(f"{where}.seconds", item.get("seconds"))
+        seconds = _seconds(f"{where}.seconds", item.get("seconds"), fps)
         asked = round(seconds * fps)
         if index == 0:
             made = frames_of_seconds(seconds, fps)[1]
         else:
             made = max(4, 4 * round(asked / 4))
         asked_in_all, made_in_all = asked_in_all + asked, made_in_all + made
-        _check_long(field, f"the segments up to [{index}] at {fps} fps", made_in_all, fps)
+        if made_in_all > LONG_FRAMES_MAX:
+            raise InvalidJob(
+                field,
+                f"the segments up to [{index}] at {fps} fps are {made_in_all} frames, over the "
+                f"limit of {LONG_FRAMES_MAX} (about {LONG_FRAMES_MAX // fps} s at {fps} fps)",
+            )
         segments.append(Segment(prompt=prompt, seconds=seconds, frames=made))
     seconds_in_all = sum(segment.seconds for segment in segments)
     return _Length(made_in_all, asked_in_all, field, seconds=seconds_in_all,
