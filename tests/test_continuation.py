@@ -151,6 +151,31 @@ def test_overlap_noise_is_wan2gp_thousandths_of_the_pixel_range_and_seeded() -> 
     assert overlap_noised(kept, 0, seed=1) is kept
 
 
+def test_turbo_speeds_up_later_windows_only_with_a_lora_distilled_for_vace(
+    tiny_wan_lora: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from worker.generation.continuation import windows_job
+    from worker.generation.speed import as_run
+
+    vace_lora = tmp_path / "vace-lora.safetensors"
+    weights = load_file(tiny_wan_lora)
+    name = next(iter(weights))
+    save_file(weights | {name.replace("blocks.", "vace_blocks.", 1): weights[name].clone()},
+              vace_lora)  # fmt: skip
+
+    for lora, turbo_windows in ((tiny_wan_lora, False), (vace_lora, True)):
+        settings = Settings(_env_file=None, wan_distill_lora=lora, turbo_steps=4)
+        fast = as_run(job(duration_seconds=10, num_inference_steps=None), settings)
+        assert (fast.turbo, fast.steps) == (True, 4)  # window 1
+
+        later = windows_job(fast, settings)
+
+        assert later.turbo is turbo_windows
+        assert (later.steps, later.guidance) == ((4, 1.0) if turbo_windows else (25, 6.5))
+
+
 @pytest.mark.gpu
 def test_with_real_weights_no_seam_is_sharper_than_the_motion_inside_a_window(
     tmp_path: Path,
