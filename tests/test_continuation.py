@@ -121,6 +121,35 @@ def test_window_2_depends_on_window_1_and_its_colours_are_matched_to_it(
     assert np.abs(made.astype(int) - matched).mean() > 1  # CONTINUATION_COLOR_MATCH 1 and 0
 
 
+def test_colour_is_held_to_window_1_so_a_drift_of_window_2_does_not_carry_on(
+    pipelines: Any, tmp_path: Path
+) -> None:
+    from media.colour import lab_statistics
+    from tests.test_colour import tinted
+
+    # Given windows 1 and 2 of 13 frames in the spool (window 2 adds 8: window 3 continues
+    # from window 2 alone), window 1 as made or tinted
+    video = moving_gradients(21, height=SIZE, width=SIZE)
+    held = continuation(continuation_window_frames=13)
+
+    def third_window(first: np.ndarray, where: Path) -> np.ndarray:
+        spool.write_window(where, 1, first)
+        spool.write_window(where, 2, video[13:])
+        generate_long(pipelines, job(frame_num=29), seed=5, references={}, first_window=3,
+                      continuation=held, frames_dir=where)  # fmt: skip
+        return np.load(spool.window_path(where, 3))
+
+    # When window 3 is made after each
+    plain = third_window(video[:13], tmp_path / "a")
+    warm = third_window(tinted(video[:13]), tmp_path / "b")
+
+    # Then its colours follow window 1's, the frames it continues from being the same
+    shift = lab_statistics(warm)[0] - lab_statistics(plain)[0]
+    tint = lab_statistics(tinted(video[8:13]))[0] - lab_statistics(video[8:13])[0]
+    np.testing.assert_allclose(shift, tint, atol=3)
+    assert np.abs(tint).max() > 8
+
+
 def test_blend_frames_fade_the_videos_last_frames_into_the_new_windows_own(
     pipelines: Any, calls: list, tmp_path: Path
 ) -> None:

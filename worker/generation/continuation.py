@@ -6,7 +6,11 @@ later window is a `WanVACEPipeline` call with the job's prompt (its segment's, f
 storyboard), negative prompt and settings, whose control video starts with the video's last
 overlap frames, kept (mask black), with CONTINUATION_OVERLAP_NOISE on them, followed by gray
 frames to make (mask white). What it makes over the overlap is dropped after it has served
-to match the window's colours to the video's (`media.colour`), so the seam is a clean cut.
+to match the window's colours (`media.colour`), so the seam is a clean cut: the statistics
+of those frames are moved to those of the first window's last overlap frames, so colour
+is held to window 1 and a drift cannot add up from window to window. A storyboard's
+segment changes the scene: the first window of a segment is matched to the frames it
+continues from, and holds the colours of the windows after it.
 
 Each window's new frames go to the spool as soon as they are made (`media.spool`), and the
 caller's `WindowLog` records them; a generation that starts again on the same host passes
@@ -81,9 +85,13 @@ def generate_long(
     windows = plan(job, continuation)
     later = windows_job(job, pipelines.settings)
     tail: np.ndarray | None = None
+    #: The colours the windows are held to: the last overlap frames of their segment's first.
+    anchor: np.ndarray | None = None
     blend = 0
     if first_window > 1:
-        tail = spool.SpooledWindows(frames_dir).tail(continuation.overlap_frames)
+        video = spool.SpooledWindows(frames_dir)
+        tail = video.tail(continuation.overlap_frames)
+        anchor = _anchor_of(video, windows, windows[first_window - 1], continuation)
     else:
         spool.remove_windows(frames_dir)
     for window in windows[first_window - 1 :]:
@@ -97,9 +105,9 @@ def generate_long(
                              last=window is windows[-1], continuation=continuation,
                              on_step=step)  # fmt: skip
             blend = min(continuation.blend_frames, window.overlap)
+            held_to = tail[-window.overlap :] if _opens_segment(windows, window) else anchor
             matched = match_colours(made[window.overlap - blend :], source=made[: window.overlap],
-                                    target=tail[-window.overlap :],
-                                    strength=continuation.color_match)  # fmt: skip
+                                    target=held_to, strength=continuation.color_match)  # fmt: skip
             del made
             frames = matched[blend:]
             if blend:
@@ -109,6 +117,8 @@ def generate_long(
             spool.overwrite(frames_dir, window.first_frame - blend, tail[-blend:])  # window
         tail = frames if tail is None else np.concatenate([tail, frames])
         tail = tail[-continuation.overlap_frames :].copy()
+        if _opens_segment(windows, window):
+            anchor = tail.copy()
         del frames
         if log is not None:
             log.finished(window)
@@ -125,6 +135,24 @@ def generate_long(
             turbo_windows=later.turbo,
         ),  # fmt: skip
     )
+
+
+def _opens_segment(windows: list[Window], window: Window) -> bool:
+    """Whether `window` is the first of its storyboard segment (window 1 opens the first)."""
+    return window.number == 1 or windows[window.number - 2].segment != window.segment
+
+
+def _anchor_of(
+    video: spool.SpooledWindows, windows: list[Window], window: Window, continuation: Continuation
+) -> np.ndarray | None:
+    """The colour anchor of `window`'s segment read back from the spool (a resumed
+    generation): the last overlap frames of the segment's first window; None when `window`
+    opens its segment itself."""
+    if _opens_segment(windows, window):
+        return None
+    first = next(w for w in windows if w.segment == window.segment)
+    end = first.first_frame + first.adds
+    return np.stack([video[i] for i in range(max(0, end - continuation.overlap_frames), end)])
 
 
 def windows_job(job: Job, settings: Settings) -> Job:
