@@ -15,6 +15,7 @@ from media.storage import Storage, make_storage
 from media.thumbnail import make_thumbnail, middle_frame
 from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
+from worker import faults
 from worker.callback import FINAL_BODIES, post_callback
 from worker.errors import FramesMissing
 from worker.jobs import BUCKET, FPS
@@ -91,6 +92,7 @@ def upload(self: DeliveryTask, job_id: str) -> None:
         return
     job = record.job
     storage = _storage()
+    records.confirm_run(job_id)  # a superseded run uploads nothing over the new run's files
     storage.upload(
         BUCKET,
         job.asset_key,
@@ -120,6 +122,8 @@ def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None
     platform has answered 2xx (never when no callback URL is configured)."""
     records = get_records()
     record = records.get(job_id)
+    faults.hit("callback_post", job_id)
+    records.confirm_run(job_id)  # a superseded run (or a taken-over lease) tells nothing
     post_callback(get_settings(), FINAL_BODIES[status](record))
     records.write(job_id, status=status, final_callback=status)
     records.callback_sent(job_id, status)

@@ -10,6 +10,7 @@ from celery import bootsteps
 from media import spool
 from worker.lanes import GPU_QUEUE, promote_overdue
 from worker.lost_jobs import LostJobSweep
+from worker.outbox import FinalCallbackSweep
 from worker.records import FINAL_STATUSES, get_records
 from worker.settings import get_settings
 
@@ -96,8 +97,9 @@ class SpoolSweep(MediaWorkerChore):
 
 
 class LostJobSweeper(MediaWorkerChore):
-    """Says this host's media worker lives, then sends lost jobs again (worker/lost_jobs.py),
-    every fifth of LOST_JOB_TIMEOUT_S (at most a minute).
+    """Says this host's media worker lives, then sends lost jobs again (worker/lost_jobs.py)
+    and final callbacks unsent or lost (worker/outbox.py), every fifth of
+    LOST_JOB_TIMEOUT_S (at most a minute).
 
     In the media workers because there is one per host and they need no GPU: every live
     host sweeps, so a job is rescued as long as any host lives; the resend is atomic on the
@@ -120,6 +122,9 @@ class LostJobSweeper(MediaWorkerChore):
             timeout_s=settings.lost_job_timeout_s,
             lease_s=settings.stage_lease_s,
             max_deliveries=settings.max_deliveries,
+        ).sweep()
+        FinalCallbackSweep(
+            records, timeout_s=settings.lost_job_timeout_s, lease_s=settings.stage_lease_s
         ).sweep()
 
 

@@ -193,11 +193,16 @@ def test_a_resend_past_max_deliveries_fails_the_job_instead(records: JobRecords)
 
 
 def test_task_ids_name_their_run(records: JobRecords) -> None:
-    from worker.records import run_of_task
+    from worker.records import final_callback_task_id, run_of_task
 
     for run in (0, 1, 12):
         assert run_of_task(stage_task_id("a:b", "encode", run), "a:b", "encode") == run
-    assert run_of_task("a:b:callback:failed", "a:b", "callback") is None
+        assert run_of_task(stage_task_id("a:b", "callback", run), "a:b", "callback") == run
+        for status in FINAL_STATUSES:  # a final callback belongs to the run it reports
+            task_id = final_callback_task_id("a:b", status, run)
+            assert run_of_task(task_id, "a:b", "callback") == run
+    assert final_callback_task_id("a:b", "failed") == "a:b:callback:failed"
+    assert run_of_task("a:b:callback:by-hand", "a:b", "callback") is None
 
 
 # --- Two hosts with real workers ---

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from worker.job_control import send_final_callback
+from worker import outbox
+from worker.job_control import CALLBACK_PUBLISH
 from worker.jobs import Job
 from worker.lanes import WaitingJobs
 from worker.records import JobRecords
@@ -65,9 +66,10 @@ def reject(
     """Record a claimed job as failed and send its `failed` callback through the media queue.
 
     The record is marked dispatched only once the callback is published: a broker error in
-    between leaves the claim open, so the caller's next attempt sends the callback again.
+    between leaves the claim open, so the caller's next attempt sends the callback again
+    (and the record says the callback is due, for the lost-job sweep: worker/outbox.py).
     """
     records.write(job_id, payload=payload, job_type=job_type)
     records.fail(job_id, stage="validate", error=error)
-    send_final_callback(job_id, "failed")
+    outbox.publish(records, job_id, "failed", fault_point=CALLBACK_PUBLISH)
     records.mark_dispatched(job_id)

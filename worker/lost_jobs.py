@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from worker.dead_letters import DeadLetters
 from worker.errors import TooManyDeliveries
 from worker.job_control import RUNNING_STATUSES, run_again_fields, send_final_callback
-from worker.records import SPOOL_STAGES, STAGES, JobRecord, JobRecords
+from worker.records import OUTBOX_KEY, SPOOL_STAGES, STAGES, JobRecord, JobRecords
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,9 @@ class LostJobSweep:
         from tasks.chain import build_chain  # Celery's app, only once there is something to send
 
         forget = [f for f in run_again_fields(record, lost.restart) if f != "cancel_requested_at"]
+        # In the outbox before the record can say `failed` (out of deliveries) with its
+        # callback due; a resent job leaves it at the next pass (worker/outbox.py).
+        self.records.redis.zadd(OUTBOX_KEY, {lost.job_id: self.records.now()})
         outcome, deliveries = self.records.resend_lost(
             record, stage=lost.stage, restart=lost.restart, forget=forget,
             max_deliveries=self.max_deliveries,
@@ -164,7 +167,7 @@ class LostJobSweep:
             log.error("%s; not sent again: %s", why, error)
             self.records.fail(lost.job_id, stage=lost.restart, error=error)
             DeadLetters(self.records.redis).add(lost.job_id)
-            send_final_callback(lost.job_id, "failed")
+            send_final_callback(lost.job_id, "failed", records=self.records)
             return True
         run = int(record.fields.get("retries", "0")) + 1
         log.warning("%s; sent again from %s (run %d, delivery %d)", why, lost.restart, run,

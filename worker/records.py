@@ -22,6 +22,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from worker import fencing
 from worker.jobs import Job
 from worker.settings import get_settings
 
@@ -47,6 +48,9 @@ Resend = Literal["resent", "too_many", "gone"]
 MEDIA_HOSTS_KEY = "wan:media_hosts"
 #: Where a job's frames live: these stages read the spool of the host that generated them.
 SPOOL_STAGES = ("encode", "thumbnail", "upload")
+#: The outbox of final callbacks: job id -> Redis time its final status was decided, from
+#: then until the sweep finds its callback delivered or no longer due (worker/outbox.py).
+OUTBOX_KEY = "wan:final_callbacks"
 
 #: Atomically: a dispatched job stays dispatched; a claim of another owner whose lease runs
 #: is left alone; otherwise the caller holds the claim for the lease from Redis's own clock
@@ -148,7 +152,8 @@ local t = redis.call('TIME')
 local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 if deliveries > tonumber(ARGV[5]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'deliveries:' .. ARGV[4], deliveries)
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'deliveries:' .. ARGV[4], deliveries,
+             'callback_pending', 'failed', 'callback_pending_at', now)
   return {'too_many', tostring(deliveries)}
 end
 for i = 7, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
@@ -165,10 +170,22 @@ def stage_task_id(job_id: str, stage: str, run: int = 0) -> str:
     return f"{job_id}:{stage}" if run == 0 else f"{job_id}:{stage}:retry{run}"
 
 
+def final_callback_task_id(job_id: str, status: str, run: int = 0) -> str:
+    """`{job_id}:callback:{status}`, with `:retry{n}` from the job's run 1 on: a final
+    callback belongs to the run whose end it reports, and a later run supersedes it."""
+    base = f"{job_id}:callback:{status}"
+    return base if run == 0 else f"{base}:retry{run}"
+
+
 def run_of_task(task_id: str, job_id: str, stage: str) -> int | None:
-    """The run a stage's task id belongs to (`stage_task_id` read back); None for a message
-    that is not a chain's (a final `failed` callback, `{job_id}:callback:failed`)."""
+    """The run a stage's task id belongs to (`stage_task_id` and `final_callback_task_id`
+    read back); None for any other id (a task applied by hand)."""
     base = f"{job_id}:{stage}"
+    if stage == "callback":
+        for status in FINAL_STATUSES:
+            if task_id.startswith(f"{base}:{status}"):
+                base = f"{base}:{status}"
+                break
     if task_id == base:
         return 0
     run = task_id.removeprefix(f"{base}:retry")
@@ -346,11 +363,21 @@ class JobRecords:
         return int(self.redis.zrem(INDEX_KEY, *gone)) if gone else 0
 
     def write(self, job_id: str, **fields: str) -> None:
-        """Set text fields as they are."""
+        """Set text fields as they are; inside a stage run, only while that run still owns
+        the job (worker/fencing.py: RunSuperseded if not)."""
+        if (fence := fencing.active(job_id)) is not None:
+            fencing.write(self.redis, self.key(job_id), fence, fields, ttl_s=self.ttl_s)
+            return
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(job_id), mapping=fields)
             pipe.expire(self.key(job_id), self.ttl_s)
             pipe.execute()
+
+    def confirm_run(self, job_id: str) -> None:
+        """Before an effect outside the record (a file, an upload, a callback): raise
+        RunSuperseded unless the stage run in progress here still owns the job."""
+        if (fence := fencing.active(job_id)) is not None:
+            fencing.write(self.redis, self.key(job_id), fence, {}, ttl_s=self.ttl_s)
 
     def update(self, job_id: str, **values: Any) -> None:
         """Set fields to JSON-encoded values, read back with `JobRecord.value`."""
@@ -467,8 +494,22 @@ class JobRecords:
         self.write(job_id, **{f"callback_sent:{status}": repr(time.time())})
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
-        """Leave the record saying which stage failed, and why."""
-        self.write(job_id, status="failed", **_error_fields("error", stage, error))
+        """Leave the record saying which stage failed, and why, with the `failed` callback
+        due (`final_callback_due`)."""
+        self.write(
+            job_id,
+            status="failed",
+            **_error_fields("error", stage, error),
+            **self.final_callback_due(job_id, "failed"),
+        )
+
+    def final_callback_due(self, job_id: str, status: str) -> dict[str, str]:
+        """A final status's callback written before it is sent (worker/outbox.py): the job
+        enters the outbox here, and the fields returned, written with the final status, say
+        which callback is due and since when (Redis time) until it is handed to the broker."""
+        now = self.now()
+        self.redis.zadd(OUTBOX_KEY, {job_id: now})
+        return {"callback_pending": status, "callback_pending_at": f"{now:.6f}"}
 
     def delivery_failed(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """The platform was never told the outcome: say so, keeping the job's own error."""
