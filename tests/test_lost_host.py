@@ -4,15 +4,18 @@ First the lost-job sweep's decision and its atomic resend, against a real Redis.
 simulated hosts on a private redis-server, each with a generation and a media worker (the
 bridge on host B), LOST_JOB_TIMEOUT_S shortened to seconds and Redis's visibility timeout
 left at an hour, so only the sweep can rescue a job within a test. Jobs are the cheapest
-there are (one 256x256 image, one step); WAN_TEST_FAULT makes generations slow, stuck or
-(host A only) hang.
+there are (one 256x256 image, one step); WAN_TEST_FAULT makes generations slow, stuck,
+out of memory or (host A only) hang, refuses a failed callback's publish, and makes host A's
+media worker hold a final callback without posting it.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +42,15 @@ GENERATE_SOFT_LIMIT_S = 18
 HARD_LIMIT_GRACE_S = 2
 #: Host A's generation hangs at its step on jobs with this id prefix, until it is killed.
 HELD = "held-on-a-"
+#: Host A's media worker holds the final callback of these jobs without posting it (hangs).
+FINAL_HELD = "final-held-on-a-"
+#: Host A's generation of these jobs pauses at its step for CUT_OFF_PAUSE_S: long enough to
+#: be cut off (SIGSTOP) in the middle of it.
+CUT_OFF = "cut-off-on-a-"
+CUT_OFF_PAUSE_S = 6
+#: These jobs' generation runs out of memory (they fail), and the broker refuses their
+#: failed callback's first publish.
+REFUSED = "refused-"
 TINY_CONFIG = {"resolution": "256x256", "num_inference_steps": 1, "guidance_scale": 1.0}
 
 
@@ -220,7 +232,8 @@ def envs(
         "BROKER_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
         "GENERATE_SOFT_LIMIT_S": str(GENERATE_SOFT_LIMIT_S),
         "HARD_LIMIT_GRACE_S": str(HARD_LIMIT_GRACE_S),
-        "WAN_TEST_FAULT": f"long-:pause{PAUSE_S}@step1;stuck-:stuck@step1",
+        "WAN_TEST_FAULT": f"long-:pause{PAUSE_S}@step1;stuck-:stuck@step1;"
+        f"{REFUSED}:oom@step1;{REFUSED}:refuse@callback_publish",
         # The model loads before a worker reports up, not inside the first job's generate:
         # on a loaded machine a load could push the paused job past its soft limit.
         "WARMUP": "1",
@@ -230,7 +243,9 @@ def envs(
         root = tmp_path_factory.mktemp(host)
         envs[host] = common | {"WORKER_HOST": host, "SPOOL_DIR": str(root / "spool"),
                                "OUTPUT_DIR": str(root / "outputs")}  # fmt: skip
-    envs["host-a"]["WAN_TEST_FAULT"] += f";{HELD}:hang@step1"
+    envs["host-a"]["WAN_TEST_FAULT"] += (
+        f";{HELD}:hang@step1;{FINAL_HELD}:hang@callback_post;{CUT_OFF}:pause{CUT_OFF_PAUSE_S}@step1"
+    )
     return envs
 
 
@@ -304,6 +319,140 @@ def test_a_stage_killed_at_its_hard_time_limit_fails_the_job_naming_stage_and_li
     assert final_statuses(platform, job["id"]) == ["failed"]
     assert records.get(job["id"]).fields["deliveries:generate"] == "1"
     assert lost_lines(hosts, job["id"]) == []
+
+
+def kill_whole(stack: LocalStack, name: str) -> None:
+    """Kill a worker with its pool, and return once every one of them is gone: a pool child
+    still exiting (a replacement child inherits the worker's broker connection) keeps the
+    dead worker's pending BRPOP open, and a message pushed meanwhile is served to it, lost."""
+    pids = stack.pids(name)
+    stack.kill(name)
+    wait_until(lambda: all(map(exited, pids)), timeout_s=30, what=f"every process of {name} gone")
+
+
+def exited(pid: int) -> bool:
+    """No such process, or only its zombie (its files, sockets included, are closed)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def test_a_failed_callback_the_broker_refused_is_delivered_by_the_sweep_once(
+    hosts: dict[str, LocalStack], client: redis.Redis, platform: LocalPlatform
+) -> None:
+    # Given a job that fails (out of memory), and a broker that refuses to take its failed
+    # callback from the generation worker
+    job = tiny_job(REFUSED)
+
+    # When it runs
+    client.rpush(QUEUE, queue_body(job))
+
+    # Then the record kept the callback due, and a sweep sent it: the platform hears once
+    final = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S + LOST_JOB_TIMEOUT_S)
+    assert final.body["metadata"]["error_type"] == "OutOfGpuMemory"
+    assert final_statuses(platform, job["id"]) == ["failed"]
+    refused = f"job={job['id']} failed callback not handed to the broker: OperationalError"
+    assert logs(hosts, "gpu+enhance").count(refused) == 1
+    (line,) = [line for line in logs(hosts, "cpu").splitlines()
+               if f"job={job['id']} final callback failed never handed" in line]  # fmt: skip
+    assert f"LOST_JOB_TIMEOUT_S={LOST_JOB_TIMEOUT_S}" in line
+
+
+def test_a_final_callback_whose_media_worker_died_whole_goes_out_within_the_timeout_once(
+    hosts: dict[str, LocalStack],
+    client: redis.Redis,
+    records: JobRecords,
+    platform: LocalPlatform,
+) -> None:
+    # Given a job the bridge refuses, whose failed callback host A's media worker holds
+    # without posting it (host B's media worker down until then, so A's takes it)
+    a, b = hosts["host-a"], hosts["host-b"]
+    kill_whole(b, "cpu")
+    job = new_job("video_fast", id=f"{FINAL_HELD}{uuid.uuid4()}") | {"config": {"frame_num": 500}}
+    client.rpush(QUEUE, queue_body(job))
+    wait_until(
+        lambda: records.get(job["id"]).host("callback") == "host-a",
+        timeout_s=JOB_TIMEOUT_S,
+        what=f"host A's media worker holding the failed callback of {job['id']}",
+    )
+    b.restart("cpu")
+
+    # When host A's media worker is killed whole (its pool child too) before it posts
+    killed_at = records.now()
+    a.kill("cpu")
+
+    # Then host B's media worker sends the callback again about the timeout after the kill
+    # (a sweep interval or a few on a loaded machine), not Redis's visibility timeout (an
+    # hour here), and the platform hears it once
+    final = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
+    assert final.body["status"] == "failed" and "frame_num" in final.body["error_message"]
+    assert final_statuses(platform, job["id"]) == ["failed"]
+    record = records.get(job["id"])
+    resent_after_s = float(record.fields["lost:callback"]) - killed_at
+    assert LOST_JOB_TIMEOUT_S - STAGE_LEASE_S < resent_after_s < LOST_JOB_TIMEOUT_S + 10
+    assert (record.host("callback"), record.fields["deliveries:callback"]) == ("host-b", "2")
+    (line,) = [line for line in logs(hosts, "cpu").splitlines()
+               if f"job={job['id']} final callback failed lost" in line]  # fmt: skip
+    assert "on host host-a" in line and f"LOST_JOB_TIMEOUT_S={LOST_JOB_TIMEOUT_S}" in line
+    a.restart("cpu")  # for the tests after this one
+
+
+def test_a_run_cut_off_past_the_timeout_and_back_writes_nothing_and_the_job_completes_once(
+    hosts: dict[str, LocalStack],
+    client: redis.Redis,
+    records: JobRecords,
+    platform: LocalPlatform,
+) -> None:
+    # Given a job in the middle of its generation on host A (host B's generation worker down)
+    a, b = hosts["host-a"], hosts["host-b"]
+    kill_whole(b, "gpu+enhance")
+    job = tiny_job(CUT_OFF)
+    client.rpush(QUEUE, queue_body(job))
+    wait_until(
+        lambda: (records.get(job["id"]).value("progress") or {}).get("step") == 1,
+        timeout_s=JOB_TIMEOUT_S,
+        what=f"the generation of {job['id']} at its step on host A",
+    )
+    assert records.get(job["id"]).host("generate") == "host-a"
+
+    # When host A's generation worker is cut off (stopped: it renews no lease and writes
+    # nothing) past LOST_JOB_TIMEOUT_S, and host B's generation worker is up again
+    a.kill("gpu+enhance", signal.SIGSTOP)
+    try:
+        b.restart("gpu+enhance")
+
+        # Then the job is sent again as run 1 and completes on host B
+        final = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
+        assert final.body["status"] == "completed"
+
+        def done() -> bool:  # the last write of the job: the callback stage's end
+            progress = records.get(job["id"]).value("progress") or {}
+            return (progress.get("event"), progress.get("stage")) == ("stage_finished", "callback")
+
+        wait_until(done, timeout_s=JOB_TIMEOUT_S, what="the callback stage's end")
+        completed = records.get(job["id"]).fields
+    finally:
+        # When host A comes back, its old run going on from where it was stopped
+        a.kill("gpu+enhance", signal.SIGCONT)
+
+    # Then the old run stops (at its next write, or at its time limit: it was stopped for
+    # longer) having written nothing into the new run's record and sent no callback
+    stopped = f"job {job['id']} stage generate (run 0) no longer owns the job"
+
+    def old_run_done() -> bool:  # it stopped, or (had it gone on) wrote or reported
+        wrote = records.get(job["id"]).fields != completed
+        reported = len(final_statuses(platform, job["id"])) > 1
+        return stopped in a.log("gpu+enhance") or wrote or reported
+
+    wait_until(old_run_done, timeout_s=JOB_TIMEOUT_S, what="host A's old run stopped")
+    assert records.get(job["id"]).fields == completed
+    assert final_statuses(platform, job["id"]) == ["completed"]
+    # And the job completed once, as run 1, on host B
+    assert completed["retries"] == "1" and "error" not in completed
+    hosts_run = [records.get(job["id"]).host(s) for s in ("generate", "encode", "upload")]
+    assert hosts_run == ["host-b"] * 3
 
 
 def test_a_lost_hosts_job_completes_on_another_host_within_the_timeout(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -24,7 +25,8 @@ from worker.fencing import Fence
 from worker.jobs import parse_job
 from worker.local.stack import wait_until
 from worker.lost_jobs import LostJob, LostJobSweep
-from worker.records import OUTBOX_KEY, JobRecords, lease_owner
+from worker.records import OUTBOX_KEY, JobRecords, get_records, lease_owner, stage_task_id
+from worker.settings import get_settings
 
 TIMEOUT_S = 300
 LEASE_S = 60
@@ -271,3 +273,44 @@ def test_a_stage_run_whose_lease_was_taken_over_stops_and_writes_nothing(
 
     fields = records.get(job_id).fields
     assert fields["retries"] == "1" and "generation" not in fields
+
+
+@pytest.fixture
+def worker_settings(
+    monkeypatch: pytest.MonkeyPatch, idle_broker: redis.Redis, tmp_path: Path
+) -> Iterator[None]:
+    """This process's settings as a worker's, on the idle broker's database."""
+    kwargs = idle_broker.get_connection_kwargs()
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{kwargs['port']}/{kwargs['db']}")
+    monkeypatch.setenv("SPOOL_DIR", str(tmp_path / "spool"))
+    get_settings.cache_clear()
+    get_records.cache_clear()
+    yield
+    get_settings.cache_clear()
+    get_records.cache_clear()
+
+
+@pytest.mark.parametrize("superseded", [True, False])
+def test_a_stage_failure_is_reported_only_by_the_run_that_owns_the_job(
+    worker_settings: None, idle_broker: redis.Redis, superseded: bool
+) -> None:
+    from tasks.media import encode
+
+    # Given a job whose encode failed in run 0, and that was sent again meanwhile (or not)
+    records = get_records()
+    job_id = running(records, "encode")
+    if superseded:
+        records.write(job_id, retries="1")
+    before = records.get(job_id).fields
+
+    # When the failure handler of run 0 runs
+    error = RuntimeError("the disk is full")
+    encode.on_failure(error, stage_task_id(job_id, "encode"), (job_id,), {}, None)
+
+    # Then only a run that owns the job says it failed and sends the failed callback
+    if superseded:
+        assert records.get(job_id).fields == before
+        assert final_callbacks_sent(idle_broker) == []
+    else:
+        assert records.get(job_id).fields["error"] == "the disk is full"
+        assert final_callbacks_sent(idle_broker) == [f"{job_id}:callback:failed"]
