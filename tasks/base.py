@@ -192,11 +192,14 @@ def _leased(
     def renew() -> None:
         while not stop.wait(lease_s / 3):
             try:
-                if not records.renew_stage(job_id, stage, lease_s=lease_s):
-                    log.warning("job=%s stage %s: lease lost to another run: stopping",
-                                job_id, stage)  # fmt: skip
-                    fence.lost.set()
-                    return
+                if records.renew_stage(job_id, stage, lease_s=lease_s):
+                    continue
+                if fencing.holds(records.redis, records.key(job_id), fence):
+                    return  # released on purpose (handed back at shutdown): nothing to stop
+                log.warning("job=%s stage %s: lease lost to another run: stopping",
+                            job_id, stage)  # fmt: skip
+                fence.lost.set()
+                return
             except redis.RedisError as e:  # Redis restarting: try again at the next beat
                 log.warning("job=%s stage %s: lease not renewed: %s", job_id, stage, e)
 

@@ -248,6 +248,26 @@ def test_a_stage_run_writes_only_while_it_owns_its_job(records: JobRecords) -> N
     assert records.get(job_id).value("seed") == 8
 
 
+def test_a_lease_released_on_purpose_stops_nothing_but_another_owner_does(
+    records: JobRecords,
+) -> None:
+    # Given a generation running as run 0 whose worker hands it back at shutdown: the lease
+    # released, its message about to go back to the queue as the pool child is stopped
+    job_id = running(records)
+    fence = Fence(job_id, "generate", 0, owner=lease_owner())
+    assert records.release_stage(job_id, "generate", note="handed_back")
+
+    # Then what it writes until then lands: dropping its message would lose the job
+    with fencing.fenced(fence):
+        records.update(job_id, seed=7)
+    assert fencing.holds(records.redis, records.key(job_id), fence)
+    # But once another process holds the stage, nothing does
+    records.write(job_id, **{"lease:generate": "another-host:1"})
+    with fencing.fenced(fence), pytest.raises(RunSuperseded):
+        records.update(job_id, seed=8)
+    assert records.get(job_id).value("seed") == 7
+
+
 def test_a_stage_run_whose_lease_was_taken_over_stops_and_writes_nothing(
     records: JobRecords,
 ) -> None:

@@ -6,7 +6,9 @@ stage goes on. So every record write of a stage run is conditional, in one Redis
 
 - the record's `retries` must still be the run of the task's message (a message of no
   chain run, e.g. one applied by hand, is fenced by its lease alone);
-- while the stage holds its lease, the lease must still be this process's.
+- while the stage holds its lease, no other process may hold it. A lease released on
+  purpose (its worker hands the job back at shutdown, and its message goes back to the
+  queue) stops nothing: dropping that message would lose the job.
 
 A write refused raises `RunSuperseded`: the stage stops there (its base task drops the
 message, so its chain goes no further), and its failure handler writes nothing and sends no
@@ -44,7 +46,8 @@ class Fence:
     #: The stage's lease owner while the run holds it; None once released (the failure
     #: handler: fenced by the run alone).
     owner: str | None
-    #: Set once Redis answered that the lease is gone: the stage stops at its next check.
+    #: Set once Redis answered that the fence no longer holds: the stage stops at its next
+    #: check.
     lost: threading.Event = field(default_factory=threading.Event, compare=False)
 
     def refused(self) -> RunSuperseded:
@@ -61,9 +64,8 @@ class Fence:
 _FENCED_WRITE_SCRIPT = """
 local run = tonumber(redis.call('HGET', KEYS[1], 'retries') or '0')
 if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= run then return 0 end
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'lease:' .. ARGV[2]) ~= ARGV[3] then
-  return 0
-end
+local holder = redis.call('HGET', KEYS[1], 'lease:' .. ARGV[2])
+if ARGV[3] ~= '' and holder and holder ~= ARGV[3] then return 0 end
 if #ARGV > 4 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 5))
   redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -101,11 +103,22 @@ def write(
     client: redis.Redis, key: str, fence: Fence, fields: dict[str, str], *, ttl_s: int
 ) -> None:
     """Write `fields` (none: only check) if the fence holds; RunSuperseded if not."""
+    if not _apply(client, key, fence, fields, ttl_s=ttl_s):
+        raise fence.refused()
+
+
+def holds(client: redis.Redis, key: str, fence: Fence) -> bool:
+    """Whether the fence still holds (nothing written)."""
+    return _apply(client, key, fence, {}, ttl_s=0)
+
+
+def _apply(
+    client: redis.Redis, key: str, fence: Fence, fields: dict[str, str], *, ttl_s: int
+) -> bool:
     pairs = [item for pair in fields.items() for item in pair]
     held = client.register_script(_FENCED_WRITE_SCRIPT)(
         keys=[key],
         args=["" if fence.run is None else fence.run, fence.stage, fence.owner or "", ttl_s,
               *pairs],
     )  # fmt: skip
-    if not held:
-        raise fence.refused()
+    return bool(held)
