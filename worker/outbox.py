@@ -47,6 +47,15 @@ redis.call('HDEL', KEYS[1], 'callback_pending', 'callback_pending_at')
 return 1
 """
 
+#: Atomically: a job leaves the outbox, unless it entered it again since the sweeper read it
+#: (it ran again and ended again). KEYS: the outbox; ARGV: job id, its score as read.
+_LEAVE_SCRIPT = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '-1') ~= tonumber(ARGV[2]) then
+  return 0
+end
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
 #: Atomically: claim sending a final callback again, if the record (status, run, intent and
 #: the callback's lease owner as read) is still as the sweeper read it and the callback was
 #: not delivered since. A dead worker's lease is dropped and counts one more delivery. The
@@ -139,19 +148,20 @@ class FinalCallbackSweep:
         final callback was sent again."""
         client = self.records.redis
         now = self.records.now()
-        job_ids = [member.decode() for member in client.zrange(OUTBOX_KEY, 0, -1)]
-        if not job_ids:
+        entries = [(m.decode(), at) for m, at in client.zrange(OUTBOX_KEY, 0, -1, withscores=True)]
+        if not entries:
             return []
         with client.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
+            for job_id, _ in entries:
                 pipe.hgetall(self.records.key(job_id))
             raws = pipe.execute()
+        leave = client.register_script(_LEAVE_SCRIPT)
         sent = []
-        for job_id, raw in zip(job_ids, raws, strict=True):
+        for (job_id, entered_at), raw in zip(entries, raws, strict=True):
             record = JobRecord(job_id, {k.decode(): v.decode() for k, v in raw.items()})
             need = outstanding(record, now=now, timeout_s=self.timeout_s, lease_s=self.lease_s)
             if need == "delivered":
-                client.zrem(OUTBOX_KEY, job_id)
+                leave(keys=[OUTBOX_KEY], args=[job_id, repr(entered_at)])
             elif need != "waiting" and self.resend(record, lost=need == "lost", now=now):
                 sent.append(job_id)
         return sent
