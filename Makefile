@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench redis-server chromium clean
+.PHONY: demo test lint bench redis-server chromium faketime clean
 
 # The project itself is installed (editable, no dependencies: requirements.txt pins them)
 # for its entry points: `celery -A tasks jobs ...` is found through `celery.commands`.
@@ -28,13 +28,19 @@ chromium:
 		echo "chromium missing: installing Debian's package"; \
 		apt-get update -qq && apt-get install -y -qq chromium; }
 
+# The clock tests run a host ten minutes off under Debian's libfaketime.
+faketime:
+	@test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 || { \
+		echo "libfaketime missing: installing Debian's faketime"; \
+		apt-get update -qq && apt-get install -y -qq faketime; }
+
 demo: $(INSTALLED) redis-server
 	$(PY) -m worker demo
 
 # Two pytest processes, each module kept on one (its stack is module-scoped), handed out in
 # collection order: the modules marked `runs_long` first (tests/conftest.py), not xdist's
 # default of the modules with the most tests first, which left the longest to run alone last.
-test: $(INSTALLED) redis-server chromium lint
+test: $(INSTALLED) redis-server chromium faketime lint
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(INSTALLED)
@@ -49,6 +55,7 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.gpu
 	$(PY) -m bench.faults
 	$(PY) -m bench.lanes
+	$(PY) -m bench.api
 
 clean:
 	rm -rf $(VENV) .demo spool outputs

@@ -12,7 +12,9 @@ _redis_url = get_settings().redis_url
 
 broker_url = _redis_url
 result_backend = _redis_url
-result_expires = 24 * 3600
+# Task results and PROGRESS states (`celery-task-meta-<task id>`): a day, or the records'
+# life when that is shorter (README, "Keys in Redis").
+result_expires = min(24 * 3600, get_settings().job_record_ttl_s)
 broker_connection_retry_on_startup = True
 # Redis restarts (a deploy, a crash, a failover): a worker that lost its broker reconnects
 # for as long as it takes (None: no cap on the retries) instead of exiting after 100.

@@ -19,14 +19,25 @@ class TinyStack:
     platform: LocalPlatform
     stack: LocalStack
     records: JobRecords
+    #: The private redis-server, for a benchmark that kills and restarts it.
+    redis_server: RedisServer
 
 
-def tiny_stack(cleanup: ExitStack, workdir: Path, *, queue: str) -> TinyStack:
+def tiny_stack(
+    cleanup: ExitStack,
+    workdir: Path,
+    *,
+    queue: str,
+    aof: bool = False,
+    settings: dict[str, str] | None = None,
+) -> TinyStack:
     """A private Redis, LocalPlatform and the workers with the bridge on the tiny random WAN,
-    all stopped by `cleanup`; the jobs' platform list is `queue`."""
+    all stopped by `cleanup`; the jobs' platform list is `queue`. `aof`: Redis keeps an
+    append-only file, so a restart after a kill finds its data; `settings` go on top of the
+    workers' environment."""
     from worker.local.tiny_models import make_tiny_wan
 
-    server = RedisServer(workdir / "redis").start()
+    server = RedisServer(workdir / "redis", aof=aof).start()
     cleanup.callback(server.stop)
     platform = cleanup.enter_context(LocalPlatform())
     env = {
@@ -39,9 +50,10 @@ def tiny_stack(cleanup: ExitStack, workdir: Path, *, queue: str) -> TinyStack:
         "SPOOL_DIR": str(workdir / "spool"),
         **platform.worker_env(),
         "HF_HUB_OFFLINE": "1",
+        **(settings or {}),
     }
     stack = LocalStack(env, log_dir=workdir / "logs", names=WORKERS_AND_BRIDGE)
     cleanup.callback(stack.stop)
     stack.start()
     records = JobRecords(redis.Redis.from_url(server.url), ttl_s=3600)
-    return TinyStack(server.url, platform, stack, records)
+    return TinyStack(server.url, platform, stack, records, server)

@@ -93,6 +93,7 @@ def sse_latency_s(redis_url: str, records: JobRecords, workdir: Path) -> list[fl
                 elif event["event"] == "final":
                     return
 
+    records.write(job_id, status="queued")  # a job nowhere answers 404
     try:
         client = threading.Thread(target=listen, daemon=True)
         client.start()

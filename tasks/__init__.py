@@ -4,8 +4,8 @@
 torch: generation loads it inside the GPU worker's pool child.
 """
 
-from tasks import enhance, generate, media, shutdown
+from tasks import enhance, generate, kombu_fix, media, shutdown
 from tasks.app import app
 from tasks.chain import build_chain
 
-__all__ = ["app", "build_chain", "enhance", "generate", "media", "shutdown"]
+__all__ = ["app", "build_chain", "enhance", "generate", "kombu_fix", "media", "shutdown"]

@@ -21,6 +21,7 @@ from celery.signals import (
 from tasks.routing import host_queue
 from tasks.worker_steps import LostJobSweeper, PromotionSweep, SpoolSweep
 from worker import faults
+from worker.callback import callback_auth_line
 from worker.observe import logs, metrics
 from worker.observe.loaded_models import LoadedModels
 from worker.records import get_records
@@ -155,6 +156,8 @@ def warn_about_settings(instance: Any, **_: Any) -> None:
         log.warning("JOB_CALLBACK_SECRET is not set: callbacks go out unsigned (the platform 401s)")
     if not settings.callback_url:
         log.warning("neither CALLBACK_URL nor SUPABASE_URL is set: no callback will be sent")
+    else:
+        log.info(callback_auth_line(settings))
     if "gpu" in queues and settings.wan_model_path is None:
         log.error("WAN_MODEL_PATH is not set: every generation will fail until it points at "
                   "Wan2.1-T2V-1.3B in diffusers format")  # fmt: skip

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from media import spool
@@ -111,10 +110,10 @@ class StageTask(Task):
             # one: Redis's visibility timeout moves a long-running message back to the queue,
             # out of the unacknowledged set, so if the running worker died after this one
             # were acked, nothing would deliver the stage again. Wait it out as a retry
-            # (neither a delivery nor a failure); the retry then finds `done` or a dead lease.
+            # (neither a delivery, a retry nor a failure); it then finds `done` or a dead lease.
             log.info("job=%s stage %s is running elsewhere: retry in %.0f s", job_id,
                      self.stage, start.lease_left_s + 1)  # fmt: skip
-            raise self.retry(countdown=start.lease_left_s + 1, max_retries=None)
+            raise self.wait_for_other_run(countdown=start.lease_left_s + 1)
         if start.outcome == "too_many":
             raise TooManyDeliveries.of(self.stage, start.deliveries, settings.max_deliveries)
         log.info("job=%s stage %s started (delivery %d)", job_id, self.stage, start.deliveries)
@@ -129,6 +128,17 @@ class StageTask(Task):
             records.stage_finished(job_id, self.stage)
         progress.stage_finished(self.stage)
         return result
+
+    def wait_for_other_run(self, *, countdown: float) -> Retry:
+        """Send this message again after `countdown` seconds as Celery's `retry` does, but
+        with its retry count unchanged: a wait is no attempt, so it uses up no budget counted
+        in retries (REFERENCE_RETRIES, the backoff of network retries)."""
+        again = self.signature_from_request(countdown=countdown, retries=self.request.retries)
+        try:
+            again.apply_async()
+        except Exception as e:  # as Celery's `retry`: this duplicate is dropped
+            raise Reject(e, requeue=False) from e
+        return Retry(when=countdown, sig=again)
 
     @_unless_superseded
     def on_failure(
@@ -237,12 +247,14 @@ class DeliveryTask(StageTask):
     def retry(self, *args: Any, exc: BaseException | None = None, **options: Any) -> Any:
         job_id = self.request.args[0]
         window_s = get_settings().delivery_retry_window_s
-        first = get_records().get(job_id).first_started(self.stage) or time.time()
-        left_s = first + window_s - time.time()
+        records = get_records()
+        now = records.now()  # `first_started:<stage>` is on Redis's clock too
+        first = records.get(job_id).first_started(self.stage) or now
+        left_s = first + window_s - now
         if exc is not None and left_s <= 0:
             raise DeliveryFailed(
                 f"{self.stage} given up after {self.request.retries + 1} attempts in "
-                f"{time.time() - first:.0f} s (DELIVERY_RETRY_WINDOW_S={window_s:g}); "
+                f"{now - first:.0f} s (DELIVERY_RETRY_WINDOW_S={window_s:g}); "
                 f"last error: {exc}"
             ) from exc
         if exc is not None and options.get("countdown") is not None:

@@ -25,13 +25,13 @@ from tasks.app import app
 from tasks.base import NETWORK_RETRY, StageTask
 from worker import faults, fencing
 from worker.callback import notify_processing
-from worker.errors import ReferenceUnusable, TransientError
+from worker.errors import JobCancelled, ReferenceUnusable, TransientError
 from worker.job_control import raise_if_cancelled
 from worker.jobs import SEED_MAX, Job, PresetName
 from worker.observe.loaded_models import LoadedModels
 from worker.observe.metrics import QUALITY_DEGRADATIONS, Metrics
 from worker.observe.progress import Notify, Progress
-from worker.records import get_records
+from worker.records import JobRecords, get_records, run_of_task
 from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -40,6 +40,15 @@ if TYPE_CHECKING:
     from worker.generation import Pipelines, StepHook
 
 log = get_task_logger(__name__)
+
+#: Atomically: the job is `processing` now, unless a cancel came first (a job cancelled
+#: while `queued` has had its `cancelled` callback). KEYS: the record; ARGV: TTL. 1 if so.
+_START_PROCESSING_SCRIPT = """
+if redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'processing')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
 
 
 class GenerateTask(StageTask):
@@ -121,7 +130,14 @@ class GenerateTask(StageTask):
         super().on_failure(exc, task_id, args, kwargs, einfo)
 
 
-def progress_callback(settings: Settings, job_id: str) -> Notify | None:
+def start_processing(records: JobRecords, job_id: str) -> bool:
+    """Mark the job `processing`; False when it was cancelled meanwhile (its references were
+    downloading, say): then it stops here, and no `processing` follows its `cancelled`."""
+    script = records.redis.register_script(_START_PROCESSING_SCRIPT)
+    return bool(script(keys=[records.key(job_id)], args=[records.ttl_s]))
+
+
+def progress_callback(settings: Settings, job_id: str, run: int | None) -> Notify | None:
     """With PROGRESS_CALLBACKS, `processing` callbacks carrying the progress, sent from a
     thread of their own: the denoising loop never waits for the platform."""
     if not settings.progress_callbacks:
@@ -129,8 +145,9 @@ def progress_callback(settings: Settings, job_id: str) -> Notify | None:
 
     def notify(progress: dict) -> None:
         threading.Thread(
-            target=notify_processing, args=(settings, job_id, progress), daemon=True
-        ).start()
+            target=notify_processing, args=(settings, job_id, progress), kwargs={"run": run},
+            daemon=True,
+        ).start()  # fmt: skip
 
     return notify
 
@@ -157,11 +174,13 @@ def generate(self: GenerateTask, job_id: str) -> None:
     if seed is None:
         seed = job.seed if job.seed is not None else secrets.randbelow(SEED_MAX + 1)
         records.update(job_id, seed=seed)
-    records.write(job_id, status="processing")
-    notify_processing(settings, job_id)
+    if not start_processing(records, job_id):
+        raise JobCancelled(f"job {job_id} was cancelled before its generation started")
+    run_number = run_of_task(self.request.id or "", job_id, "generate")
+    notify_processing(settings, job_id, run=run_number)
 
     progress = Progress(
-        records, job_id, task=self, notify=progress_callback(settings, job_id),
+        records, job_id, task=self, notify=progress_callback(settings, job_id, run_number),
         notify_every_s=settings.progress_callback_every_s,
     )  # fmt: skip
 

@@ -16,9 +16,9 @@ from media.thumbnail import make_thumbnail, middle_frame
 from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
 from worker import faults
-from worker.callback import FINAL_BODIES, post_callback
+from worker.callback import FINAL_BODIES, CallbackGate, post_callback
 from worker.errors import FramesMissing
-from worker.jobs import BUCKET, FPS
+from worker.jobs import BUCKET
 from worker.observe.logs import job_summary
 from worker.observe.metrics import JOBS, Metrics
 from worker.observe.progress import Progress
@@ -57,7 +57,7 @@ def encode(self: StageTask, job_id: str) -> None:
     job = record.job
     out = spool.job_dir(get_settings().spool_dir, job_id) / f"0.{job.extension}"
     if job.type.is_video:
-        encode_mp4(frames, out, fps=FPS)
+        encode_mp4(frames, out, fps=job.fps)
     else:
         write_png(frames[0], out)
     get_records().update(
@@ -65,8 +65,8 @@ def encode(self: StageTask, job_id: str) -> None:
         output={
             "path": str(out.resolve()),
             "file_size_bytes": check_file(out, job.extension),
-            "duration_seconds": round(len(frames) / FPS, 2),
-            "fps": FPS,
+            "duration_seconds": round(len(frames) / job.fps, 2),
+            "fps": job.fps,
         },
     )
 
@@ -119,12 +119,15 @@ def upload(self: DeliveryTask, job_id: str) -> None:
 )
 def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None:
     """The final signed callback, retried hard; its status is written to the record once the
-    platform has answered 2xx (never when no callback URL is configured)."""
+    platform has answered 2xx (never when no callback URL is configured). No `processing`
+    callback of the job goes out after it (`CallbackGate`)."""
     records = get_records()
-    record = records.get(job_id)
+    settings = get_settings()
     faults.hit("callback_post", job_id)
     records.confirm_run(job_id)  # a superseded run (or a taken-over lease) tells nothing
-    post_callback(get_settings(), FINAL_BODIES[status](record))
+    CallbackGate(records, settings).close(job_id)
+    record = records.get(job_id)
+    post_callback(settings, FINAL_BODIES[status](record))
     records.write(job_id, status=status, final_callback=status)
     records.callback_sent(job_id, status)
     log.info("job=%s finished %s", job_id, status, extra={"summary": job_summary(record, status)})

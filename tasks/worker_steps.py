@@ -9,8 +9,10 @@ from celery import bootsteps
 
 from media import spool
 from worker.lanes import GPU_QUEUE, promote_overdue
+from worker.leftovers import drop_leftovers
 from worker.lost_jobs import LostJobSweep
 from worker.outbox import FinalCallbackSweep
+from worker.reconcile import get_reconciler
 from worker.records import FINAL_STATUSES, get_records
 from worker.settings import get_settings
 
@@ -106,6 +108,9 @@ class LostJobSweeper(MediaWorkerChore):
     job record, so sweeping on several hosts at once sends a job once. The heartbeat (a
     field per host with Redis's time, not a Celery ping) answers "no media worker on this
     host for LOST_JOB_TIMEOUT_S" from one read, without waiting on a broadcast.
+
+    The same pass sends again the jobs whose message a dying consumer swallowed
+    (worker/reconcile.py) and drops what outlived its job or host (worker/leftovers.py).
     """
 
     what = "lost-job sweep"
@@ -126,6 +131,8 @@ class LostJobSweeper(MediaWorkerChore):
         FinalCallbackSweep(
             records, timeout_s=settings.lost_job_timeout_s, lease_s=settings.stage_lease_s
         ).sweep()
+        get_reconciler().sweep()
+        drop_leftovers(records)
 
 
 class PromotionSweep(WorkerChore):

@@ -6,13 +6,14 @@ tiny model loaded with `from_pretrained`, supabase-py and httpx talking HTTP.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import secrets
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,9 +46,33 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SERVICE_KEY = _test_secret("SERVICE_KEY")
 CALLBACK_SECRET = _test_secret("CALLBACK_SECRET")
 API_KEY = _test_secret("API_KEY")
+CALLBACK_BEARER = _test_secret("CALLBACK_BEARER")
 PLATFORM_QUEUE = "wan_queue"
 #: Long enough for a job on a loaded 2-core machine, short enough to fail a hung test.
 JOB_TIMEOUT_S = 120
+#: Jobs whose id starts with this pause in the session stack's generation (after denoising
+#: steps 1 and 2, `PACED_RULES`): a test reads a job mid-denoise however fast the machine.
+PACED = "paced-"
+
+
+def pauses(prefix: str, seconds: float, steps: Iterable[int]) -> str:
+    """WAN_TEST_FAULT rules: jobs whose id starts with `prefix` pause `seconds` after each
+    of these denoising steps, so a test sees what happens between steps on any machine."""
+    return ";".join(f"{prefix}:pause{seconds}@step{step}" for step in steps)
+
+
+#: After step 1, past the record's throttle (its `progress` then shows step 2); after step 2,
+#: long enough for a test to open a stream and read the record while the job generates.
+PACED_RULES = f"{pauses(PACED, 0.6, [1])};{pauses(PACED, 3, [2])}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish() -> None:
+    """Collect garbage now, before pytest's end-of-session reports: a Celery AsyncResult's
+    `__del__` unsubscribes through a test Redis that has stopped, and run by the collector in
+    the middle of an import it hit a CPython 3.11 error ("AST constructor recursion depth
+    mismatch") that failed a whole run (about 1 in 6 runs of two modules)."""
+    gc.collect()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -90,7 +115,7 @@ def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     texts = {"this process": "\n".join(recorder.lines)}
     for path in tmp_path_factory.getbasetemp().rglob("*.log"):
         texts[str(path)] = path.read_text(errors="replace")
-    leaks = secret_leaks(texts, [SERVICE_KEY, CALLBACK_SECRET, API_KEY])
+    leaks = secret_leaks(texts, [SERVICE_KEY, CALLBACK_SECRET, API_KEY, CALLBACK_BEARER])
     assert not leaks, f"secrets in logs: {leaks[:5]}"
 
 
@@ -137,6 +162,15 @@ def platform() -> Iterator[LocalPlatform]:
 
 
 @pytest.fixture(scope="session")
+def platform_with_bearer() -> Iterator[LocalPlatform]:
+    """A platform whose callback endpoint on another origin takes CALLBACK_BEARER."""
+    with LocalPlatform(
+        service_key=SERVICE_KEY, callback_secret=CALLBACK_SECRET, callback_bearer=CALLBACK_BEARER
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def stack_env(
     redis_server: RedisServer, tiny_wan: Path, tiny_qwen: Path, platform: LocalPlatform,
     tmp_path_factory: pytest.TempPathFactory,
@@ -156,6 +190,7 @@ def stack_env(
         "SPOOL_DIR": str(root / "spool"),
         "OUTPUT_DIR": str(root / "outputs"),
         "HF_HUB_OFFLINE": "1",
+        "WAN_TEST_FAULT": PACED_RULES,
     }
 
 
@@ -239,20 +274,36 @@ def platform_list(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.url)
 
 
-@pytest.fixture
-def idle_broker(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    """Point this process's Celery app at a database no worker consumes, emptied around."""
+def point_celery_at(url: str) -> None:
+    """Send this process's Celery tasks to `url` (broker and result backend)."""
     from tasks import app
 
-    url = redis_server.url.removesuffix("/0") + "/1"
     app.conf.update(broker_url=url, result_backend=url)
     # Producers an earlier test opened still point at the old broker: drop them, as
-    # Celery does in a forked child.
+    # Celery does in a forked child. The result backend, and its subscription to task
+    # results, is kept across a conf change too: drop it, or a module that runs after a
+    # module whose Redis stopped fails its first send ("Retry limit exceeded while trying to
+    # reconnect to the Celery result store").
     app._after_fork()
+    app._backend_cache = None
+    vars(app._local).pop("backend", None)
+
+
+@contextmanager
+def celery_broker(url: str) -> Iterator[redis.Redis]:
+    """Point this process's Celery app at `url`, a database no worker consumes, emptied
+    around."""
+    point_celery_at(url)
     client = redis.Redis.from_url(url)
-    client.flushdb()
+    client.flushdb(asynchronous=True)  # gone at once; freed behind (a test's 100,000 keys)
     yield client
-    client.flushdb()
+    client.flushdb(asynchronous=True)
+
+
+@pytest.fixture
+def idle_broker(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    with celery_broker(redis_server.db_url(1)) as client:
+        yield client
 
 
 #: Celery's queues in a stack on this machine: DESIGN.md's three and the media worker's own

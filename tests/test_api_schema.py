@@ -6,6 +6,7 @@ jobs are never run; /enhance gets a short wait, as no enhancement worker answers
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -83,10 +84,25 @@ def test_the_schema_documents_every_endpoint(api_schema: schemathesis.BaseSchema
     paths = set(api_schema.raw_schema["paths"])
 
     assert paths == {
-        "/health", "/metrics", "/enhance", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/events",
-        "/jobs/{job_id}/cancel", "/jobs/{job_id}/retry", "/debug/env",
+        "/health", "/health/details", "/metrics", "/enhance", "/jobs", "/jobs/{job_id}",
+        "/jobs/{job_id}/events", "/jobs/{job_id}/cancel", "/jobs/{job_id}/retry", "/debug/env",
     }  # fmt: skip
 
 
 def test_the_interactive_docs_are_served(api_base_url: str) -> None:
     assert httpx.get(f"{api_base_url}/docs", timeout=10).status_code == 200
+
+
+def test_the_enhance_prompt_pattern_means_the_same_in_every_regex_engine() -> None:
+    # Given the pattern a client reads from the schema for /enhance's prompt
+    from worker.api.app import create_app
+
+    schema = create_app().openapi()["components"]["schemas"]["EnhanceRequest"]
+    pattern = schema["properties"]["prompt"]["pattern"]
+
+    # Then it names no shorthand class whose members differ between Python and ECMA
+    # engines (\s, \S, \w, \W, \d, \D, \b), and accepts exactly what str.strip() keeps
+    assert not re.search(r"\\[sSwWdDbB]", pattern), pattern
+    tricky = "\x1c\x1d\x1e\x1f\x85\xa0\u1680\u200b\u2028\u3000\ufeff a\t"
+    for char in tricky:
+        assert (re.fullmatch(pattern, char) is None) == char.isspace(), repr(char)

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from tests.conftest import JOB_TIMEOUT_S, PLATFORM_QUEUE, new_job, push
+from tests.payloads import json_object
 from worker.bridge import rejected_list
 from worker.local.platform import LocalPlatform
 from worker.local.stack import LocalStack
@@ -55,6 +56,48 @@ def test_a_bad_job_gets_a_failed_callback_naming_the_field_and_the_next_job_runs
     assert failed["metadata"]["wan_task"] == "t2v-1.3B"
     assert failed["metadata"]["timestamp"]
     assert [c.body["status"] for c in platform.callbacks_for(bad["id"])] == ["failed"]
+    assert (
+        platform.wait_for_final(good["id"], timeout_s=JOB_TIMEOUT_S).body["status"] == "completed"
+    )
+
+
+def extreme_body(job: dict, **fields: str) -> str:
+    """The job's text with these fields' values as raw JSON texts: valid JSON (RFC 8259)
+    that Python's decoder refuses or bends."""
+    return json_object({key: json.dumps(value) for key, value in job.items()} | fields)
+
+
+EXTREME_JOBS = {
+    "seed-of-5001-digits-in-an-array-body": (
+        lambda job: json.dumps([extreme_body(job, config='{"seed": 1%s}' % ("0" * 5_000))]),
+        "config.seed", "an integer of 5001 digits"),
+    "metadata-nested-5000-deep": (
+        lambda job: extreme_body(job, metadata='{"x": %s}' % ("[" * 5_000 + "]" * 5_000)),
+        "metadata.x", "nested deeper than 32 levels"),
+    "type-and-prompt-with-lone-surrogates": (
+        lambda job: extreme_body(job, prompt='"a fox \\ud800"', type='"\\udfff"'),
+        "type", "unknown job type"),
+    "fps-1e400": (lambda job: extreme_body(job, fps="1e400"), "fps", "whole number"),
+}  # fmt: skip
+
+
+def test_valid_json_with_extreme_values_gets_failed_callbacks_naming_fields_and_the_next_job_runs(
+    stack: LocalStack, platform: LocalPlatform, platform_list: redis.Redis
+) -> None:
+    # Given valid JSON jobs whose values Python's decoder refuses or bends, and a good job
+    jobs = {name: new_job() for name in EXTREME_JOBS}
+    good = new_job("image_fast")
+    for name, (make_item, _, _) in EXTREME_JOBS.items():
+        push(platform_list, make_item(jobs[name]))
+    push(platform_list, good)
+
+    # Then each gets one failed callback naming its field, and the good job completes
+    for name, (_, field, words) in EXTREME_JOBS.items():
+        failed = platform.wait_for_final(jobs[name]["id"], timeout_s=JOB_TIMEOUT_S).body
+        assert failed["error_message"].startswith(f"{field}"), failed
+        assert words in failed["error_message"]
+        assert failed["metadata"]["error_type"] == "InvalidJob"
+        assert [c.body["status"] for c in platform.callbacks_for(jobs[name]["id"])] == ["failed"]
     assert (
         platform.wait_for_final(good["id"], timeout_s=JOB_TIMEOUT_S).body["status"] == "completed"
     )

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from tests.conftest import new_job, sent_job_ids
+from tests.payloads import json_object
 from worker.bridge import RECONNECT_S, Bridge, rejected_list
 from worker.local.stack import RedisServer, wait_until
 from worker.records import JobRecords
@@ -67,8 +68,29 @@ def test_a_job_id_seen_twice_starts_one_chain(idle_broker: redis.Redis, bridge: 
     assert sent_job_ids(idle_broker, "enhance") == [job["id"]]
 
 
-def test_a_job_another_dispatcher_is_still_sending_is_not_sent_twice(
-    idle_broker: redis.Redis, bridge: Bridge
+@pytest.fixture
+def draining(bridge: Bridge, monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Thread]:
+    """The bridge draining its list in a thread (stopped after the test), asking again
+    about held jobs every 0.05 s."""
+    monkeypatch.setattr("worker.bridge.POLL_S", 0.05)
+    monkeypatch.setattr("worker.bridge.HELD_RECHECK_S", 0.05)
+    serving = threading.Thread(target=bridge.run, kwargs={"drain": True})
+    yield serving
+    bridge.stop()
+    serving.join(timeout=10)
+
+
+def kept_while_held(client: redis.Redis, bridge: Bridge, job: dict) -> None:
+    """Wait until the bridge has taken the job and kept it: in its processing list, held,
+    nothing sent and nothing answered."""
+    wait_until(lambda: bool(bridge.held), timeout_s=10, what="the item kept")
+    assert client.llen(QUEUE) == 0
+    assert [json.loads(raw)["id"] for raw in client.lrange(bridge.processing, 0, -1)] == [job["id"]]
+    assert sent_job_ids(client, "enhance") == sent_job_ids(client, "cpu") == []
+
+
+def test_a_job_another_dispatcher_is_sending_is_kept_until_it_is_dispatched_and_not_sent_twice(
+    idle_broker: redis.Redis, bridge: Bridge, draining: threading.Thread
 ) -> None:
     # Given another bridge (or the API) claimed a job a moment ago and is still sending it
     job = new_job("video_fast")
@@ -76,13 +98,63 @@ def test_a_job_another_dispatcher_is_still_sending_is_not_sent_twice(
     assert other.claim(job["id"]) == "claimed"
     idle_broker.rpush(QUEUE, json.dumps(job))
 
-    # When this bridge takes the same job id
-    assert bridge.run(drain=True) == 1
+    # When this bridge takes the same job id, it keeps the item while the claim is held
+    draining.start()
+    kept_while_held(idle_broker, bridge, job)
 
-    # Then it leaves the job to its owner: no second chain, no failed callback
+    # Then once the owner has sent it, the item goes: no second chain, no failed callback
+    other.mark_dispatched(job["id"])
+    draining.join(timeout=10)
+    assert not draining.is_alive()
     assert sent_job_ids(idle_broker, "enhance") == sent_job_ids(idle_broker, "cpu") == []
     assert bridge.records.claim_owner(job["id"]) == "bridge-on-another-host"
     assert idle_broker.llen(bridge.processing) == 0
+
+
+def test_a_job_whose_dispatcher_died_between_claim_and_send_is_sent_once_its_claim_runs_out(
+    idle_broker: redis.Redis, bridge: Bridge, draining: threading.Thread
+) -> None:
+    # Given a dispatcher claimed a job and died before sending it (its lease is short here),
+    # and the same job reaches this bridge, with another job behind it
+    job, behind = new_job("video_fast"), new_job("image_fast")
+    dead = JobRecords(idle_broker, ttl_s=600, owner="dead-dispatcher", claim_lease_s=1.0)
+    assert dead.claim(job["id"]) == "claimed"
+    idle_broker.rpush(QUEUE, json.dumps(job))
+
+    # When the bridge takes it: it keeps it while the claim is live, and goes on meanwhile
+    draining.start()
+    kept_while_held(idle_broker, bridge, job)
+    idle_broker.rpush(QUEUE, json.dumps(behind))
+    wait_until(lambda: sent_job_ids(idle_broker, "enhance") == [behind["id"]], timeout_s=10,
+               what="the job behind sent")  # fmt: skip
+    assert bridge.records.claim_owner(job["id"]) == "dead-dispatcher"
+
+    # Then once the claim has run out, it takes the job over and sends its chain, once
+    draining.join(timeout=10)
+    assert not draining.is_alive()
+    assert sent_job_ids(idle_broker, "enhance") == [behind["id"], job["id"]]
+    assert bridge.records.claim_owner(job["id"]) == bridge.records.owner
+    assert bridge.records.is_dispatched(job["id"])
+    assert idle_broker.llen(bridge.processing) == 0
+
+
+def test_a_held_item_goes_back_on_the_list_when_the_bridge_restarts(
+    idle_broker: redis.Redis, bridge: Bridge, draining: threading.Thread
+) -> None:
+    # Given the bridge keeps a held job's item, and dies (stops) with it
+    job = new_job("video_fast")
+    assert bridge.records.for_owner("dead-dispatcher").claim(job["id"]) == "claimed"
+    idle_broker.rpush(QUEUE, json.dumps(job))
+    draining.start()
+    kept_while_held(idle_broker, bridge, job)
+    bridge.stop()
+    draining.join(timeout=10)
+
+    # When it starts again, the item is still in its processing list: it is put back first
+    assert idle_broker.llen(bridge.processing) == 1
+    restarted = Bridge(idle_broker, bridge.records, queue=QUEUE)
+    assert restarted.recover() == 1
+    assert idle_broker.lrange(QUEUE, 0, -1) == [json.dumps(job).encode()]
 
 
 def test_a_claim_whose_owner_died_is_taken_over_once_its_lease_has_run_out(
@@ -264,11 +336,10 @@ def _record_of_another_type(client: redis.Redis) -> str:
     "make_item",
     [
         lambda client: "1" * 5_000,
-        lambda client: json.dumps(['{"id": "big", "config": {"seed": 1%s}}' % ("0" * 5_000)]),
         lambda client: _utf16_job(),
         _record_of_another_type,
     ],
-    ids=["integer-over-4300-digits", "array-with-a-huge-seed", "utf-16", "record-wrongtype"],
+    ids=["integer-over-4300-digits", "utf-16", "record-wrongtype"],
 )
 def test_a_poison_item_costs_only_itself(
     idle_broker: redis.Redis, bridge: Bridge, make_item: Callable[[redis.Redis], str | bytes]
@@ -285,3 +356,46 @@ def test_a_poison_item_costs_only_itself(
     assert entry["reason"]
     assert sent_job_ids(idle_broker, "enhance") == [good["id"]]
     assert idle_broker.llen(bridge.processing) == idle_broker.llen(QUEUE) == 0
+
+
+def extreme(**fields: str) -> str:
+    """A job's text with these fields' values as raw JSON texts (valid JSON, extreme values)."""
+    job = new_job("image_fast")
+    return json_object({key: json.dumps(value) for key, value in job.items()} | fields)
+
+
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        (json.dumps([extreme(config='{"seed": 1%s}' % ("0" * 5_000))]), "config.seed"),
+        (extreme(metadata='{"x": %s}' % ("[" * 5_000 + "]" * 5_000)), "metadata.x[0]"),
+        (extreme(prompt='"a fox \\ud800"'), "prompt"),
+        (extreme(metadata='{"big": 1e400}'), "metadata.big"),
+        (extreme(type='"\\ud800"', user_id="1" * 5_000), "user_id"),
+    ],
+    ids=["array-with-a-huge-seed", "metadata-nested-5000", "prompt-lone-surrogate",
+         "metadata-1e400", "type-lone-surrogate-huge-user-id"],
+)  # fmt: skip
+def test_valid_json_with_extreme_values_and_a_usable_id_gets_a_failed_callback_naming_the_field(
+    idle_broker: redis.Redis,
+    bridge: Bridge,
+    monkeypatch: pytest.MonkeyPatch,
+    item: str,
+    field: str,
+) -> None:
+    monkeypatch.setattr("worker.bridge.POLL_S", 0.05)  # drain ends without a 1 s wait
+    # Given a valid JSON job whose values Python's decoder refuses or cannot keep, and a
+    # good job behind it
+    good = new_job("image_fast")
+    idle_broker.rpush(QUEUE, item, json.dumps(good))
+
+    # When the bridge takes both
+    assert bridge.run(drain=True) == 2
+
+    # Then the first is answered, a failed callback naming the field; the good job is sent
+    [job_id] = sent_job_ids(idle_broker, "cpu")
+    record = bridge.records.get(job_id)
+    assert (record.status, record.fields["error_type"]) == ("failed", "InvalidJob")
+    assert record.fields["error"].startswith(f"{field}")
+    assert parked(idle_broker) == []
+    assert sent_job_ids(idle_broker, "enhance") == [good["id"]]

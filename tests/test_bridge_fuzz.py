@@ -1,9 +1,12 @@
 """The bridge against whatever a list may hold: raw bytes, odd JSON, jobs with odd fields.
 
 In this process against the real Redis, chains sent to a database no worker consumes
-(`idle_broker`). For every batch: the bridge never raises, each item with a usable id gets
-exactly one answer (a chain or a `failed` callback message), each item without one is
-parked in `{queue}:rejected`, and nothing is left in the platform or processing list.
+(`idle_broker`). Items include valid JSON that Python's decoder refuses or bends (integers
+over 4,300 digits, 1e400, lone surrogates, nesting thousands deep: `extreme_jobs`). For
+every batch: the bridge never raises, each item with a usable id gets exactly one answer (a
+chain or a `failed` callback naming a field), each item without one is parked in
+`{queue}:rejected`, nothing is left in the platform or processing list, and a good job
+after the batch is sent.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import new_job, sent_job_ids
-from tests.payloads import CONFIG_KEYS, FIELDS, json_values, usable_id
+from tests.payloads import CONFIG_KEYS, FIELDS, extreme_jobs, json_values, usable_id
 from worker.bridge import Bridge, rejected_list
 from worker.records import JobRecords
 
@@ -54,13 +57,15 @@ def job_like(draw: st.DrawFn) -> bytes:
     return text.encode()
 
 
+#: Items with the id a correct bridge answers (None: it parks the item).
 items = st.lists(
     st.one_of(
         st.binary(max_size=64),
         json_values.map(lambda value: json.dumps(value).encode()),
         job_like(),
         st.sampled_from(POISON),
-    ),
+    ).map(lambda raw: (raw, usable_id(raw)))
+    | extreme_jobs(),
     min_size=1,
     max_size=5,
 )
@@ -80,18 +85,24 @@ def bridge(idle_broker: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Bridge:
 )
 @given(batch=items)
 def test_every_item_is_dispatched_answered_or_parked_and_the_bridge_goes_on(
-    idle_broker: redis.Redis, bridge: Bridge, batch: list[bytes]
+    idle_broker: redis.Redis, bridge: Bridge, batch: list[tuple[bytes, str | None]]
 ) -> None:
     idle_broker.flushdb()
-    idle_broker.rpush(QUEUE, *batch)
+    good = new_job("image_fast")
+    idle_broker.rpush(QUEUE, *(raw for raw, _ in batch), json.dumps(good))
 
-    assert bridge.run(drain=True) == len(batch)
+    assert bridge.run(drain=True) == len(batch) + 1
 
-    ids = [usable_id(raw) for raw in batch]
+    ids = [job_id for _, job_id in batch]
     chains, failed = sent_job_ids(idle_broker, "enhance"), sent_job_ids(idle_broker, "cpu")
-    event(f"chains sent: {bool(chains)}, failed callbacks: {bool(failed)}")
-    answered = chains + failed
+    event(f"chains sent: {len(chains) > 1}, failed callbacks: {bool(failed)}")
+    assert chains[-1] == good["id"]
+    answered = chains[:-1] + failed
     assert sorted(answered) == sorted({i for i in ids if i is not None})
+    for job_id in failed:  # each names the field: InvalidJob's text starts with it
+        record = bridge.records.get(job_id)
+        assert record.fields["error_type"] == "InvalidJob", record.fields["error"]
+        assert record.fields["error"].split(": ")[0]
     parked = [json.loads(e) for e in idle_broker.lrange(rejected_list(QUEUE), 0, -1)]
     assert len(parked) == ids.count(None)
     event(f"items parked: {bool(parked)}")

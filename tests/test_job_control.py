@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import JOB_TIMEOUT_S, api_url, auth, new_job
+from tests.conftest import JOB_TIMEOUT_S, api_url, auth, new_job, pauses
 from tests.test_metrics import scrape
 from worker import dead_letters
 from worker.dead_letters import DeadLetters
@@ -30,8 +31,11 @@ from worker.local.stack import ROOT, LocalStack, free_port, wait_until
 from worker.records import STAGES, JobRecord, JobRecords
 from worker.settings import Settings
 
-#: Denoising steps of a job meant to be cancelled: long enough to catch it mid-denoise.
+#: Denoising steps of a job meant to be cancelled, each paused for PACE_S (`LONG`), so it
+#: runs past any cancel (a `celery ... cancel` takes seconds to start) on any machine.
 LONG_STEPS = 100
+LONG = "long-"
+PACE_S = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +46,7 @@ def env(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
         "PLATFORM_REDIS_URL": db,
         "API_PORT": str(free_port()),
         "SPOOL_DIR": str(tmp_path_factory.mktemp("control-spool")),
+        "WAN_TEST_FAULT": pauses(LONG, PACE_S, range(1, LONG_STEPS)),
     }
 
 
@@ -61,8 +66,8 @@ def client(env: dict[str, str]) -> redis.Redis:
 
 
 def long_job() -> dict[str, Any]:
-    job = new_job("video_fast")
-    job["config"] |= {"frame_num": 33, "num_inference_steps": LONG_STEPS}
+    job = new_job("video_fast", id=f"{LONG}{uuid.uuid4()}")
+    job["config"] |= {"num_inference_steps": LONG_STEPS}
     return job
 
 
@@ -187,7 +192,7 @@ def test_a_queued_job_is_cancelled_at_once_never_starts_and_can_be_retried(
 
     # Then its `cancelled` callback comes at once, while the job ahead still runs
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
-    final = platform.wait_for_final(queued["id"], timeout_s=10).body
+    final = platform.wait_for_final(queued["id"], timeout_s=JOB_TIMEOUT_S).body
     assert final["status"] == "cancelled"
     assert final["metadata"]["cancelled_stage"] == "queued"
     assert record(client, running["id"]).status == "processing"
@@ -209,7 +214,9 @@ def test_a_queued_job_is_cancelled_at_once_never_starts_and_can_be_retried(
     assert statuses(platform, queued["id"]) == ["cancelled"]
     assert "started:generate" not in record(client, queued["id"]).fields
     assert uploads_of(platform, queued["id"]) == []
-    assert scrape(env)[cancellations] == before + 2
+    # (the running job's cancellation is counted just after its record says cancelled)
+    wait_until(lambda: scrape(env).get(cancellations) == before + 2, timeout_s=JOB_TIMEOUT_S,
+               what="both cancellations counted")  # fmt: skip
 
     # When the cancelled job is sent again, it runs to the end
     retried = api(env, queued["id"], "retry")
@@ -219,7 +226,9 @@ def test_a_queued_job_is_cancelled_at_once_never_starts_and_can_be_retried(
     assert statuses(platform, queued["id"]) == ["cancelled", "processing", "completed"]
     # And a completed job can be neither cancelled nor retried without force
     wait_until(
-        lambda: record(client, queued["id"]).status == "completed", timeout_s=10, what="record"
+        lambda: record(client, queued["id"]).status == "completed",
+        timeout_s=JOB_TIMEOUT_S,
+        what="record",
     )
     assert api(env, queued["id"], "cancel").status_code == 409
     refused = api(env, queued["id"], "retry")
@@ -239,7 +248,9 @@ def test_the_jobs_cli_lists_shows_retries_and_keeps_the_dead_letters(
     platform.fail_next_uploads(1, status=400)
     post(env, job)
     assert platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body["status"] == "failed"
-    wait_until(lambda: record(client, job["id"]).status == "failed", timeout_s=10, what="record")
+    # (the record says `failed` before the callback; the callback task notes it just after)
+    wait_until(lambda: "callback_sent:failed" in record(client, job["id"]).fields,
+               timeout_s=JOB_TIMEOUT_S, what="record")  # fmt: skip
     DeadLetters(client).add(job["id"])
 
     # list: newest first, filtered by status, limited
@@ -267,7 +278,8 @@ def test_the_jobs_cli_lists_shows_retries_and_keeps_the_dead_letters(
     assert "sent again from generate" in retried.stdout
     completed_body = platform.wait_for_callback(job["id"], "completed", timeout_s=JOB_TIMEOUT_S)
     assert platform.upload_at("workspace-temp", completed_body.body["assets"][0]["url"])
-    wait_until(lambda: record(client, job["id"]).status == "completed", timeout_s=10, what="record")
+    wait_until(lambda: record(client, job["id"]).status == "completed", timeout_s=JOB_TIMEOUT_S,
+               what="record")  # fmt: skip
     shown = json.loads(cli(env, "show", job["id"], "--json").stdout)
     assert shown["retries"] == 1 and shown["error"] is None
     assert shown["attempts"] == dict.fromkeys(STAGES, 1)  # counted afresh from generate

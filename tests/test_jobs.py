@@ -11,9 +11,19 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
 
+from tests.payloads import FRONTEND_FIELDS, extreme_jobs, json_object
 from worker.errors import InvalidJob
-from worker.jobs import SEED_MAX, Job, decode_body, job_id_of, normalise_frames, parse_job
+from worker.jobs import (
+    SEED_MAX,
+    Job,
+    decode_body,
+    job_id_of,
+    job_type_of,
+    normalise_frames,
+    parse_job,
+)
 
 JOB_ID = "3f1c9a52-7d2e-4b8a-9c61-0e5f2d8b4a17"
 USER_ID = "a6b1d2c3-0000-4e5f-8a9b-123456789abc"
@@ -85,7 +95,6 @@ def test_bytes_as_read_from_redis_decode_like_text(wrapped: bool) -> None:
         json.dumps([json.dumps(body()), json.dumps(body())]),
         "[" * 100_000 + "]" * 100_000,
         "1" * 5_000,
-        json.dumps([json.dumps(body()).replace('"metadata": {}', '"metadata": ' + "9" * 5_000)]),
         json.dumps(body()).encode("utf-16"),
         json.dumps(body()).encode("utf-32-le"),
     ],
@@ -102,7 +111,6 @@ def test_bytes_as_read_from_redis_decode_like_text(wrapped: bool) -> None:
         "two-element-array",
         "deeply-nested",
         "integer-over-4300-digits",
-        "array-holding-an-integer-over-4300-digits",
         "utf-16",
         "utf-32",
     ],
@@ -694,8 +702,8 @@ def test_an_unknown_reference_mode_is_refused(where: str) -> None:
     assert "sideways" in str(error)
 
 
-def test_a_reference_that_is_not_a_string_is_refused() -> None:
-    assert refusal(config(image=12345)).field == "reference single"
+def test_a_reference_that_is_not_a_string_is_refused_naming_where_it_was() -> None:
+    assert refusal(config(image=12345)).field == "config.image"
 
 
 @pytest.mark.parametrize(
@@ -812,3 +820,300 @@ def test_storage_keys_are_user_then_job_then_the_asset_and_its_thumbnail(
     job = parse_job(body(type=job_type))
     assert job.asset_key == f"{USER_ID}/{JOB_ID}/{asset}"
     assert job.thumbnail_key == f"{USER_ID}/{JOB_ID}/0.thumb.webp"
+
+
+# --- The frontend's own body (submitWANJob): top-level fields ------------------------------
+
+OTHER_URL = "https://cdn.example.com/other.png"
+
+
+def frontend(**fields: Any) -> dict[str, Any]:
+    """A body as the frontend's job builder makes it: every top-level field, null where the
+    user left it empty; keyword arguments replace fields (config and metadata empty)."""
+    top: dict[str, Any] = {name: None for name in FRONTEND_FIELDS} | {"quality": None}
+    return body(**(top | fields))
+
+
+# The bulk of the table: each value from each place it can come from, and which place wins.
+# Through real workers: tests/test_reference_jobs.py, the frontend's body section.
+FRONTEND_TABLE = {
+    # size: the top-level sides count where config has no resolution or size
+    "width-top": (frontend(width=512), "size", (512, 832)),
+    "height-top": (frontend(height=256), "size", (480, 256)),
+    "size-top": (frontend(width=832, height=480), "size", (832, 480)),
+    "resolution-wins-over-top": (
+        frontend(width=832, height=480, config={"resolution": "256x256"}), "size", (256, 256)),
+    "size-wins-over-top": (
+        frontend(width=832, height=480, config={"size": "512*256"}), "size", (512, 256)),
+    "width-float-whole": (frontend(width=512.0), "size", (512, 832)),
+    # frames
+    "frame_num-top": (frontend(frame_num=49), "frames", 49),
+    "frame_num-top-normalised": (frontend(frame_num=83), "frames", 81),
+    "frame_num-config-wins": (frontend(frame_num=49, config={"frame_num": 17}), "frames", 17),
+    # fps
+    "fps-default": (frontend(), "fps", 16),
+    "fps-top": (frontend(fps=24), "fps", 24),
+    "fps-low-end": (frontend(fps=12), "fps", 12),
+    "fps-whole-float": (frontend(fps=20.0), "fps", 20),
+    # quality picks the preset
+    "quality-top": (frontend(quality="high"), "steps", 50),
+    "quality-null-is-the-types": (frontend(quality=None, type="video_high"), "steps", 50),
+    "quality-top-config-steps-win": (
+        frontend(quality="balanced", config={"num_inference_steps": 3}), "steps", 3),
+    # references: config, then metadata, then the top level
+    "single-top": (frontend(reference_image_url=IMAGE_URL), "reference_urls",
+                   {"single": IMAGE_URL}),
+    "single-metadata-wins": (
+        frontend(reference_image_url=OTHER_URL, metadata={"reference_image_url": IMAGE_URL}),
+        "reference_urls", {"single": IMAGE_URL}),
+    "single-config-wins": (
+        frontend(reference_image_url=OTHER_URL, config={"image": IMAGE_URL},
+                 metadata={"reference_image_url": OTHER_URL}),
+        "reference_urls", {"single": IMAGE_URL}),
+    "single-nulls-fall-through": (
+        frontend(reference_image_url=IMAGE_URL, config={"image": None},
+                 metadata={"reference_image_url": None}),
+        "reference_urls", {"single": IMAGE_URL}),
+    "single-empty-text-falls-through": (
+        frontend(reference_image_url=IMAGE_URL, metadata={"reference_image_url": ""}),
+        "reference_urls", {"single": IMAGE_URL}),
+    "start-top": (frontend(first_frame=START_URL), "reference_urls", {"start": START_URL}),
+    "start-top-mode": (frontend(first_frame=START_URL), "reference_mode", "start"),
+    "start-metadata-wins": (
+        frontend(first_frame=OTHER_URL, metadata={"start_reference_url": START_URL}),
+        "reference_urls", {"start": START_URL}),
+    "start-config-wins": (
+        frontend(first_frame=OTHER_URL, config={"first_frame": START_URL}),
+        "reference_urls", {"start": START_URL}),
+    "end-top": (frontend(last_frame=END_URL), "reference_urls", {"end": END_URL}),
+    "end-metadata-wins": (
+        frontend(last_frame=OTHER_URL, metadata={"end_reference_url": END_URL}),
+        "reference_urls", {"end": END_URL}),
+    "end-config-wins": (
+        frontend(last_frame=OTHER_URL, config={"last_frame": END_URL}),
+        "reference_urls", {"end": END_URL}),
+    "both-top": (frontend(first_frame=START_URL, last_frame=END_URL), "reference_mode", "both"),
+    # the mode field: top level last; the references decide
+    "mode-top-agrees": (frontend(first_frame=START_URL, reference_mode="start"),
+                        "reference_notes", {}),
+    "mode-top-disagrees": (
+        frontend(first_frame=START_URL, reference_mode="single"), "reference_notes",
+        {"reference_mode_note": "reference_mode 'single' disagrees with the references sent "
+                                "(start): the references decide, mode 'start'"}),
+    "mode-metadata-wins": (
+        frontend(first_frame=START_URL, reference_mode="single",
+                 metadata={"reference_mode": "start"}),
+        "reference_notes", {}),
+    # strengths: denoise (config, metadata, top), else 1 - reference (metadata, top)
+    "denoise-top": (frontend(reference_image_url=IMAGE_URL, denoise_strength=0.7),
+                    "denoise_strength", 0.7),
+    "denoise-top-asks-for-i2i": (frontend(reference_image_url=IMAGE_URL, denoise_strength=0.7),
+                                 "image_to_image", True),
+    "denoise-metadata-wins": (
+        frontend(reference_image_url=IMAGE_URL, denoise_strength=0.7,
+                 metadata={"denoise_strength": 0.4}),
+        "denoise_strength", 0.4),
+    "denoise-config-wins": (
+        frontend(reference_image_url=IMAGE_URL, denoise_strength=0.7,
+                 config={"denoise_strength": 0.3}, metadata={"denoise_strength": 0.4}),
+        "denoise_strength", 0.3),
+    "reference-strength-top": (frontend(reference_image_url=IMAGE_URL, reference_strength=0.75),
+                               "denoise_strength", 0.25),
+    "reference-strength-metadata-wins": (
+        frontend(reference_image_url=IMAGE_URL, reference_strength=0.75,
+                 metadata={"reference_strength": 0.5}),
+        "denoise_strength", 0.5),
+    "denoise-top-wins-over-reference-strength": (
+        frontend(reference_image_url=IMAGE_URL, denoise_strength=0.6,
+                 metadata={"reference_strength": 0.9}),
+        "denoise_strength", 0.6),
+    "no-strength-no-i2i": (frontend(first_frame=START_URL), "image_to_image", False),
+    # the target worker
+    "target-wan": (frontend(target_worker="wan"), "type", "video_fast"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("job_body", "attribute", "expected"), FRONTEND_TABLE.values(), ids=FRONTEND_TABLE.keys()
+)
+def test_a_top_level_value_counts_where_config_and_metadata_give_none(
+    job_body: dict[str, Any], attribute: str, expected: Any
+) -> None:
+    assert attribute_of(parse_job(job_body), attribute) == expected
+
+
+def test_every_top_level_field_null_is_the_same_job_as_none_sent() -> None:
+    assert parse_job(frontend()) == parse_job(body())
+
+
+def test_the_frontends_start_frame_body_runs_with_its_start_frame_size_frames_and_fps() -> None:
+    # Given the body submitWANJob builds for a start-frame video, empty fields null
+    job = parse_job(
+        frontend(
+            width=832, height=480, frame_num=49, fps=24, quality="balanced",
+            reference_mode="start", first_frame=START_URL, target_worker="wan",
+            config={"seed": None, "num_inference_steps": None}, metadata={"source": "web"},
+        )
+    )  # fmt: skip
+
+    # Then nothing it asked for is lost
+    assert (job.width, job.height, job.frames, job.fps) == (832, 480, 49, 24)
+    assert (job.quality, job.steps, job.guidance) == ("balanced", 35, 7.0)
+    assert (job.reference_mode, job.reference_urls) == ("start", {"start": START_URL})
+    assert job.image_to_image is False and job.reference_notes == {}
+
+
+@pytest.mark.parametrize(
+    ("job_body", "field", "fragments"),
+    [
+        (frontend(fps=11), "fps", ["11", "12..24"]),
+        (frontend(fps=25), "fps", ["25", "12..24"]),
+        (frontend(fps=60), "fps", ["60", "12..24"]),
+        (frontend(fps=23.976), "fps", ["whole number", "23.976"]),
+        (frontend(fps="16"), "fps", ["whole number", "'16'"]),
+        (frontend(width=100), "width", ["100", "256..1280"]),
+        (frontend(width=500), "width", ["500", "multiple of 16"]),
+        (frontend(height=2000), "height", ["2000", "256..1280"]),
+        (frontend(height="832"), "height", ["whole number"]),
+        (frontend(frame_num=500), "frame_num", ["500", "1..121"]),
+        (frontend(frame_num=81, type="image_fast"), "frame_num", ["image jobs make 1 frame"]),
+        (frontend(target_worker="sdxl"), "target_worker", ["'wan'", "'sdxl'"]),
+        (frontend(target_worker=["wan"]), "target_worker", ["'wan'"]),
+        (frontend(quality="ultra"), "quality", ["ultra", "fast, balanced, high"]),
+        (frontend(reference_mode="sideways"), "reference_mode", ["sideways"]),
+        (frontend(reference_image_url=5), "reference_image_url", ["URL"]),
+        (frontend(first_frame={"url": START_URL}), "first_frame", ["URL"]),
+        (frontend(reference_image_url=IMAGE_URL, denoise_strength=2), "denoise_strength",
+         ["0..1", "2"]),
+        (frontend(reference_image_url=IMAGE_URL, reference_strength=1.5),
+         "reference_strength", ["0..1", "1.5"]),
+    ],
+    ids=["fps-11", "fps-25", "fps-60", "fps-fraction", "fps-text", "width-100", "width-500",
+         "height-2000", "height-text", "frame_num-500", "frame_num-81-for-an-image",
+         "target_worker-sdxl", "target_worker-list", "quality-ultra", "reference_mode-sideways",
+         "reference_image_url-number", "first_frame-object", "denoise_strength-2",
+         "reference_strength-1.5"],
+)  # fmt: skip
+def test_a_bad_top_level_value_is_refused_naming_it_and_the_limit(
+    job_body: dict[str, Any], field: str, fragments: list[str]
+) -> None:
+    error = refusal(job_body)
+    assert error.field == field
+    assert str(error).startswith(f"{field}: ")
+    for fragment in fragments:
+        assert fragment in str(error)
+
+
+def test_a_bad_config_value_is_named_though_the_top_level_gives_a_good_one() -> None:
+    assert refusal(frontend(frame_num=49, config={"frame_num": 500})).field == "config.frame_num"
+
+
+# --- Valid JSON with extreme values: decoded, and refused by name where it matters -------
+
+
+def text_of(fields: dict[str, str]) -> str:
+    """A valid body's text with some fields' values replaced by raw JSON texts."""
+    return json_object({k: json.dumps(v) for k, v in body().items()} | fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "fragment"),
+    [
+        ({"config": '{"seed": 1' + "0" * 5_000 + "}"}, "config.seed", "integer of 5001 digits"),
+        ({"config": '{"frame_num": -' + "9" * 4_400 + "}"}, "config.frame_num", "4400 digits"),
+        ({"config": '{"guidance_scale": 1e400}'}, "config.guidance_scale", "inf is outside"),
+        ({"fps": "-1e400"}, "fps", "whole number"),
+        ({"metadata": '{"n": 1' + "0" * 5_000 + "}"}, "metadata.n", "integer of 5001 digits"),
+        ({"metadata": '{"big": 1e400}'}, "metadata.big", "not a finite number"),
+        ({"metadata": '{"x": [1, 2, NaN]}'}, "metadata.x[2]", "not a finite number"),
+        ({"prompt": '"a fox \\ud800 in snow"'}, "prompt", "\\ud800 at character 6"),
+        ({"negative_prompt": '"\\udfff"'}, "negative_prompt", "lone surrogate"),
+        ({"video_id": '"v-\\ud83d"'}, "video_id", "lone surrogate"),
+        ({"first_frame": '"https://x.example/\\udc00.png"'}, "first_frame", "lone surrogate"),
+        ({"metadata": '{"note": "\\ud800"}'}, "metadata.note", "lone surrogate"),
+        ({"metadata": '{"\\ud800": 1}'}, "metadata['\\ud800']", "key"),
+        ({"metadata": '{"a b": [{"c": "\\udbff"}]}'}, "metadata['a b'][0].c", "lone surrogate"),
+        ({"type": '"video_\\ud800"'}, "type", "unknown job type"),
+        ({"metadata": '{"x":' + "[" * 40 + "]" * 40 + "}"}, "metadata.x" + "[0]" * 31,
+         "nested deeper than 32 levels"),
+        ({"metadata": '{"x":' + "[" * 5_000 + "]" * 5_000 + "}"}, "metadata.x" + "[0]" * 31,
+         "nested deeper than 32 levels"),
+        ({"prompt": "[" * 5_000 + "]" * 5_000}, "prompt", "non-empty text"),
+        ({"config": '{"seed": ' + "[" * 5_000 + "]" * 5_000 + "}"}, "config.seed", "[[[...]]]"),
+    ],
+    ids=[
+        "config-integer-over-4300-digits",
+        "config-negative-integer-over-4300-digits",
+        "config-1e400",
+        "top-minus-1e400",
+        "metadata-integer-over-4300-digits",
+        "metadata-1e400",
+        "metadata-nan-in-a-list",
+        "prompt-lone-surrogate",
+        "negative-prompt-lone-surrogate",
+        "video-id-lone-surrogate",
+        "top-reference-lone-surrogate",
+        "metadata-lone-surrogate",
+        "metadata-key-lone-surrogate",
+        "metadata-nested-path",
+        "type-lone-surrogate",
+        "metadata-nested-40",
+        "metadata-nested-5000",
+        "prompt-nested-5000",
+        "config-seed-nested-5000",
+    ],
+)  # fmt: skip
+def test_valid_json_with_extreme_values_is_refused_naming_the_field_that_holds_them(
+    fields: dict[str, str], field: str, fragment: str
+) -> None:
+    error = refusal(decode_body(text_of(fields).encode()))
+    assert error.field == field
+    assert fragment in str(error)
+    assert len(str(error)) < 600  # a quoted value is cut short
+    str(error).encode()  # the record and the callback can carry the message
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"unread_field": "[" * 5_000 + "]" * 5_000},
+        {"unread_field": "1" * 5_000, "another": "1e400"},
+        {"unread_field": '"\\ud800"'},
+        {"config": '{"unread_key": ' + "[" * 5_000 + "]" * 5_000 + ', "seed": 3}'},
+        {"metadata": '{"x":' + "[" * 31 + "]" * 31 + "}"},
+        {"metadata": '{"n": 1' + "0" * 4_000 + "}"},
+    ],
+    ids=[
+        "nested-5000-unread",
+        "huge-numbers-unread",
+        "lone-surrogate-unread",
+        "nested-5000-in-an-unread-config-key",
+        "metadata-nested-32",
+        "metadata-integer-of-4001-digits",
+    ],
+)
+def test_extreme_values_where_the_job_does_not_read_them_leave_a_job_that_can_be_recorded(
+    fields: dict[str, str],
+) -> None:
+    job = parse_job(decode_body(text_of(fields).encode()))
+    assert job.id == JOB_ID
+    assert Job.model_validate_json(job.model_dump_json().encode()) == job
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(item=extreme_jobs())
+def test_any_valid_json_body_with_a_usable_id_decodes_to_a_job_or_a_refusal_naming_a_field(
+    item: tuple[bytes, str],
+) -> None:
+    raw, job_id = item
+    decoded = decode_body(raw)
+    assert job_id_of(decoded) == job_id
+    try:
+        job = parse_job(decoded)
+    except InvalidJob as error:
+        assert error.field and str(error).startswith(f"{error.field}: ")
+        assert len(str(error)) < 600
+        str(error).encode()
+    else:
+        job.model_dump_json().encode()
+    job_type_of(decoded).encode()

@@ -172,8 +172,13 @@ def test_generated_payloads_each_end_answered_or_parked_and_the_workers_stay_ali
         if body["status"] != "completed":
             assert body["status"] == "failed", body
             assert NAMES_A_FIELD.match(body["error_message"]), body["error_message"]
-    # ... the bridge logged each item it parked, no process logged an unhandled exception
-    assert load_stack.log("bridge").count(f"parked an item in {rejected}") == ids.count(None)
+    # ... the bridge logged each item it parked (just after parking it), no process logged
+    # an unhandled exception
+    wait_until(
+        lambda: load_stack.log("bridge").count(f"parked an item in {rejected}") == ids.count(None),
+        timeout_s=JOB_TIMEOUT_S,
+        what="every parked item logged",
+    )
     for name in load_stack.names:
         assert "Traceback" not in load_stack.log(name), name
     # ... and every process is alive and still runs jobs

@@ -58,7 +58,8 @@ def test_every_line_of_a_job_is_json_with_its_job_id_and_one_summary_ends_it(
     push(platform_list, job)
     platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
     summary_line = f"job={job['id']} finished completed"
-    wait_until(lambda: summary_line in stack.log("cpu"), timeout_s=10, what="the summary line")
+    wait_until(lambda: summary_line in stack.log("cpu"), timeout_s=JOB_TIMEOUT_S,
+               what="the summary line")  # fmt: skip
 
     lines = [
         line

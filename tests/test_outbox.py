@@ -25,7 +25,7 @@ from worker.fencing import Fence
 from worker.jobs import parse_job
 from worker.local.stack import wait_until
 from worker.lost_jobs import LostJob, LostJobSweep
-from worker.records import OUTBOX_KEY, JobRecords, get_records, lease_owner, stage_task_id
+from worker.records import ACTIVE_KEY, JobRecords, get_records, lease_owner, stage_task_id
 from worker.settings import get_settings
 
 TIMEOUT_S = 300
@@ -48,8 +48,8 @@ def final_callbacks_sent(client: redis.Redis) -> list[str]:
     return [json.loads(raw)["headers"]["id"] for raw in reversed(client.lrange("cpu", 0, -1))]
 
 
-def in_outbox(client: redis.Redis, job_id: str) -> bool:
-    return client.zscore(OUTBOX_KEY, job_id) is not None
+def active(client: redis.Redis, job_id: str) -> bool:
+    return client.zscore(ACTIVE_KEY, job_id) is not None
 
 
 def fail(records: JobRecords, job_id: str) -> str:
@@ -93,11 +93,11 @@ def test_every_final_status_is_written_with_its_callback_due_then_sent_once(
     run = int(records.get(job_id).fields.get("retries", "0"))
     task_id = f"{job_id}:callback:{status}" + (f":retry{run}" if run else "")
     assert final_callbacks_sent(idle_broker) == [task_id]
-    # And the record says the job ended, its intent cleared once sent; the job stays in the
-    # outbox until the callback is delivered
+    # And the record says the job ended, its intent cleared once sent; the job stays active
+    # (where the sweep looks) until the callback is delivered
     fields = records.get(job_id).fields
     assert fields["status"] == status and "callback_pending" not in fields
-    assert in_outbox(idle_broker, job_id)
+    assert active(idle_broker, job_id)
     # And sending again finds nothing due
     assert not job_control.send_final_callback(job_id, status, records=records)
     assert len(final_callbacks_sent(idle_broker)) == 1
@@ -168,7 +168,7 @@ def test_a_final_callback_whose_worker_died_whole_is_sent_again_counting_a_deliv
     assert (new.outcome, new.deliveries) == ("run", 2)
 
 
-def test_a_callback_delivered_or_no_longer_due_leaves_the_outbox(
+def test_a_callback_delivered_or_no_longer_due_is_not_sent_again(
     idle_broker: redis.Redis, records: JobRecords
 ) -> None:
     delivered, retried, expired = (queued_job(records) for _ in range(3))
@@ -180,7 +180,9 @@ def test_a_callback_delivered_or_no_longer_due_leaves_the_outbox(
 
     assert sweep(records, timeout_s=0) == []
 
-    assert idle_broker.zcard(OUTBOX_KEY) == 0
+    # The delivered and the expired leave the index of active jobs; the job running again
+    # stays in it, owing nothing yet
+    assert idle_broker.zrange(ACTIVE_KEY, 0, -1) == [retried.encode()]
     assert len(final_callbacks_sent(idle_broker)) == 3  # the writers' own sends only
 
 

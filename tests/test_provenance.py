@@ -58,6 +58,7 @@ def test_a_completed_callback_carries_the_provenance_of_its_result(
             "offload": "none",
             "quantize": "none",
         },
+        "step_cache": {"ran": "none"},
         "turbo": False,
         "worker_version": worker.__version__,
     }

@@ -18,6 +18,7 @@ import redis
 from PIL import Image
 
 from tests.conftest import JOB_TIMEOUT_S, new_job
+from tests.test_end_to_end import decode_video
 from tests.test_references import image_bytes, png_header_only
 from worker.local.image_server import ImageServer, Route
 from worker.local.platform import LocalPlatform, queue_body
@@ -302,3 +303,88 @@ def test_exact_copy_mode_clamps_strength_and_guidance_and_says_so(
     assert metadata["exact_copy_mode"] is True
     assert metadata["exact_copy_strength_clamped_from"] == 0.6
     assert metadata["exact_copy_guidance_clamped_from"] == 6.0
+
+
+# --- The frontend's own body (submitWANJob): values at the top level, null where empty ------
+# Each value from each place: tests/test_jobs.py's FRONTEND_TABLE. Here, through real
+# workers, the places that decide what is generated: a start frame, a single reference, size,
+# frames, fps and quality only at the top level; config and metadata winning over it.
+
+
+def frontend_job(job_type: str, *, config: dict, metadata: dict | None = None, **top: Any) -> dict:
+    """A job as submitWANJob builds it: every top-level field, null unless given."""
+    fields = ("width", "height", "frame_num", "fps", "quality", "reference_mode",
+              "reference_image_url", "first_frame", "last_frame", "denoise_strength",
+              "reference_strength")  # fmt: skip
+    job = new_job(job_type) | dict.fromkeys(fields) | {"target_worker": "wan"} | top
+    return job | {"config": {"num_inference_steps": 2, "seed": 7} | config,
+                  "metadata": metadata or {}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def frontend_jobs(
+    refs_stack: LocalStack, refs_list: redis.Redis, images: ImageServer
+) -> dict[str, dict[str, Any]]:
+    """Every row pushed at once (generation overlaps the media stages): the jobs by row."""
+    ref_1, ref_2 = images.url("/ref-1.png"), images.url("/ref-2.png")
+    never = images.add("/never-read.png", Route(picture(5), "image/png"))
+    jobs = {
+        "start-size-frames-fps-quality-top-only": frontend_job(
+            "video_fast", config={}, first_frame=ref_1, reference_mode="start", width=256,
+            height=256, frame_num=5, fps=12, quality="balanced"),
+        "single-top-only-config-size-and-frames-win": frontend_job(
+            "video_fast", config={"resolution": "256x256", "frame_num": 5},
+            reference_image_url=ref_2, width=832, height=480, frame_num=49),
+        "metadata-reference-wins-top-strength-counts": frontend_job(
+            "image_fast", config={"resolution": "256x256"},
+            metadata={"reference_image_url": ref_1}, reference_image_url=never,
+            denoise_strength=0.7),
+        "fps-out-of-range": frontend_job("video_fast", config={}, fps=30),
+        "another-target-worker": frontend_job("image_fast", config={}, target_worker="sdxl"),
+    }  # fmt: skip
+    for job in jobs.values():
+        refs_list.rpush(QUEUE, queue_body(job))
+    return jobs
+
+
+#: Per row: what the callback says (job metadata, asset metadata), or the failed field.
+FRONTEND_ROWS = {
+    "start-size-frames-fps-quality-top-only": (
+        {"reference_mode": "start", "wan_task": "vace-1.3B", "references_used": ["start"]},
+        {"width": 256, "height": 256, "frame_num": 5, "fps": 12, "duration_seconds": 0.42,
+         "quality_used": "balanced"}),
+    "single-top-only-config-size-and-frames-win": (
+        {"reference_mode": "single", "wan_task": "vace-1.3B", "references_used": ["single"]},
+        {"width": 256, "height": 256, "frame_num": 5, "fps": 16, "duration_seconds": 0.31,
+         "quality_used": "fast"}),
+    "metadata-reference-wins-top-strength-counts": (
+        {"reference_mode": "single", "wan_task": "v2v-1.3B", "denoise_strength": 0.7},
+        {"width": 256, "height": 256, "frame_num": 1}),
+    "fps-out-of-range": "fps: 30 is outside the allowed range 12..24",
+    "another-target-worker": "target_worker: this worker is 'wan', the job is for 'sdxl'",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("row", FRONTEND_ROWS)
+def test_the_frontends_body_is_read_from_every_place_through_real_workers(
+    platform: LocalPlatform, images: ImageServer, frontend_jobs: dict[str, dict], row: str
+) -> None:
+    job = frontend_jobs[row]
+
+    body = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body
+
+    expected = FRONTEND_ROWS[row]
+    if isinstance(expected, str):  # refused, naming the field and the limit
+        assert (body["status"], body["error_message"]) == ("failed", expected)
+        return
+    assert body["status"] == "completed", body
+    job_metadata, asset_metadata = expected
+    assert body["metadata"].items() >= job_metadata.items()
+    [asset] = body["assets"]
+    assert asset["metadata"].items() >= asset_metadata.items()
+    assert images.requests_for("/never-read.png") == 0
+    if job["type"].startswith("video"):  # the MP4 itself has the frames and rate reported
+        upload = platform.upload_at("workspace-temp", asset["url"])
+        assert upload is not None
+        frames, width, height, fps = decode_video(upload.data)
+        assert (frames, width, height, fps) == (5, 256, 256, asset_metadata["fps"])

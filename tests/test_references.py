@@ -188,10 +188,10 @@ def test_a_closed_port_is_transient() -> None:
 
 def test_an_image_of_20000x20000_is_refused_from_its_header() -> None:
     data = png_header_only(20_000, 20_000)
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: a loaded machine's waits do not count
     with pytest.raises(ReferenceUnusable, match="20000x20000|decompression-bomb"):
         decode(data)
-    assert time.perf_counter() - started < 1  # decoding 400 Mpx would take far longer
+    assert time.process_time() - started < 1  # decoding 400 Mpx would take far longer
 
 
 def test_an_image_just_over_4096_is_refused() -> None:

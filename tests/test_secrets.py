@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.conftest import (
     API_KEY,
@@ -20,6 +21,7 @@ from tests.conftest import (
 )  # fmt: skip
 from worker.local.platform import LocalPlatform
 from worker.local.stack import LocalStack
+from worker.settings import SECRET_FIELDS, Settings
 
 SECRETS = [SERVICE_KEY, CALLBACK_SECRET, API_KEY]
 
@@ -49,3 +51,14 @@ def test_no_secret_in_debug_env_or_any_log_after_jobs_failures_and_refusals(
 
     assert secret_leaks({"/debug/env": debug_env, **logs}, SECRETS) == []
     assert all(logs.values())  # the processes did log
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n"])
+def test_a_blank_secret_is_unset_everywhere(blank: str) -> None:
+    # `KEY=` in an env file reads as an empty string, not as no value
+    settings = Settings(_env_file=None, **dict.fromkeys(SECRET_FIELDS, blank))
+
+    assert all(getattr(settings, name) is None for name in SECRET_FIELDS)
+    assert {name: settings.masked()[name] for name in SECRET_FIELDS} == dict.fromkeys(
+        SECRET_FIELDS, "unset"
+    )

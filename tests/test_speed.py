@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from worker.jobs import Job, parse_job
 from worker.settings import Settings
@@ -116,32 +117,6 @@ def test_each_speed_setting_is_applied_and_generates_videos_and_images(
     assert steps == [1, 2]
 
 
-def test_mag_cache_is_measured_on_each_transformer_and_runs_every_pipeline(
-    tiny_wan: Path, tiny_vace: Path
-) -> None:
-    from PIL import Image
-
-    # Given WAN_CACHE=mag: its magnitude ratios are measured on the loaded weights
-    pipelines = pipelines_with(tiny_wan, tiny_vace, wan_cache="mag")
-    picture = Image.new("RGB", (256, 256), (200, 40, 40))
-
-    # When text-to-video, VACE and image-to-image jobs run
-    text = run(pipelines, a_job(num_inference_steps=4))
-    vace = run(pipelines, a_job("image_high", image="https://example.com/a.png"),
-               references={"single": picture})  # fmt: skip
-    i2i = a_job("image_high", image="https://example.com/a.png", pipeline="img2img")
-    image_to_image = run(pipelines, i2i, references={"single": picture})
-
-    # Then each ran with MagCache set to its own step count, with measured ratios
-    assert text.shape == (5, 256, 256, 3)
-    assert vace.shape == image_to_image.shape == (1, 256, 256, 3)
-    for pipe in (pipelines.t2v, pipelines.vace):
-        config = pipe.transformer._cache_config
-        assert type(config).__name__ == "MagCacheConfig" and not config.calibrate
-        assert len(config.mag_ratios) == config.num_inference_steps
-        assert set(config.mag_ratios.tolist()) != {1.0}  # measured, not a placeholder
-
-
 def test_torch_compile_blocks_compiles_each_repeated_block_once(tiny_wan: Path) -> None:
     # Given TORCH_COMPILE=blocks (a real compiled call costs ~50 s on this CPU: bench/gpu.py)
     pipelines = pipelines_with(tiny_wan, torch_compile="blocks")
@@ -155,6 +130,195 @@ def test_torch_compile_blocks_compiles_each_repeated_block_once(tiny_wan: Path) 
         m for m in t2v.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None
     ]
     assert compiled == list(t2v.transformer.blocks)
+
+
+# --- the step cache on every pipeline ----------------------------------------------------
+
+CACHES = ("first_block", "mag", "taylorseer")
+#: A threshold so high that every step a residual cache may skip is skipped.
+SKIP_ALL = 10.0
+#: Steps of the cache jobs; image to image runs the last int(4 x 0.5) = 2 of them.
+CACHE_STEPS, I2I_STEPS = 4, 2
+#: A skipped step on unchanged input must give what computing it gives, to float rounding;
+#: calls of the same input (every cache skips at least one of five).
+EXACT, SAME_INPUT_CALLS = 1e-3, 5
+#: The source image of the reference and image-to-image jobs, by role.
+SOURCE = {"single": Image.new("RGB", (256, 256), (200, 40, 40))}
+#: A job through each pipeline the generation child holds.
+MODE_JOBS = {
+    "t2v": a_job("image_high", num_inference_steps=CACHE_STEPS),
+    "vace": a_job("image_high", image="https://example.com/a.png",
+                  num_inference_steps=CACHE_STEPS),
+    "v2v": a_job("image_high", image="https://example.com/a.png", pipeline="img2img",
+                 denoise_strength=0.5, num_inference_steps=CACHE_STEPS),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_wan: Path, tiny_vace: Path):
+    """The tiny WAN and VACE with one WAN_CACHE each (made on first use, kept for the module)."""
+    made: dict[str, object] = {}
+
+    def with_cache(cache: str):
+        if cache not in made:
+            threshold = None if cache == "taylorseer" else SKIP_ALL
+            made[cache] = pipelines_with(tiny_wan, tiny_vace, wan_cache=cache,
+                                         wan_cache_threshold=threshold)  # fmt: skip
+        return made[cache]
+
+    return with_cache
+
+
+def pass_states(transformer) -> set[str]:
+    """The names of the cache states the transformer's hooks hold: one per guidance pass."""
+    from diffusers.hooks.hooks import StateManager
+
+    return {
+        name
+        for module in transformer.modules()
+        for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
+        for manager in vars(hook).values()
+        if isinstance(manager, StateManager)
+        for name in manager._state_cache
+    }
+
+
+@pytest.mark.parametrize("mode", MODE_JOBS)
+@pytest.mark.parametrize("cache", CACHES)
+def test_each_cache_runs_through_every_pipeline_or_not_at_all_and_provenance_says_which(
+    cached, cache: str, mode: str
+) -> None:
+    from worker.generation import generate
+    from worker.generation.provenance import describe
+
+    # Given the tiny WAN and VACE with WAN_CACHE set
+    pipelines = cached(cache)
+    job = MODE_JOBS[mode]
+
+    # When a job runs through the pipeline of this mode (the cache's states looked at after
+    # each step: the pipeline clears them when it returns)
+    transformer = getattr(pipelines, mode).transformer
+    states: list[set[str]] = []
+    references = {} if mode == "t2v" else SOURCE
+
+    def note_states(done: int, total: int) -> None:
+        states.append(pass_states(transformer))
+
+    generated = generate(pipelines, job, seed=5, references=references, on_step=note_states)
+    provenance = describe(pipelines, job, seed=5, wan_task=generated.metadata["wan_task"],
+                          settings=pipelines.settings)  # fmt: skip
+
+    # Then it came out whole, and either the cache ran with each guidance pass on a state of
+    # its own, set for the steps this pipeline runs, or it did not run and the provenance
+    # says why: VACE takes no cache that adds back a residual
+    assert generated.frames.shape == (1, 256, 256, 3)
+    if mode == "vace" and cache != "taylorseer":
+        assert provenance["step_cache"] == {
+            "ran": "none",
+            "reason": f"VACE runs without {cache}: its control hints, added between the "
+            "transformer's blocks, would be counted twice on a skipped step",
+        }
+        assert not transformer.is_cache_enabled
+        return
+    steps = I2I_STEPS if mode == "v2v" else CACHE_STEPS
+    assert provenance["step_cache"] == {"ran": cache, "steps": steps}
+    assert states == [{"cond", "uncond"}] * steps
+    if cache == "mag":
+        assert transformer._cache_config.num_inference_steps == steps
+
+
+def test_mag_cache_runs_on_ratios_measured_on_the_weights_and_image_to_image_on_their_tail(
+    cached,
+) -> None:
+    from worker.generation import generate
+
+    # Given WAN_CACHE=mag: its magnitude ratios are measured on the loaded weights
+    pipelines = cached("mag")
+    transformer = pipelines.t2v.transformer
+
+    # When a text-to-video job and an image-to-image job of as many steps run
+    generate(pipelines, MODE_JOBS["t2v"], seed=5, references={})
+    text_ratios = transformer._cache_config.mag_ratios.tolist()
+    generate(pipelines, MODE_JOBS["v2v"], seed=5, references=SOURCE)
+    i2i_ratios = transformer._cache_config.mag_ratios.tolist()
+
+    # Then the ratios are measured ones, and image to image, which runs the last steps of
+    # the same schedule, runs on the last of them
+    assert len(text_ratios) == CACHE_STEPS and set(text_ratios) != {1.0}
+    assert i2i_ratios == text_ratios[-I2I_STEPS:]
+
+
+@pytest.mark.parametrize("name", ["t2v", "vace"])
+@pytest.mark.parametrize("cache", CACHES)
+def test_a_cache_runs_where_a_skipped_step_gives_what_computing_it_gives_and_nowhere_else(
+    cached, cache: str, name: str
+) -> None:
+    import torch
+
+    from worker.generation import speed
+
+    # Given a transformer of the worker, and one input given again and again (nothing
+    # changes, so a skipped step has nothing to approximate)
+    pipelines = cached(cache)
+    transformer = getattr(pipelines, name).transformer
+    if transformer.is_cache_enabled:
+        transformer.disable_cache()
+    noise = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 1, 16, 16, generator=noise),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 8, 32, generator=noise),
+        "return_dict": False,
+    }
+    if name == "vace":
+        inputs["control_hidden_states"] = torch.randn(1, 96, 1, 16, 16, generator=noise)
+    with torch.no_grad():
+        computed = transformer(**inputs)[0]
+    calls = SAME_INPUT_CALLS
+    runs = speed.step_cache(pipelines.settings, MODE_JOBS[name], transformer, steps=calls)["ran"]
+
+    # When WAN_CACHE is armed on it (by hand where the worker does not run it), each call
+    # in the pipeline's `cond` context (MagCache with ratios of 1: nothing changes)
+    config = speed.cache_config(pipelines.settings, steps=calls, mag_ratios=[1.0] * calls)
+    transformer.enable_cache(config)
+    last_ffn = count_calls(transformer.blocks[-1].ffn.net[0])
+    with torch.no_grad(), transformer.cache_context("cond"):
+        errors = [(transformer(**inputs)[0] - computed).abs().max().item() for _ in range(calls)]
+    transformer.disable_cache()
+
+    # Then the cache skipped work, and it reproduced the computed output exactly where the
+    # worker runs it (and not where it does not: VACE's hints counted twice)
+    assert len(last_ffn) < calls
+    assert (max(errors) < EXACT) == (runs == cache), errors
+
+
+def test_cache_hooks_armed_per_job_on_compiled_blocks_compile_nothing_after_the_first_jobs(
+    tiny_wan: Path,
+) -> None:
+    """The step cache is re-armed for every job: new hooks wrap the compiled blocks' forward.
+    Dynamo must not take them for new code and compile again (past its recompile limit it
+    would fall back to eager for good). Inductor compiling the blocks on this CPU is the
+    cost: ~45 s of CPU time cold, ~20 s with inductor's on-disk cache warm, so it runs one
+    cache, First Block Cache (the one README recommends); `mag` and `taylorseer` compiled
+    nothing per job either, measured with dynamo's eager backend. Per-job pass names, say,
+    would compile again every job."""
+    from torch._dynamo.utils import counters
+
+    # Given TORCH_COMPILE=blocks and First Block Cache, and one text-to-video and one
+    # image-to-image job run once (the blocks compile for their shapes and paths)
+    pipelines = pipelines_with(tiny_wan, torch_compile="blocks", wan_cache="first_block")
+    jobs = [(MODE_JOBS["t2v"], {}), (MODE_JOBS["v2v"], SOURCE)]
+    for job, references in jobs:
+        run(pipelines, job, references=references)
+    compiled = counters["frames"]["total"]
+    assert compiled > 0
+
+    # When the same jobs run again, their cache hooks armed anew
+    for job, references in jobs:
+        run(pipelines, job, references=references)
+
+    # Then dynamo compiled nothing more
+    assert counters["frames"]["total"] == compiled
 
 
 # --- what the CPU cannot run is refused, naming the setting -------------------------------

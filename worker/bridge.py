@@ -9,6 +9,12 @@ An item costs only itself: whatever goes wrong with one item (it is not JSON, no
 its record cannot be written, ...) is answered with a `failed` callback when the item has
 a usable id, and otherwise parked with the reason in `{queue}:rejected`; then the bridge
 takes the next one. Only a Redis or broker outage keeps the item, to try again.
+
+A job whose id another dispatcher has claimed (another host's bridge, the API) is not
+dropped either: that dispatcher may have died between its claim and its send. The item stays
+in the processing list, and the bridge asks again every HELD_RECHECK_S while it goes on
+with the next items: once the holder has marked the job dispatched the item goes, and once
+the holder's claim has run out (CLAIM_LEASE_S) this bridge takes it over and sends it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import json
 import logging
 import sys
 import threading
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,9 +34,9 @@ import redis
 from kombu.exceptions import OperationalError
 
 from worker import faults
-from worker.dispatch import mark_dispatched, reject, seen_before, send
+from worker.dispatch import claim, mark_dispatched, reject, send
 from worker.errors import InvalidJob
-from worker.jobs import Job, decode_body, job_id_of, parse_job
+from worker.jobs import Job, decode_body, job_id_of, job_type_of, parse_job
 from worker.observe.logs import job_scope
 from worker.records import JobRecords, get_records
 from worker.settings import Settings, get_settings
@@ -39,7 +47,10 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0
 #: Pause before trying again when Redis does not answer, seconds.
 RECONNECT_S = 2.0
-#: Entries kept in `{queue}:rejected`, newest first; older ones are trimmed away.
+#: How often the bridge asks again about a job another dispatcher holds the claim of, seconds.
+HELD_RECHECK_S = 1.0
+#: Entries kept in `{queue}:rejected`, newest first; older ones are trimmed away (and the
+#: whole list expires JOB_RECORD_TTL_S after the last one).
 REJECTED_MAX = 1_000
 #: Errors that are an outage of Redis or the broker, not a fault of the item in hand: out
 #: of memory and a read-only or cut-off replica (failover) pass like a lost connection.
@@ -68,6 +79,15 @@ def _text(raw: bytes) -> str:
     return raw.decode(errors="replace")
 
 
+@dataclass(eq=False)
+class _Held:
+    """An item in the processing list whose job another dispatcher holds the claim of."""
+
+    raw: bytes
+    #: When to ask again, `time.monotonic()`.
+    recheck_at: float
+
+
 class Bridge:
     """Moves jobs from the platform list into Celery, one at a time, oldest first."""
 
@@ -78,6 +98,8 @@ class Bridge:
         self.processing = processing_list(queue)
         self.rejected = rejected_list(queue)
         self.stopping = threading.Event()
+        #: Items kept in the processing list while another dispatcher holds their claim.
+        self.held: list[_Held] = []
 
     def recover(self) -> int:
         """Put back, in their order, the items a crashed bridge had taken but not finished."""
@@ -89,10 +111,11 @@ class Bridge:
         return moved
 
     def run(self, *, drain: bool = False) -> int:
-        """Serve until stopped (or, with drain, until the list is empty); return items handled.
+        """Serve until stopped (or, with drain, until the list is empty and no item is held);
+        return items handled.
 
-        Redis going away is waited out: the item in hand stays in the processing list and
-        is put back on the platform list once Redis answers again.
+        Redis going away is waited out: the items in hand stay in the processing list and
+        are put back on the platform list once Redis answers again.
         """
         handled = 0
         recovered = False
@@ -100,24 +123,44 @@ class Bridge:
         while not self.stopping.is_set():
             try:
                 if not recovered:
+                    self.held.clear()  # recover() puts their items back on the list
                     self.recover()
                     recovered = True
+                handled += self.recheck_held()
                 raw = self.platform.blmove(self.queue, self.processing, POLL_S, "LEFT", "RIGHT")
                 if raw is None:
-                    if drain:
+                    if drain and not self.held:
                         break
                     continue
-                self.handle(raw)
-                self.platform.lrem(self.processing, 1, raw)
-                handled += 1
+                if self.handle(raw):
+                    self.platform.lrem(self.processing, 1, raw)
+                    handled += 1
+                else:
+                    self.held.append(_Held(raw, time.monotonic() + HELD_RECHECK_S))
             except OUTAGES as e:
                 log.error("Redis unavailable (%s); retrying in %.0f s", e, RECONNECT_S)
                 recovered = False
                 self.stopping.wait(RECONNECT_S)
         return handled
 
-    def handle(self, raw: bytes) -> None:
-        """Send one item's chain, or answer it; raises nothing but an outage."""
+    def recheck_held(self) -> int:
+        """Ask again about the held items whose time has come; how many were dealt with
+        (and left the processing list)."""
+        now = time.monotonic()
+        done = 0
+        for item in [item for item in self.held if item.recheck_at <= now]:
+            if self.handle(item.raw, again=True):
+                self.platform.lrem(self.processing, 1, item.raw)
+                self.held.remove(item)
+                done += 1
+            else:
+                item.recheck_at = now + HELD_RECHECK_S
+        return done
+
+    def handle(self, raw: bytes, *, again: bool = False) -> bool:
+        """Send one item's chain, or answer it: True once the item is dealt with, False
+        while another dispatcher holds its job's claim (`again`: asked before). Raises
+        nothing but an outage."""
         body: dict[str, Any] = {}
         job_id = None
         try:
@@ -126,13 +169,19 @@ class Bridge:
             if job_id is None:
                 raise InvalidJob("id", "missing, or not 1-128 letters, digits, '-' or '_'")
             with job_scope(job_id=job_id, stage="bridge"):
-                if not seen_before(self.records, job_id):
+                outcome = claim(self.records, job_id, quiet=again)
+                if outcome == "held":
+                    return False
+                if outcome == "claimed":
+                    if again:
+                        log.warning("job=%s taken over: its claim ran out undispatched", job_id)
                     self.dispatch(parse_job(body), payload=_text(raw))
         except OUTAGES:
             raise
         except Exception as e:  # the broad catch at the loop's edge: one item, never the list
             with job_scope(job_id=job_id, stage="bridge") if job_id else nullcontext():
                 self.refuse(raw, job_id, body, e)
+        return True
 
     def dispatch(self, job: Job, *, payload: str) -> None:
         """Send a claimed job's chain and mark it; the test faults strike on either side of
@@ -152,9 +201,14 @@ class Bridge:
             exc_info=not isinstance(error, InvalidJob),
         )  # fmt: skip
         if job_id is not None:
-            job_type = str(body.get("type") or body.get("job_type") or "")
             try:
-                reject(self.records, job_id, job_type=job_type, payload=_text(raw), error=error)
+                reject(
+                    self.records,
+                    job_id,
+                    job_type=job_type_of(body),
+                    payload=_text(raw),
+                    error=error,
+                )
                 return
             except OUTAGES:
                 raise
@@ -178,6 +232,7 @@ class Bridge:
         with self.platform.pipeline() as pipe:
             pipe.lpush(self.rejected, json.dumps(entry))
             pipe.ltrim(self.rejected, 0, REJECTED_MAX - 1)
+            pipe.expire(self.rejected, self.records.ttl_s)  # gone a record's life after the last
             pipe.execute()
         log.error("parked an item in %s: %s", self.rejected, reason)
 

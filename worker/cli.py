@@ -67,11 +67,12 @@ def list_(status: str | None, limit: int, as_json: bool) -> None:
 def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """One job: status, stage timings, attempts and deliveries, who runs it, error,
     callbacks sent."""
-    record = get_records().get(job_id)
+    records = get_records()
+    record = records.get(job_id)
     if not record.fields:
         click.echo(f"no job {job_id}", err=True)
         ctx.exit(1)
-    view = job_view(record)
+    view = job_view(record, expires_at=records.expires_at(job_id))
     if as_json:
         _print_json(view)
         return
@@ -91,6 +92,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
         ("cancelled at stage", view.cancelled_stage),
         ("retries", view.retries or None),
         ("assets", ", ".join(asset.url for asset in view.assets) or None),
+        ("record expires", _expires(view.expires_at, records.now())),
     ):
         if value is not None:
             about.add_row(name, str(value))
@@ -195,6 +197,16 @@ def _progress(event: dict[str, Any] | None) -> str | None:
     if "step" in event:
         where = f"{where}, step {event['step']} of {event['total_steps']}"
     return f"{event['percent']} % ({where})"
+
+
+def _expires(at: float | None, now: float) -> str | None:
+    """When, and in how long: `2025-06-01 12:00:00 (in 6.9 d, unless written again)`."""
+    if at is None:
+        return None
+    left_s = at - now
+    unit, size = next((u, s) for u, s in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
+                      if left_s >= s or u == "s")  # fmt: skip
+    return f"{_when(at)} (in {left_s / size:.1f} {unit}, unless written again)"
 
 
 def _when(at: float | None) -> str | None:

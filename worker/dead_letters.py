@@ -7,10 +7,9 @@ why (stage, error, deliveries); this set only says which.
 
 from __future__ import annotations
 
-import time
-
 import redis
 
+from worker.clock import redis_now
 from worker.observe.metrics import DEAD_LETTERS, Metrics
 
 KEY = "wan:dead_letters"
@@ -21,7 +20,7 @@ class DeadLetters:
         self.redis = client
 
     def add(self, job_id: str) -> None:
-        if self.redis.zadd(KEY, {job_id: time.time()}, nx=True):
+        if self.redis.zadd(KEY, {job_id: redis_now(self.redis)}, nx=True):
             Metrics(self.redis).count(DEAD_LETTERS)
 
     def remove(self, job_id: str) -> None:
@@ -34,4 +33,4 @@ class DeadLetters:
 
     def purge(self, *, older_than_s: float = 0.0) -> int:
         """Drop entries dead for longer than `older_than_s`; how many were dropped."""
-        return int(self.redis.zremrangebyscore(KEY, "-inf", time.time() - older_than_s))
+        return int(self.redis.zremrangebyscore(KEY, "-inf", redis_now(self.redis) - older_than_s))

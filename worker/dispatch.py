@@ -3,7 +3,9 @@
 The job record is the memory of what was sent: a job id seen before starts nothing new.
 A job id is claimed first (an owner and a lease, atomically in Redis): two dispatchers
 given the same id (two bridges, a bridge and the API) never both send it, and a claim
-whose owner died is taken over once its lease has run out.
+whose owner died is taken over once its lease (CLAIM_LEASE_S) has run out. Until then a
+job held by another owner is not forgotten: the bridge keeps its item and asks again, the
+API answers 409 with the seconds left.
 """
 
 from __future__ import annotations
@@ -14,27 +16,39 @@ from worker import outbox
 from worker.job_control import CALLBACK_PUBLISH
 from worker.jobs import Job
 from worker.lanes import WaitingJobs
-from worker.records import JobRecords
+from worker.records import Claim, JobRecords
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 
-def seen_before(records: JobRecords, job_id: str) -> bool:
-    """Claim the job id for `records.owner`; True when it must not be sent by this caller.
+def claim(records: JobRecords, job_id: str, *, quiet: bool = False) -> Claim:
+    """Claim the job id for `records.owner`.
 
-    That is when it was dispatched (or rejected) before, or when another owner claimed it
-    within its lease and is still working on it. False means the caller holds the claim
-    and goes on with `submit` or `reject`.
+    `claimed`: the caller goes on with `submit` or `reject`. `dispatched`: sent (or
+    answered) before, nothing to do. `held`: another owner claimed it within its lease and
+    may be sending it, or may have died before it could: the caller must not drop the job,
+    but ask again until it is dispatched or the claim has run out (`claim_left_s`).
+    `quiet`: the caller asked before and was told; only a change is logged.
     """
     outcome = records.claim(job_id)
     if outcome == "dispatched":
         log.warning("job=%s seen before: ignored", job_id)
-    elif outcome == "held":
+    elif outcome == "held" and not quiet:
         log.warning(
-            "job=%s is being dispatched by %s: ignored", job_id, records.claim_owner(job_id)
+            "job=%s is being dispatched by %s: kept until it is dispatched, or its claim "
+            "runs out in %.0f s",
+            job_id,
+            records.claim_owner(job_id),
+            claim_left_s(records, job_id),
         )
-    return outcome != "claimed"
+    return outcome
+
+
+def claim_left_s(records: JobRecords, job_id: str) -> float:
+    """Seconds until the claim on the job id runs out, on Redis's clock (0 once it has)."""
+    expires = records.redis.hget(records.key(job_id), "claim_expires_at")
+    return max(0.0, float(expires or 0) - records.now())
 
 
 def submit(records: JobRecords, job: Job, *, payload: str) -> None:
@@ -69,7 +83,7 @@ def reject(
     between leaves the claim open, so the caller's next attempt sends the callback again
     (and the record says the callback is due, for the lost-job sweep: worker/outbox.py).
     """
-    records.write(job_id, payload=payload, job_type=job_type)
+    records.write_active(job_id, payload=payload, job_type=job_type)  # owes a callback
     records.fail(job_id, stage="validate", error=error)
     outbox.publish(records, job_id, "failed", fault_point=CALLBACK_PUBLISH)
     records.mark_dispatched(job_id)

@@ -20,7 +20,8 @@ Points: `step<k>` (the end of denoising step k, counted from 1), `bridge_taken` 
 holds an item it has not dispatched yet), `bridge_sent` (its chain is sent, not yet marked),
 `callback_publish` (a final status is written with its callback due, which is about to be
 handed to the broker; not the lost-job sweep's resend), `callback_post` (a final callback's
-worker holds its lease and has not posted it yet).
+worker holds its lease and has not posted it yet), `progress_callback` (a progress callback
+is in flight, not yet posted: a slow network).
 
 Unset, nothing here does anything; a malformed rule is refused when the process starts, so
 a typo never passes for a fault that did not fire. Production never sets it.

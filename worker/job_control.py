@@ -13,16 +13,16 @@ cancel that comes once the files are uploaded is too late, and the job completes
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from enum import Enum
 
 from worker import outbox
+from worker.clock import redis_stamp
 from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
 from worker.lanes import WaitingJobs, leave_waiting
 from worker.observe.metrics import CANCELLATIONS, Metrics
-from worker.records import OUTBOX_KEY, STAGES, JobRecord, JobRecords, get_records
+from worker.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords, get_records
 from worker.settings import get_settings
 
 
@@ -49,10 +49,10 @@ CALLBACK_PUBLISH = "callback_publish"
 #: Statuses of a job that is still on its way (a cancel is taken, a retry is refused).
 RUNNING_STATUSES = frozenset({"queued", "processing"})
 
-#: Atomically: decide what a cancel request does. KEYS: the record, the outbox of final
-#: callbacks; ARGV: now, the job id. `missing`, `cancelled` (before), `refused:<status>`,
-#: `stopped` (a queued job, cancelled here with its callback due: the caller sends it) or
-#: `requested` (the worker stops it).
+#: Atomically: decide what a cancel request does. KEYS: the record, the index of active
+#: jobs (a job owing a callback stays in it); ARGV: now, the job id. `missing`, `cancelled`
+#: (before), `refused:<status>`, `stopped` (a queued job, cancelled here with its callback
+#: due: the caller sends it) or `requested` (the worker stops it).
 _CANCEL_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
@@ -62,7 +62,7 @@ redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[1])
 if status == 'queued' and redis.call('HSETNX', KEYS[1], 'cancelled_at', ARGV[1]) == 1 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-  redis.call('ZADD', KEYS[2], now, ARGV[2])
+  redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_stage', 'queued',
              'callback_pending', 'cancelled', 'callback_pending_at', string.format('%.6f', now))
   return 'stopped'
@@ -97,7 +97,7 @@ def cancel(records: JobRecords, job_id: str) -> Answer:
     """Cancel a job: at once if it is queued, else at its next step or stage."""
     script = records.redis.register_script(_CANCEL_SCRIPT)
     decision = script(
-        keys=[records.key(job_id), OUTBOX_KEY], args=[repr(time.time()), job_id]
+        keys=[records.key(job_id), ACTIVE_KEY], args=[redis_stamp(records.redis), job_id]
     ).decode()
     if decision == "missing":
         return Answer(Outcome.NOT_FOUND, job_id, None, f"no job {job_id}")
@@ -134,7 +134,7 @@ def finish_cancelled(records: JobRecords, job_id: str, *, stage: str) -> bool:
     event of then: later stages overwrite `progress`); True for the one caller that must
     send the `cancelled` callback (a queued job's canceller may have sent it already)."""
     key = records.key(job_id)
-    if not records.redis.hsetnx(key, "cancelled_at", repr(time.time())):
+    if not records.redis.hsetnx(key, "cancelled_at", redis_stamp(records.redis)):
         records.write(job_id, status="cancelled")
         return False
     progress = (records.redis.hget(key, "progress") or b"{}").decode()
@@ -173,8 +173,8 @@ def retry(
         # The callback's attempts start afresh: a new delivery window and deliveries.
         callback_bookkeeping = [f"{kind}:callback" for kind in STAGE_BOOKKEEPING]
         records.redis.hdel(records.key(job_id), *DELIVERY_ERROR_FIELDS, *callback_bookkeeping)
-        records.write(job_id, status=outcome, retries=str(run), retried_from=stage,
-                      **records.final_callback_due(job_id, outcome))  # fmt: skip
+        records.write_active(job_id, status=outcome, retries=str(run), retried_from=stage,
+                             **records.final_callback_due(job_id, outcome))  # fmt: skip
         send_final_callback(job_id, outcome, records=records)
     else:
         stage = "enhance" if from_start else _restart_stage(record)
@@ -233,7 +233,9 @@ def run_again_fields(record: JobRecord, stage: str) -> list[str]:
 
 
 def _reset(records: JobRecords, record: JobRecord, stage: str, run: int) -> None:
-    """Forget the outcome and what the stages from `stage` on did, deliveries included."""
+    """Forget the outcome and what the stages from `stage` on did, deliveries included; the
+    job is active again (`ACTIVE_KEY`) from now, in the same step."""
+    now = records.now()
     with records.redis.pipeline() as pipe:
         pipe.hdel(records.key(record.job_id), *run_again_fields(record, stage))
         pipe.hset(
@@ -241,4 +243,5 @@ def _reset(records: JobRecords, record: JobRecord, stage: str, run: int) -> None
             mapping={"status": "queued", "stage": "", "retries": str(run), "retried_from": stage},
         )
         pipe.expire(records.key(record.job_id), records.ttl_s)
+        pipe.zadd(ACTIVE_KEY, {record.job_id: now})
         pipe.execute()

@@ -77,6 +77,9 @@ class JobView(BaseModel):
     cancelled_stage: str | None
     #: How many times an operator sent the job again.
     retries: int
+    #: When the record expires unless written again (every write renews it for
+    #: JOB_RECORD_TTL_S); None when not asked for.
+    expires_at: float | None = None
 
 
 class JobSummary(BaseModel):
@@ -94,7 +97,7 @@ class DeadJob(JobSummary):
     dead_at: float
 
 
-def job_view(record: JobRecord) -> JobView:
+def job_view(record: JobRecord, *, expires_at: float | None = None) -> JobView:
     fields = record.fields
     stages = sorted(  # chain order: by first start
         (name.removeprefix("started:") for name in fields if name.startswith("started:")),
@@ -148,6 +151,7 @@ def job_view(record: JobRecord) -> JobView:
         cancel_requested_at=_float_or_none(fields.get("cancel_requested_at")),
         cancelled_stage=fields.get("cancelled_stage"),
         retries=int(fields.get("retries", 0)),
+        expires_at=expires_at,
     )
 
 

@@ -3,21 +3,35 @@
 CONTRACT.md sections 1, 2 and 5 are the specification. Every check names the field the
 platform sent and the limit it broke, so a `failed` callback tells the user what to fix.
 
+Every value is read from the places listed for it below, the first one that gives it
+winning: `config`, then `metadata`, then the top level, where the frontend's own job builder
+(`submitWANJob`) puts `width`, `height`, `frame_num`, `fps`, `quality`, the references and
+strengths. A `null` anywhere is "not given".
+
 References follow one rule: the references present decide the mode, and a mode field
-(`reference_mode`, `video_reference_mode`, config before metadata) that names another mode
-is ignored and reported in the callback's `reference_mode_note`; see `_references`.
+(`reference_mode`, `video_reference_mode`, config before metadata before top level) that
+names another mode is ignored and reported in the callback's `reference_mode_note`; see
+`_references`.
+
+A body is any valid JSON (`worker.any_json`): a value Python cannot hold, text UTF-8
+cannot carry (a lone surrogate) or a number beyond a float's range is refused by name where
+the job reads or keeps it, and ignored where it does not.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import re
+import reprlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from worker import any_json
+from worker.any_json import Unreadable
 from worker.errors import InvalidJob
 
 #: Job ids and user ids become parts of Redis keys and storage paths: only these characters,
@@ -27,8 +41,11 @@ SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 SIZE_PATTERN = re.compile(r"\s*([0-9]+)\s*([x*])\s*([0-9]+)\s*")
 #: Supabase Storage bucket the platform reads results from.
 BUCKET = "workspace-temp"
-#: Frames per second of every video.
+#: Frames per second of a video whose job names none, and the range a job may name.
 FPS = 16
+FPS_MIN, FPS_MAX = 12, 24
+#: The only `target_worker` this worker takes (the platform also has others).
+TARGET_WORKER = "wan"
 #: The model every job type uses, as the platform names it in callbacks.
 WAN_TASK = "t2v-1.3B"
 
@@ -42,21 +59,42 @@ SEED_MAX = 2**32 - 1
 DEFAULT_WIDTH_PX, DEFAULT_HEIGHT_PX = 480, 832
 DEFAULT_SHIFT = 5.0
 
+#: Nesting levels `metadata` may have: it is kept in the record as it came.
+METADATA_DEPTH_MAX = 32
+#: Keys of `metadata` an error names as `metadata.key`; others are quoted in brackets.
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Longest job type kept from a body that was refused before parsing.
+TYPE_NAME_MAX_CHARS = 64
+
 ReferenceMode = Literal["none", "single", "start", "end", "both"]
 REFERENCE_MODES: tuple[ReferenceMode, ...] = ("none", "single", "start", "end", "both")
-#: Where each reference role comes from, `config` name first (CONTRACT.md section 1).
+
+# Where each value is read, first given wins (CONTRACT.md section 1): `config.x` and
+# `metadata.x` inside those objects, a bare name at the top level.
+STEPS_FROM = ("config.num_inference_steps", "config.sample_steps")
+GUIDANCE_FROM = ("config.guidance_scale", "config.sample_guide_scale")
+SHIFT_FROM = ("config.sample_shift",)
+FRAMES_FROM = ("config.frame_num", "frame_num")
+FPS_FROM = ("fps",)
+QUALITY_FROM = ("quality",)
+TARGET_WORKER_FROM = ("target_worker",)
+#: The size: `config.resolution` or `config.size` as one text, else these sides one by one.
+WIDTH_FROM, HEIGHT_FROM = ("width",), ("height",)
+#: Each reference role.
 REFERENCE_SOURCES = {
-    "single": ("image", "reference_image_url"),
-    "start": ("first_frame", "start_reference_url"),
-    "end": ("last_frame", "end_reference_url"),
+    "single": ("config.image", "metadata.reference_image_url", "reference_image_url"),
+    "start": ("config.first_frame", "metadata.start_reference_url", "first_frame"),
+    "end": ("config.last_frame", "metadata.end_reference_url", "last_frame"),
 }
-#: Mode fields, in the order they are read (config before metadata).
 MODE_FIELDS = (
-    ("config", "video_reference_mode"),
-    ("config", "reference_mode"),
-    ("metadata", "video_reference_mode"),
-    ("metadata", "reference_mode"),
+    "config.video_reference_mode",
+    "config.reference_mode",
+    "metadata.video_reference_mode",
+    "metadata.reference_mode",
+    "reference_mode",
 )
+DENOISE_FROM = ("config.denoise_strength", "metadata.denoise_strength", "denoise_strength")
+REFERENCE_STRENGTH_FROM = ("metadata.reference_strength", "reference_strength")
 #: `pipeline` values that ask for image to image (compared without case, '-', '_' or spaces).
 IMAGE_TO_IMAGE_NAMES = frozenset({"img2img", "i2i", "image2image", "imagetoimage"})
 #: I2I strength when the job names none; `exact_copy_mode` caps strength and guidance.
@@ -147,6 +185,8 @@ class Job(BaseModel):
     height: int = DEFAULT_HEIGHT_PX
     frames: int
     frames_requested: int
+    #: The MP4's frame rate: `duration_seconds` is frames / fps.
+    fps: int = FPS
     enhance: bool
     #: The mode the references present decide (see `_references`); "none" without any.
     reference_mode: ReferenceMode = "none"
@@ -200,15 +240,15 @@ class Job(BaseModel):
 def decode_body(raw: bytes | str) -> dict[str, Any]:
     """Accept both body shapes of the platform list: an object, or `["<object as JSON>"]`.
 
-    Bytes must be UTF-8 (json.loads would also guess UTF-16 or UTF-32, text the record
-    could not keep). ValueError covers bad JSON, bad UTF-8 and integers over Python's
-    4,300-digit conversion limit; RecursionError covers too deep nesting.
+    Any valid JSON decodes, whatever its values (`worker.any_json`), so a body with a
+    usable id can always be answered. Bytes must be UTF-8 (json.loads would also guess
+    UTF-16 or UTF-32, text the record could not keep).
     """
     try:
-        body = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        body = any_json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         if isinstance(body, list) and len(body) == 1 and isinstance(body[0], str):
-            body = json.loads(body[0])
-    except (ValueError, RecursionError) as e:
+            body = any_json.loads(body[0])
+    except ValueError as e:
         raise InvalidJob("body", f"not valid UTF-8 JSON: {e}") from e
     if not isinstance(body, dict):
         raise InvalidJob("body", "expected a JSON object or a one-element array holding one")
@@ -221,6 +261,15 @@ def job_id_of(body: dict[str, Any]) -> str | None:
     if isinstance(job_id, str) and SAFE_ID.fullmatch(job_id):
         return job_id
     return None
+
+
+def job_type_of(body: dict[str, Any]) -> str:
+    """The type a body names, for the record and `failed` callback of a job refused before
+    it was parsed: text as sent when it can be kept, else empty."""
+    name = body.get("type") or body.get("job_type")
+    if isinstance(name, str) and len(name) <= TYPE_NAME_MAX_CHARS and _is_text(name):
+        return name
+    return ""
 
 
 def parse_job(body: dict[str, Any]) -> Job:
@@ -236,6 +285,11 @@ def parse_job(body: dict[str, Any]) -> Job:
     if not user_id:
         raise InvalidJob("user_id", "is required")
     _check_safe_id("user_id", user_id)
+    field, target = _given(body, TARGET_WORKER_FROM)
+    if target is not None and target != TARGET_WORKER:
+        raise InvalidJob(
+            field, f"this worker is {TARGET_WORKER!r}, the job is for {_shown(target)}"
+        )
 
     job_type = _job_type(body)
     prompt = body.get("prompt")
@@ -245,37 +299,41 @@ def parse_job(body: dict[str, Any]) -> Job:
         raise InvalidJob(
             "prompt", f"{len(prompt)} characters is over the limit of {PROMPT_MAX_CHARS}"
         )
+    _check_text("prompt", prompt)
     negative_prompt = body.get("negative_prompt")
     if negative_prompt is None:
         negative_prompt = ""
     if not isinstance(negative_prompt, str):
-        raise InvalidJob("negative_prompt", f"must be text, got {negative_prompt!r:.80}")
+        raise InvalidJob("negative_prompt", f"must be text, got {_shown(negative_prompt)}")
     if len(negative_prompt) > PROMPT_MAX_CHARS:
         raise InvalidJob(
             "negative_prompt",
             f"{len(negative_prompt)} characters is over the limit of {PROMPT_MAX_CHARS}",
         )
+    _check_text("negative_prompt", negative_prompt)
 
     quality = _quality(body, job_type)
     preset = PRESETS[quality]
-    steps = _int_in(config, ("num_inference_steps", "sample_steps"), STEPS_MIN, STEPS_MAX)
-    own_guidance = _float_in(
-        config, ("guidance_scale", "sample_guide_scale"), GUIDANCE_MIN, GUIDANCE_MAX
-    )
-    shift = _float_in(config, ("sample_shift",), SHIFT_MIN, SHIFT_MAX)
-    width, height = _size(config)
-    frames_requested = _int_in(config, ("frame_num",), FRAMES_MIN, FRAMES_MAX)
+    steps = _int_in(body, STEPS_FROM, STEPS_MIN, STEPS_MAX)
+    own_guidance = _float_in(body, GUIDANCE_FROM, GUIDANCE_MIN, GUIDANCE_MAX)
+    shift = _float_in(body, SHIFT_FROM, SHIFT_MIN, SHIFT_MAX)
+    width, height = _size(body, config)
+    frames_requested = _int_in(body, FRAMES_FROM, FRAMES_MIN, FRAMES_MAX)
     if frames_requested is None:
         frames_requested = job_type.default_frames
     elif not job_type.is_video and frames_requested != 1:
-        raise InvalidJob("config.frame_num", f"image jobs make 1 frame, got {frames_requested}")
-    references = _references(config, metadata)
+        raise InvalidJob(
+            _given(body, FRAMES_FROM)[0], f"image jobs make 1 frame, got {frames_requested}"
+        )
+    fps = _int_in(body, FPS_FROM, FPS_MIN, FPS_MAX)
+    references = _references(body, config, metadata)
     guidance = own_guidance if own_guidance is not None else preset.guidance
     if references.exact_copy:
         references.notes["exact_copy_mode"] = True
         if guidance > EXACT_COPY_MAX_GUIDANCE:
             references.notes["exact_copy_guidance_clamped_from"] = guidance
             guidance = own_guidance = EXACT_COPY_MAX_GUIDANCE
+    _check_keepable("metadata", metadata)
 
     return Job(
         id=job_id,
@@ -294,6 +352,7 @@ def parse_job(body: dict[str, Any]) -> Job:
         height=height,
         frames=normalise_frames(frames_requested),
         frames_requested=frames_requested,
+        fps=fps if fps is not None else FPS,
         enhance=_enhance(config, job_type),
         reference_mode=references.mode,
         reference_urls=references.urls,
@@ -311,6 +370,83 @@ def normalise_frames(frames: int) -> int:
     return (frames - 1) // 4 * 4 + 1
 
 
+#: How an error message quotes a value the job sent: cut short, since a body may hold
+#: megabytes of text, integers of thousands of digits or deep nesting.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong, _SHOWN.maxlevel = 80, 80, 40, 3
+
+
+def _shown(value: Any) -> str:
+    return _SHOWN.repr(value)
+
+
+def _given(
+    body: dict[str, Any], places: tuple[str, ...], *, blank: bool = False
+) -> tuple[str, Any]:
+    """The first of `places` that gives a value (a `null` gives none; with `blank`, an
+    empty text neither), and where it was: `config.x` and `metadata.x` inside those
+    objects, a bare name at the top level."""
+    for place in places:
+        section, _, name = place.rpartition(".")
+        holder = body.get(section) if section else body
+        value = holder.get(name) if isinstance(holder, dict) else None
+        if value is not None and not (blank and value == ""):
+            return place, value
+    return "", None
+
+
+def _is_text(value: str) -> bool:
+    """Whether UTF-8 can carry it: JSON's `\\ud800` escapes decode to lone surrogates."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(field: str, value: str) -> None:
+    if not _is_text(value):
+        at = next(i for i, char in enumerate(value) if 0xD800 <= ord(char) <= 0xDFFF)
+        raise InvalidJob(
+            field,
+            f"holds a lone surrogate (\\u{ord(value[at]):04x} at character {at}), "
+            "which is not text: the record and the callback could not carry it",
+        )
+
+
+def _check_keepable(field: str, value: Any) -> None:
+    """A value kept as sent (metadata) must survive the record's JSON: text UTF-8 can
+    carry, finite numbers, and at most METADATA_DEPTH_MAX levels of nesting."""
+    pending: list[tuple[str, Any, int]] = [(field, value, 0)]
+    while pending:
+        field, value, depth = pending.pop()
+        if isinstance(value, Unreadable):
+            raise InvalidJob(field, f"holds {value.what}, more than the record can keep")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidJob(field, f"{value} is not a finite number")
+        if isinstance(value, str):
+            _check_text(field, value)
+        if isinstance(value, (dict, list)):
+            if depth == METADATA_DEPTH_MAX:
+                raise InvalidJob(field, f"is nested deeper than {METADATA_DEPTH_MAX} levels")
+            pending.extend(
+                (_item_field(field, key), item, depth + 1) for key, item in _items(value)
+            )
+
+
+def _items(container: dict[str, Any] | list[Any]) -> Iterator[tuple[str | int, Any]]:
+    return iter(container.items()) if isinstance(container, dict) else enumerate(container)
+
+
+def _item_field(field: str, key: str | int) -> str:
+    """How an error names an item: `metadata.key`, `metadata[3]` or `metadata['odd key']`."""
+    if isinstance(key, str) and PLAIN_KEY.fullmatch(key):
+        return f"{field}.{key}"
+    if isinstance(key, str) and not _is_text(key):
+        raise InvalidJob(f"{field}[{_shown(key)}]", "a key holds a lone surrogate")
+    return f"{field}[{_shown(key)}]"
+
+
 def _object(body: dict[str, Any], name: str) -> dict[str, Any]:
     """An optional object field: absent or null is empty; anything else must be an object."""
     value = body.get(name)
@@ -326,7 +462,7 @@ def _check_safe_id(field: str, value: Any) -> None:
         raise InvalidJob(
             field,
             f"must be 1-128 letters, digits, '-' or '_' (it becomes a storage path), "
-            f"got {value!r:.80}",
+            f"got {_shown(value)}",
         )
 
 
@@ -334,34 +470,29 @@ def _job_type(body: dict[str, Any]) -> JobType:
     name = body.get("type") or body.get("job_type")
     if not name:
         raise InvalidJob("type", "is required")
-    name = str(name).removeprefix("wan_")
+    if not isinstance(name, str):
+        raise InvalidJob("type", f"must be text, got {_shown(name)}")
     try:
-        return JobType(name)
+        return JobType(name.removeprefix("wan_"))
     except ValueError:
         known = ", ".join(t.value for t in JobType)
-        raise InvalidJob("type", f"unknown job type {name!r}; known: {known}") from None
+        raise InvalidJob(
+            "type", f"unknown job type {_shown(name.removeprefix('wan_'))}; known: {known}"
+        ) from None
 
 
 def _quality(body: dict[str, Any], job_type: JobType) -> PresetName:
     """A named `quality` overrides the type's preset; config values override both."""
-    quality = body.get("quality")
+    field, quality = _given(body, QUALITY_FROM)
     if quality is None:
         return job_type.quality
     if not isinstance(quality, str) or quality not in PRESETS:
-        raise InvalidJob("quality", f"unknown preset {quality!r}; known: {', '.join(PRESETS)}")
+        raise InvalidJob(field, f"unknown preset {_shown(quality)}; known: {', '.join(PRESETS)}")
     return quality  # type: ignore[return-value]  # one of PRESETS' keys
 
 
-def _first(config: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any]:
-    """The first of the (newer, older) names that is set, with its field path for errors."""
-    for name in names:
-        if config.get(name) is not None:
-            return f"config.{name}", config[name]
-    return "", None
-
-
-def _int_in(config: dict[str, Any], names: tuple[str, ...], low: int, high: int) -> int | None:
-    field, value = _first(config, names)
+def _int_in(body: dict[str, Any], places: tuple[str, ...], low: int, high: int) -> int | None:
+    field, value = _given(body, places)
     if value is None:
         return None
     if (
@@ -369,36 +500,42 @@ def _int_in(config: dict[str, Any], names: tuple[str, ...], low: int, high: int)
         or not isinstance(value, (int, float))
         or (isinstance(value, float) and not value.is_integer())
     ):
-        raise InvalidJob(field, f"must be a whole number, got {value!r}")
+        raise InvalidJob(field, f"must be a whole number, got {_shown(value)}")
     if not low <= value <= high:
-        raise InvalidJob(field, f"{value} is outside the allowed range {low}..{high}")
+        raise InvalidJob(field, f"{_shown(value)} is outside the allowed range {low}..{high}")
     return int(value)
 
 
 def _float_in(
-    config: dict[str, Any], names: tuple[str, ...], low: float, high: float
+    body: dict[str, Any], places: tuple[str, ...], low: float, high: float
 ) -> float | None:
-    field, value = _first(config, names)
+    field, value = _given(body, places)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidJob(field, f"must be a number, got {value!r}")
+        raise InvalidJob(field, f"must be a number, got {_shown(value)}")
     if not low <= value <= high:
-        raise InvalidJob(field, f"{value} is outside the allowed range {low:g}..{high:g}")
+        raise InvalidJob(field, f"{_shown(value)} is outside the allowed range {low:g}..{high:g}")
     return float(value)
 
 
-def _size(config: dict[str, Any]) -> tuple[int, int]:
-    """`resolution` 'WxH' (newer) or `size` 'W*H' (older); each side checked on its own."""
+def _size(body: dict[str, Any], config: dict[str, Any]) -> tuple[int, int]:
+    """`resolution` 'WxH' (newer) or `size` 'W*H' (older); each side checked on its own.
+    Without either, the top-level `width` and `height`, each defaulting on its own."""
     if config.get("resolution") is not None:
         field, text, separator = "config.resolution", config["resolution"], "x"
     elif config.get("size") is not None:
         field, text, separator = "config.size", config["size"], "*"
     else:
-        return DEFAULT_WIDTH_PX, DEFAULT_HEIGHT_PX
+        return (
+            _side(body, WIDTH_FROM, DEFAULT_WIDTH_PX),
+            _side(body, HEIGHT_FROM, DEFAULT_HEIGHT_PX),
+        )
     match = SIZE_PATTERN.fullmatch(text.lower()) if isinstance(text, str) else None
     if match is None or match[2] != separator:
-        raise InvalidJob(field, f"expected WIDTH{separator}HEIGHT in digits 0-9, got {text!r:.80}")
+        raise InvalidJob(
+            field, f"expected WIDTH{separator}HEIGHT in digits 0-9, got {_shown(text)}"
+        )
     width, height = int(match[1]), int(match[3])
     for side, value in (("width", width), ("height", height)):
         if not SIZE_MIN_PX <= value <= SIZE_MAX_PX:
@@ -410,6 +547,16 @@ def _size(config: dict[str, Any]) -> tuple[int, int]:
     return width, height
 
 
+def _side(body: dict[str, Any], places: tuple[str, ...], default: int) -> int:
+    """One side of the size given on its own (the frontend's `width`, `height`)."""
+    value = _int_in(body, places, SIZE_MIN_PX, SIZE_MAX_PX)
+    if value is None:
+        return default
+    if value % SIZE_STEP_PX:
+        raise InvalidJob(_given(body, places)[0], f"{value} is not a multiple of {SIZE_STEP_PX}")
+    return value
+
+
 def _seed(config: dict[str, Any]) -> int | None:
     """None (or -1) asks for a random seed, chosen and reported by generation."""
     seed = config.get("seed")
@@ -417,7 +564,7 @@ def _seed(config: dict[str, Any]) -> int | None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
         raise InvalidJob(
-            "config.seed", f"must be a whole number in 0..{SEED_MAX} or -1, got {seed!r}"
+            "config.seed", f"must be a whole number in 0..{SEED_MAX} or -1, got {_shown(seed)}"
         )
     return seed
 
@@ -428,7 +575,7 @@ def _enhance(config: dict[str, Any], job_type: JobType) -> bool:
     if requested is None:
         return job_type.enhanced
     if not isinstance(requested, bool):
-        raise InvalidJob("config.enhance_prompt", f"must be true or false, got {requested!r:.80}")
+        raise InvalidJob("config.enhance_prompt", f"must be true or false, got {_shown(requested)}")
     return requested
 
 
@@ -442,26 +589,30 @@ class _References:
     notes: dict[str, Any]
 
 
-def _references(config: dict[str, Any], metadata: dict[str, Any]) -> _References:
+def _references(
+    body: dict[str, Any], config: dict[str, Any], metadata: dict[str, Any]
+) -> _References:
     """Which references a job uses, and how: CONTRACT.md section 1 plus one rule for conflicts.
 
     The rule: the references present decide, a mode field never drops one. Start and end
     give `both`, start alone `start`, end alone `end`, an image alone `single`; an image
     beside start/end frames is used too (as VACE's reference image). A mode field (config,
-    then metadata) that names another mode is reported in `reference_mode_note` and
-    otherwise ignored. Image to image, asked for by a `pipeline` naming img2img/i2i, a
-    denoise/reference strength or `exact_copy_mode` with a reference, uses one source image
-    (the image, else the start frame, else the end frame); the others are reported in
-    `references_ignored`.
+    then metadata, then top level) that names another mode is reported in
+    `reference_mode_note` and otherwise ignored. Image to image, asked for by a `pipeline`
+    naming img2img/i2i, a denoise/reference strength or `exact_copy_mode` with a reference,
+    uses one source image (the image, else the start frame, else the end frame); the others
+    are reported in `references_ignored`.
     """
     urls: dict[str, str] = {}
-    for role, (config_name, metadata_name) in REFERENCE_SOURCES.items():
-        url = config.get(config_name) or metadata.get(metadata_name)
-        if url and not isinstance(url, str):
-            raise InvalidJob(f"reference {role}", f"must be a URL string, got {url!r}")
-        if url:
-            urls[role] = url
-    strength = _denoise_strength(config, metadata)
+    for role, places in REFERENCE_SOURCES.items():
+        field, url = _given(body, places, blank=True)
+        if url is None:
+            continue
+        if not isinstance(url, str):
+            raise InvalidJob(field, f"must be a URL string, got {_shown(url)}")
+        _check_text(field, url)
+        urls[role] = url
+    strength = _denoise_strength(body)
     exact_copy = _flag(config, metadata, "exact_copy_mode")
     notes: dict[str, Any] = {}
     image_to_image = bool(urls) and (
@@ -487,7 +638,11 @@ def _references(config: dict[str, Any], metadata: dict[str, Any]) -> _References
         mode = next((role for role in ("start", "end", "single") if role in urls), "none")
     if not urls and _names_image_to_image(config, metadata):
         notes["image_to_image_note"] = "image to image was asked for without a reference image"
-    field, requested = _mode_field(config, metadata)
+    field, requested = _given(body, MODE_FIELDS)
+    if requested is not None and requested not in REFERENCE_MODES:
+        raise InvalidJob(
+            field, f"unknown mode {_shown(requested)}; known: {', '.join(REFERENCE_MODES)}"
+        )
     if requested is not None and requested != mode:
         present = ", ".join(urls) or "none"
         notes["reference_mode_note"] = (
@@ -496,19 +651,6 @@ def _references(config: dict[str, Any], metadata: dict[str, Any]) -> _References
         )
     notes = {name: value for name, value in notes.items() if value is not None}
     return _References(mode, urls, image_to_image, strength, exact_copy and image_to_image, notes)
-
-
-def _mode_field(config: dict[str, Any], metadata: dict[str, Any]) -> tuple[str, str | None]:
-    for where, name in MODE_FIELDS:
-        value = (config if where == "config" else metadata).get(name)
-        if value is not None:
-            if value not in REFERENCE_MODES:
-                raise InvalidJob(
-                    f"{where}.{name}",
-                    f"unknown mode {value!r}; known: {', '.join(REFERENCE_MODES)}",
-                )
-            return f"{where}.{name}", value
-    return "", None
 
 
 def _names_image_to_image(config: dict[str, Any], metadata: dict[str, Any]) -> bool:
@@ -523,33 +665,30 @@ def _flag(config: dict[str, Any], metadata: dict[str, Any], name: str) -> bool:
     return bool(metadata.get(name) if value is None else value)
 
 
-def _denoise_strength(config: dict[str, Any], metadata: dict[str, Any]) -> float | None:
+def _denoise_strength(body: dict[str, Any]) -> float | None:
     """I2I strength as the job states it: `denoise_strength`, else 1 - `reference_strength`."""
-    strength = config.get("denoise_strength")
+    strength = _fraction(body, DENOISE_FROM)
     if strength is None:
-        strength = metadata.get("denoise_strength")
-    if strength is None and metadata.get("reference_strength") is not None:
-        try:
-            strength = 1 - float(metadata["reference_strength"])
-        except (TypeError, ValueError):
-            raise InvalidJob(
-                "metadata.reference_strength",
-                f"must be a number in 0..1, got {metadata['reference_strength']!r}",
-            ) from None
-    if strength is None:
+        reference = _fraction(body, REFERENCE_STRENGTH_FROM)
+        strength = None if reference is None else 1 - reference
+    return strength
+
+
+def _fraction(body: dict[str, Any], places: tuple[str, ...]) -> float | None:
+    """A number in 0..1 from the first place that gives one."""
+    field, value = _given(body, places)
+    if value is None:
         return None
-    if (
-        isinstance(strength, bool)
-        or not isinstance(strength, (int, float))
-        or not 0 <= strength <= 1
-    ):
-        raise InvalidJob("denoise_strength", f"must be a number in 0..1, got {strength!r}")
-    return float(strength)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise InvalidJob(field, f"must be a number in 0..1, got {_shown(value)}")
+    return float(value)
 
 
 def _optional_str(body: dict[str, Any], name: str) -> str | None:
     """An optional text field, kept as sent: an object or number is refused, not stringified."""
     value = body.get(name)
     if value is not None and not isinstance(value, str):
-        raise InvalidJob(name, f"must be text, got {type(value).__name__} {value!r:.80}")
+        raise InvalidJob(name, f"must be text, got {type(value).__name__} {_shown(value)}")
+    if value is not None:
+        _check_text(name, value)
     return value

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from worker.dead_letters import DeadLetters
 from worker.errors import TooManyDeliveries
 from worker.job_control import RUNNING_STATUSES, run_again_fields, send_final_callback
-from worker.records import OUTBOX_KEY, SPOOL_STAGES, STAGES, JobRecord, JobRecords
+from worker.records import SPOOL_STAGES, STAGES, JobRecord, JobRecords
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class LostJobSweep:
         now = self.records.now()
         media_hosts = self.records.media_hosts()
         found = []
-        for record in self.records.newest():
+        for record, _ in self.records.active():  # not every record: see ACTIVE_KEY
             lost = lost_stage(record, now=now, timeout_s=self.timeout_s, lease_s=self.lease_s,
                               media_hosts=media_hosts)  # fmt: skip
             if lost is not None:
@@ -148,9 +148,6 @@ class LostJobSweep:
         from tasks.chain import build_chain  # Celery's app, only once there is something to send
 
         forget = [f for f in run_again_fields(record, lost.restart) if f != "cancel_requested_at"]
-        # In the outbox before the record can say `failed` (out of deliveries) with its
-        # callback due; a resent job leaves it at the next pass (worker/outbox.py).
-        self.records.redis.zadd(OUTBOX_KEY, {lost.job_id: self.records.now()})
         outcome, deliveries = self.records.resend_lost(
             record, stage=lost.stage, restart=lost.restart, forget=forget,
             max_deliveries=self.max_deliveries,

@@ -1,20 +1,19 @@
 """The outbox of final callbacks: a job that ends always tells the platform, once.
 
 A final status and its callback's intent are written in one step (`callback_pending`: the
-status whose callback is due, `callback_pending_at`: since when, Redis time), after the job
-entered the outbox set `wan:final_callbacks`; then the callback is handed to the broker and
-the intent cleared. Every writer of a final status does this: a stage's failure handler, a
-cancel, the lost-job sweep's last delivery, an operator's retry of an undelivered callback.
+status whose callback is due, `callback_pending_at`: since when, Redis time); then the
+callback is handed to the broker and the intent cleared. Every writer of a final status
+does this: a stage's failure handler, a cancel, the lost-job sweep's last delivery, an
+operator's retry of an undelivered callback. The job stays in the index of active jobs
+(`wan:jobs:active`) until its final callback is delivered or given up.
 
 The lost-job sweep (`FinalCallbackSweep`, each media worker every fifth of
-LOST_JOB_TIMEOUT_S) reads only the jobs of the outbox set and sends again, atomically on the
+LOST_JOB_TIMEOUT_S) reads only the active jobs and sends again, atomically on the
 record so that of several sweepers one sends:
 - an intent older than LOST_JOB_TIMEOUT_S: its publish failed (a broker outage longer than
   the publish retries) or its sender died before sending it;
 - a final callback whose worker died whole: its lease not renewed for LOST_JOB_TIMEOUT_S,
   like any stage (`lost_jobs.lost_stage`), counting one more delivery of `callback`.
-A job leaves the set once its record says the callback was delivered, given up
-(`delivery_failed`), or is no longer due (the job runs again, or its record expired).
 
 Exactly once as far as the record can tell: a callback whose delivery is noted in the record
 (`callback_sent:<status>`, `finished:callback`) is never sent again, and two copies of one
@@ -30,14 +29,14 @@ import redis
 from kombu.exceptions import OperationalError
 
 from worker import faults
-from worker.records import FINAL_STATUSES, OUTBOX_KEY, JobRecord, JobRecords, final_callback_task_id
+from worker.records import FINAL_STATUSES, JobRecord, JobRecords, final_callback_task_id
 
 log = logging.getLogger(__name__)
 
-#: What a final callback of the outbox needs now: `delivered` (or no longer due: leaves the
-#: outbox), `waiting` (in a queue, running, or between retries), `unsent` (its intent is
+#: What an active job's final callback needs now: `none` (delivered, or none due: the job
+#: runs), `waiting` (in a queue, running, or between retries), `unsent` (its intent is
 #: older than the timeout) or `lost` (its worker died whole).
-Outstanding = Literal["delivered", "waiting", "unsent", "lost"]
+Outstanding = Literal["none", "waiting", "unsent", "lost"]
 
 #: Atomically: drop the intent once its callback is with the broker, unless a newer one was
 #: written since. KEYS: the record; ARGV: `callback_pending_at` as read.
@@ -45,15 +44,6 @@ _CLEAR_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'callback_pending_at') ~= ARGV[1] then return 0 end
 redis.call('HDEL', KEYS[1], 'callback_pending', 'callback_pending_at')
 return 1
-"""
-
-#: Atomically: a job leaves the outbox, unless it entered it again since the sweeper read it
-#: (it ran again and ended again). KEYS: the outbox; ARGV: job id, its score as read.
-_LEAVE_SCRIPT = """
-if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '-1') ~= tonumber(ARGV[2]) then
-  return 0
-end
-return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 
 #: Atomically: claim sending a final callback again, if the record (status, run, intent and
@@ -116,7 +106,7 @@ def send(records: JobRecords, job_id: str, status: str, *, fault_point: str = ""
 
 
 def outstanding(record: JobRecord, *, now: float, timeout_s: float, lease_s: float) -> Outstanding:
-    """What the final callback of a job in the outbox needs at `now` (Redis time)."""
+    """What the final callback of an active job needs at `now` (Redis time)."""
     fields = record.fields
     status = record.status
     if (
@@ -124,7 +114,7 @@ def outstanding(record: JobRecord, *, now: float, timeout_s: float, lease_s: flo
         or "finished:callback" in fields
         or f"callback_sent:{status}" in fields
     ):
-        return "delivered"
+        return "none"
     if "callback_pending" in fields:
         waited_s = now - float(fields["callback_pending_at"])
         return "unsent" if waited_s >= timeout_s else "waiting"
@@ -144,26 +134,14 @@ class FinalCallbackSweep:
         self.lease_s = lease_s
 
     def sweep(self) -> list[str]:
-        """One pass over the outbox (its jobs only, not every record): the job ids whose
-        final callback was sent again."""
-        client = self.records.redis
+        """One pass over the active jobs (not every record): the job ids whose final
+        callback was sent again."""
         now = self.records.now()
-        entries = [(m.decode(), at) for m, at in client.zrange(OUTBOX_KEY, 0, -1, withscores=True)]
-        if not entries:
-            return []
-        with client.pipeline(transaction=False) as pipe:
-            for job_id, _ in entries:
-                pipe.hgetall(self.records.key(job_id))
-            raws = pipe.execute()
-        leave = client.register_script(_LEAVE_SCRIPT)
         sent = []
-        for (job_id, entered_at), raw in zip(entries, raws, strict=True):
-            record = JobRecord(job_id, {k.decode(): v.decode() for k, v in raw.items()})
+        for record, _ in self.records.active():
             need = outstanding(record, now=now, timeout_s=self.timeout_s, lease_s=self.lease_s)
-            if need == "delivered":
-                leave(keys=[OUTBOX_KEY], args=[job_id, repr(entered_at)])
-            elif need != "waiting" and self.resend(record, lost=need == "lost", now=now):
-                sent.append(job_id)
+            if need in ("unsent", "lost") and self.resend(record, lost=need == "lost", now=now):
+                sent.append(record.job_id)
         return sent
 
     def resend(self, record: JobRecord, *, lost: bool, now: float) -> bool:

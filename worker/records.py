@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +22,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from worker import fencing
+from worker.clock import redis_now, redis_stamp
 from worker.jobs import Job
 from worker.settings import get_settings
 
@@ -30,6 +30,12 @@ KEY_PREFIX = "wan:job:"
 #: Every job id with a record, scored by when it was first claimed: `jobs list` reads it
 #: newest first and pages through it, instead of scanning every key of the broker's Redis.
 INDEX_KEY = "wan:jobs"
+#: The jobs the platform has not yet been told the end of (running, waiting for a stage, or
+#: owing their final callback), scored by when each was sent (Redis time): what the sweeps
+#: read, so a pass costs these jobs, never every record. A job enters in the step that
+#: writes its record to be sent (`write_active`) and leaves in the step that notes its final
+#: callback accepted or given up (`callback_sent`, `delivery_failed`).
+ACTIVE_KEY = "wan:jobs:active"
 #: The chain's stages in order, as records name them.
 STAGES = ("enhance", "generate", "encode", "thumbnail", "upload", "callback")
 #: Statuses after which the platform expects no more callbacks for a job.
@@ -44,13 +50,12 @@ StageStart = Literal["run", "done", "busy", "too_many", "superseded"]
 #: What `JobRecords.resend_lost` did: `resent` (the caller sends the chain), `too_many` (the
 #: job is failed: the caller reports it) or `gone` (another sweeper, or the job, moved on).
 Resend = Literal["resent", "too_many", "gone"]
+#: What a record write does to the job's place in the index of active jobs.
+IndexChange = Literal["keep", "enter", "leave"]
 #: Media workers' heartbeats: WORKER_HOST -> Redis time of its media worker's last sweep.
 MEDIA_HOSTS_KEY = "wan:media_hosts"
 #: Where a job's frames live: these stages read the spool of the host that generated them.
 SPOOL_STAGES = ("encode", "thumbnail", "upload")
-#: The outbox of final callbacks: job id -> Redis time its final status was decided, from
-#: then until the sweep finds its callback delivered or no longer due (worker/outbox.py).
-OUTBOX_KEY = "wan:final_callbacks"
 
 #: Atomically: a dispatched job stays dispatched; a claim of another owner whose lease runs
 #: is left alone; otherwise the caller holds the claim for the lease from Redis's own clock
@@ -161,6 +166,24 @@ redis.call('HSET', KEYS[1], 'status', 'processing', 'stage', '', 'retries', tonu
            'retried_from', ARGV[4], 'deliveries:' .. ARGV[4], deliveries, 'lost:' .. ARGV[1], now,
            'resend_pending', now)
 return {'resent', tostring(deliveries)}
+"""
+
+
+#: Atomically, for each job: drop it from the index of active jobs if its record is gone or
+#: settled (`settled`) still, as the caller read it: an operator's retry in between brings
+#: it back and keeps it. KEYS: the index, then the records; ARGV: the job ids.
+_DROP_SETTLED_SCRIPT = """
+local dropped = 0
+for i = 2, #KEYS do
+  local done = redis.call('EXISTS', KEYS[i]) == 0
+  local status = redis.call('HGET', KEYS[i], 'status')
+  if status == 'delivery_failed' then done = true end
+  if status == 'completed' or status == 'failed' or status == 'cancelled' then
+    done = redis.call('HEXISTS', KEYS[i], 'callback_sent:' .. status) == 1
+  end
+  if done then dropped = dropped + redis.call('ZREM', KEYS[1], ARGV[i - 1]) end
+end
+return dropped
 """
 
 
@@ -294,6 +317,7 @@ class JobRecords:
         self._renew_stage = client.register_script(_RENEW_STAGE_SCRIPT)
         self._release_stage = client.register_script(_RELEASE_STAGE_SCRIPT)
         self._resend = client.register_script(_RESEND_SCRIPT)
+        self._drop_settled = client.register_script(_DROP_SETTLED_SCRIPT)
 
     @property
     def owner(self) -> str:
@@ -325,7 +349,7 @@ class JobRecords:
         return None if owner is None else owner.decode()
 
     def mark_dispatched(self, job_id: str) -> None:
-        self.write(job_id, dispatched_at=repr(time.time()))
+        self.write(job_id, dispatched_at=redis_stamp(self.redis))
 
     def is_dispatched(self, job_id: str) -> bool:
         return bool(self.redis.hexists(self.key(job_id), "dispatched_at"))
@@ -352,7 +376,7 @@ class JobRecords:
     def prune_index(self) -> int:
         """Drop index entries whose record expired; only claims older than the record TTL
         can be gone (every write renews a record). How many were dropped."""
-        old = self.redis.zrangebyscore(INDEX_KEY, "-inf", time.time() - self.ttl_s)
+        old = self.redis.zrangebyscore(INDEX_KEY, "-inf", self.now() - self.ttl_s)
         if not old:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
@@ -365,13 +389,7 @@ class JobRecords:
     def write(self, job_id: str, **fields: str) -> None:
         """Set text fields as they are; inside a stage run, only while that run still owns
         the job (worker/fencing.py: RunSuperseded if not)."""
-        if (fence := fencing.active(job_id)) is not None:
-            fencing.write(self.redis, self.key(job_id), fence, fields, ttl_s=self.ttl_s)
-            return
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.key(job_id), mapping=fields)
-            pipe.expire(self.key(job_id), self.ttl_s)
-            pipe.execute()
+        self._write(job_id, fields)
 
     def confirm_run(self, job_id: str) -> None:
         """Before an effect outside the record (a file, an upload, a callback): raise
@@ -383,8 +401,62 @@ class JobRecords:
         """Set fields to JSON-encoded values, read back with `JobRecord.value`."""
         self.write(job_id, **{name: json.dumps(value) for name, value in values.items()})
 
+    def write_active(self, job_id: str, **fields: str) -> None:
+        """`write`, and the job enters the index of active jobs (`ACTIVE_KEY`) in the same
+        step: it is about to be sent, or owes the platform a callback again."""
+        self._write(job_id, fields, index="enter")
+
+    def _write_settled(self, job_id: str, **fields: str) -> None:
+        """`write`, and the job leaves the index of active jobs in the same step."""
+        self._write(job_id, fields, index="leave")
+
+    def _write(self, job_id: str, fields: dict[str, str], *, index: IndexChange = "keep") -> None:
+        """Set `fields` (fenced inside a stage run) and change the job's place in the index
+        of active jobs. Fenced, the index follows the fenced write: a crash in between
+        leaves a settled job indexed, which `active()` drops when it meets it."""
+        now = self.now() if index == "enter" else 0.0
+        if (fence := fencing.active(job_id)) is not None:
+            fencing.write(self.redis, self.key(job_id), fence, fields, ttl_s=self.ttl_s)
+            _change_index(self.redis, job_id, index, now)
+            return
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key(job_id), mapping=fields)
+            pipe.expire(self.key(job_id), self.ttl_s)
+            _change_index(pipe, job_id, index, now)
+            pipe.execute()
+
+    def active(self, *, page: int = 500) -> Iterator[tuple[JobRecord, float]]:
+        """Every active job's record with when it was sent (Redis time), read a page at a
+        time; entries whose record expired, or that settled by a step that left them, are
+        dropped from the index as they are met. Costs the active jobs, whatever the number
+        of records."""
+        entries = self.redis.zrange(ACTIVE_KEY, 0, -1, withscores=True)
+        for start in range(0, len(entries), page):
+            chunk = [(member.decode(), at) for member, at in entries[start : start + page]]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in chunk:
+                    pipe.hgetall(self.key(job_id))
+                raws = pipe.execute()
+            gone = []
+            for (job_id, at), raw in zip(chunk, raws, strict=True):
+                record = _record(job_id, raw)
+                if not raw or settled(record):
+                    gone.append(job_id)
+                else:
+                    yield record, at
+            if gone:
+                self._drop_settled(keys=[ACTIVE_KEY, *map(self.key, gone)], args=gone)
+
+    def expires_at(self, job_id: str) -> float | None:
+        """When the record expires unless written again (Redis time); None if there is none."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.pttl(self.key(job_id))
+            (seconds, micros), left_ms = pipe.execute()
+        return None if left_ms < 0 else seconds + micros / 1e6 + left_ms / 1000
+
     def create(self, job: Job, *, payload: str) -> None:
-        self.write(
+        self.write_active(
             job.id,
             payload=payload,
             job=job.model_dump_json(),
@@ -473,25 +545,27 @@ class JobRecords:
     def now(self) -> float:
         """Redis's clock, seconds: the one leases and heartbeats are kept on, the same for
         every host whatever their own clocks say."""
-        seconds, micros = self.redis.time()
-        return seconds + micros / 1e6
+        return redis_now(self.redis)
 
     def media_heartbeat(self, host: str) -> None:
         """Say that `host` has a live media worker, on Redis's clock."""
-        self.redis.hset(MEDIA_HOSTS_KEY, host, f"{self.now():.6f}")
+        self.redis.hset(MEDIA_HOSTS_KEY, host, redis_stamp(self.redis))
 
     def media_hosts(self) -> dict[str, float]:
         """When each host's media worker last said it lives (Redis time)."""
         return {k.decode(): float(v) for k, v in self.redis.hgetall(MEDIA_HOSTS_KEY).items()}
 
     def stage_finished(self, job_id: str, stage: str) -> None:
-        """Note the stage done (later deliveries skip it) and release its lease."""
-        self.write(job_id, **{f"finished:{stage}": repr(time.time())})
+        """Note the stage done (later deliveries skip it) and release its lease. On Redis's
+        clock, as `started:<stage>` is: a stage's seconds never mix two hosts' clocks."""
+        self.write(job_id, **{f"finished:{stage}": redis_stamp(self.redis)})
         self.release_stage(job_id, stage)
 
     def callback_sent(self, job_id: str, status: str) -> None:
-        """Note when the platform accepted a callback of this status."""
-        self.write(job_id, **{f"callback_sent:{status}": repr(time.time())})
+        """Note when the platform accepted a callback of this status; a final one settles
+        the job (it leaves the index of active jobs)."""
+        write = self._write_settled if status in FINAL_STATUSES else self.write
+        write(job_id, **{f"callback_sent:{status}": redis_stamp(self.redis)})
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """Leave the record saying which stage failed, and why, with the `failed` callback
@@ -504,18 +578,37 @@ class JobRecords:
         )
 
     def final_callback_due(self, job_id: str, status: str) -> dict[str, str]:
-        """A final status's callback written before it is sent (worker/outbox.py): the job
-        enters the outbox here, and the fields returned, written with the final status, say
-        which callback is due and since when (Redis time) until it is handed to the broker."""
+        """A final status's callback written before it is sent (worker/outbox.py): the fields
+        returned, written with the final status, say which callback is due and since when
+        (Redis time) until it is handed to the broker. The job is in the index of active jobs
+        from here (already, unless it was refused before it was sent) until it settles."""
         now = self.now()
-        self.redis.zadd(OUTBOX_KEY, {job_id: now})
+        self.redis.zadd(ACTIVE_KEY, {job_id: now}, nx=True)
         return {"callback_pending": status, "callback_pending_at": f"{now:.6f}"}
 
     def delivery_failed(self, job_id: str, *, stage: str, error: BaseException) -> None:
-        """The platform was never told the outcome: say so, keeping the job's own error."""
-        self.write(
+        """The platform was never told the outcome: say so, keeping the job's own error. The
+        job settles (an operator's `jobs retry` sends the callback again)."""
+        self._write_settled(
             job_id, status="delivery_failed", **_error_fields("delivery_error", stage, error)
         )
+
+
+def _change_index(client: redis.Redis, job_id: str, change: IndexChange, now: float) -> None:
+    """Enter the job in the index of active jobs at `now`, drop it from it, or neither."""
+    if change == "enter":
+        client.zadd(ACTIVE_KEY, {job_id: now})
+    elif change == "leave":
+        client.zrem(ACTIVE_KEY, job_id)
+
+
+def settled(record: JobRecord) -> bool:
+    """Whether nothing more is owed to the platform: its final callback was accepted or
+    given up on (`delivery_failed`)."""
+    status = record.status
+    if status == "delivery_failed":
+        return True
+    return status in FINAL_STATUSES and f"callback_sent:{status}" in record.fields
 
 
 def _record(job_id: str, raw: dict[bytes, bytes]) -> JobRecord:
@@ -544,4 +637,4 @@ def get_records() -> JobRecords:
     its commands wait out a short Redis outage (`REDIS_OUTAGE_RETRY`)."""
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, retry=REDIS_OUTAGE_RETRY)
-    return JobRecords(client, ttl_s=settings.job_record_ttl_s)
+    return JobRecords(client, ttl_s=settings.job_record_ttl_s, claim_lease_s=settings.claim_lease_s)

@@ -16,7 +16,9 @@ from pydantic import Field, PositiveFloat, SecretStr, field_validator, model_val
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Field names whose values are secrets: shown as set/unset, never printed.
-SECRET_FIELDS = ("supabase_service_key", "job_callback_secret", "wan_worker_api_key")
+SECRET_FIELDS = (
+    "supabase_service_key", "job_callback_secret", "callback_bearer", "wan_worker_api_key",
+)  # fmt: skip
 #: Field names holding URLs that may carry credentials (`redis://:password@host`).
 URL_FIELDS = ("redis_url", "platform_redis_url", "supabase_url", "callback_url", "public_url")
 
@@ -78,6 +80,9 @@ class Settings(BaseSettings):
     supabase_service_key: SecretStr | None = None
     callback_url: str | None = None
     job_callback_secret: SecretStr | None = None
+    #: The Bearer token of callbacks to a CALLBACK_URL outside SUPABASE_URL's origin, which
+    #: never get the service-role key; unset: those carry the HMAC signature alone.
+    callback_bearer: SecretStr | None = None
     #: Seconds one callback POST may take before it counts as a timeout (then retried).
     callback_timeout_s: float = 10.0
     #: How long uploads and final callbacks keep retrying after their first attempt, seconds.
@@ -87,6 +92,9 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = 7860
     public_url: str | None = None
+    #: The longest one `GET /jobs/{id}/events` stream lasts, seconds; the client's EventSource
+    #: then reconnects and starts again from a snapshot.
+    event_stream_max_s: PositiveFloat = 3600
     runpod_pod_id: str | None = None
     #: Hosts (or addresses) whose references may be private, e.g. an internal CDN: comma list.
     reference_allowed_hosts: str = ""
@@ -97,6 +105,10 @@ class Settings(BaseSettings):
 
     #: How long a job record lives in Redis after its last update, seconds.
     job_record_ttl_s: int = 7 * 24 * 3600
+    #: How long a dispatcher's claim on a job id keeps other dispatchers off it, seconds:
+    #: claim to send takes milliseconds, so a claim this old is a dead dispatcher's, and the
+    #: bridge that kept the same job's item takes it over and sends it.
+    claim_lease_s: PositiveFloat = 300
 
     #: Deliveries of one stage (its worker died, the broker handed it out again) before the
     #: job fails and is dead-lettered; Celery's own retries of network stages do not count.
@@ -216,6 +228,15 @@ class Settings(BaseSettings):
             or self.wan_distill_lora is not None
             or self.wan_turbo_model_path is not None
         )
+
+    @field_validator(*SECRET_FIELDS)
+    @classmethod
+    def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        """`KEY=` in an env file reads as an empty secret: it means not set, everywhere (an
+        empty API key compared equal to a missing Authorization header and opened the API)."""
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
 
     @field_validator("worker_host")
     @classmethod

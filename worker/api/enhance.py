@@ -21,12 +21,18 @@ from worker.settings import Settings, get_settings
 router = APIRouter(dependencies=[Authorized], tags=["enhance"])
 
 
+#: One character that is not white space as str.strip() sees it, spelled out: `\S` means
+#: another set in a client's (ECMA) regex engine, which counts U+001C..U+001F as text and
+#: U+FEFF as space, so a schema-valid prompt of U+001F three times was refused with 422.
+NOT_SPACE = r"[^\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
 class EnhanceRequest(BaseModel):
-    # Python's `re` here and in the schema's pattern: "\S" means what str.strip() means.
+    # Python's `re` here, and a pattern that means the same in the schema's readers.
     model_config = ConfigDict(regex_engine="python-re")
 
     #: Some text: not only white space (the pattern), at most the job prompt limit.
-    prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS, pattern=r"\S")
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NOT_SPACE)
     #: The one enhancement model this worker runs (Qwen 2.5-7B Base).
     model: Literal["qwen_base"] = "qwen_base"
     #: Picks the prompt style (video or image) and length (fast or high).

@@ -1,23 +1,38 @@
-"""GET /health, no auth: can this worker serve, what answers, what waits, what is loaded.
+"""GET /health, no auth: can this worker serve; GET /health/details, with the key: who serves.
 
-The platform calls it before it accepts a registration (within 5 s), so every probe here
-has a short timeout. 200 when Redis answers; 503 with the reason when it does not.
+The platform calls /health before it accepts a registration (within 5 s), and anyone may
+call it, so it must stay cheap under any load: one Redis PING (shared by the requests
+that arrive while it is in flight) and a view of the workers that a background task
+refreshes every REFRESH_S (a Celery broadcast that waits PING_TIMEOUT_S for the answers,
+the loaded models, the queue depths). No request ever waits for a worker, and no request
+fans out to the workers. 200 when Redis answers; 503 with the reason when it does not.
+
+/health says how many workers answer and which queues have none; the node names and the
+models they loaded (with their paths) are in /health/details only, behind the API key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Annotated, Any, Literal
 
 import redis
-from fastapi import APIRouter, Depends
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
+from worker.api.auth import Authorized
 from worker.lanes import queue_depth
 from worker.observe.loaded_models import LoadedModels
-from worker.settings import Settings, get_settings
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -27,6 +42,10 @@ QUEUES = ("gpu", "enhance", "cpu")
 PING_TIMEOUT_S = 1.0
 #: Redis probes give up after this, seconds.
 REDIS_TIMEOUT_S = 1.0
+#: How often the background task surveys the workers, seconds.
+REFRESH_S = 5.0
+#: A worker view older than this (the survey hangs) makes the answer `degraded`, seconds.
+STALE_AFTER_S = 6 * REFRESH_S
 
 
 class WorkerView(BaseModel):
@@ -35,15 +54,25 @@ class WorkerView(BaseModel):
 
 
 class Health(BaseModel):
-    """`ok`: every queue has a worker; `degraded`: some queue has none; `unavailable`: no Redis."""
+    """`ok`: every queue has a worker; `degraded`: some queue has none (or the workers could
+    not be surveyed); `unavailable`: no Redis."""
 
     status: Literal["ok", "degraded", "unavailable"]
     worker: Literal["wan"] = "wan"
     reason: str | None = None
     redis: bool
-    workers: dict[str, WorkerView] = {}
+    #: How many worker processes answered the last survey.
+    workers_answering: int = 0
     queues_without_workers: list[str] = []
     queue_depths: dict[str, int] = {}
+    #: Seconds since the workers were last surveyed (null: not yet).
+    workers_checked_s_ago: float | None = None
+
+
+class HealthDetails(Health):
+    """/health, plus each worker node with its queues and loaded models."""
+
+    workers: dict[str, WorkerView] = {}
 
 
 @cache
@@ -54,36 +83,125 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
-def _workers(broker: redis.Redis) -> dict[str, WorkerView]:
-    """Workers that answer a broadcast within PING_TIMEOUT_S, with their queues and models."""
+@dataclass(frozen=True)
+class Survey:
+    """What the background task found: the workers, the queue depths, or why not."""
+
+    at: float
+    workers: dict[str, WorkerView] = field(default_factory=dict)
+    depths: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+def survey(settings: Settings) -> Survey:
+    """The workers that answer a broadcast within PING_TIMEOUT_S with their queues and
+    models, and the queue depths (blocking: run in a thread)."""
     from tasks import app  # the Celery app, for its broadcast (no torch comes with it)
 
-    answers = app.control.inspect(timeout=PING_TIMEOUT_S).active_queues() or {}
-    models = LoadedModels(broker).all()
-    return {
-        node: WorkerView(queues=sorted(q["name"] for q in queues), models=models.get(node, {}))
-        for node, queues in sorted(answers.items())
-    }
-
-
-@router.get("/health", response_model=Health, responses={503: {"model": Health}})
-def health(settings: Annotated[Settings, Depends(get_settings)]) -> Health | JSONResponse:
     broker = redis_client(settings.redis_url)
     platform = redis_client(settings.platform_redis_url or settings.redis_url)
     try:
         depths = {queue: queue_depth(broker, queue) for queue in QUEUES}
         depths["platform"] = int(platform.llen(settings.platform_queue))
-        workers = _workers(broker)
+        answers = app.control.inspect(timeout=PING_TIMEOUT_S).active_queues() or {}
+        models = LoadedModels(broker).all()
     except (redis.RedisError, OperationalError) as e:
-        down = Health(status="unavailable", redis=False, reason=f"Redis unreachable: {e}")
-        return JSONResponse(down.model_dump(), status_code=503)
-    served = {queue for view in workers.values() for queue in view.queues}
-    missing = [queue for queue in QUEUES if queue not in served]
-    return Health(
-        status="degraded" if missing else "ok",
-        reason=f"no worker consumes {', '.join(missing)}" if missing else None,
-        redis=True,
-        workers=workers,
-        queues_without_workers=missing,
-        queue_depths=depths,
-    )
+        return Survey(at=time.monotonic(), error=f"Redis unreachable: {e}")
+    workers = {
+        node: WorkerView(queues=sorted(q["name"] for q in queues), models=models.get(node, {}))
+        for node, queues in sorted(answers.items())
+    }
+    return Survey(at=time.monotonic(), workers=workers, depths=depths)
+
+
+class HealthMonitor:
+    """The API's health: the last survey (refreshed by `run`) and a PING that concurrent
+    requests share."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.last: Survey | None = None
+        self._redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+        )
+        self._ping: asyncio.Task[str | None] | None = None
+
+    async def run(self) -> None:
+        """Survey every REFRESH_S, in a thread, for as long as the app lives."""
+        while True:
+            try:
+                self.last = await asyncio.to_thread(survey, self.settings)
+            except Exception:  # the loop must outlive any one survey
+                log.exception("worker survey failed")
+            await asyncio.sleep(REFRESH_S)
+
+    async def redis_error(self) -> str | None:
+        """None when Redis answers a PING, else why not. Requests that come while a PING is
+        in flight wait for that one: a burst of probes costs Redis one command."""
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.create_task(self._ping_once())
+        return await asyncio.shield(self._ping)
+
+    async def _ping_once(self) -> str | None:
+        try:
+            await self._redis.ping()
+        except (redis.RedisError, OSError) as e:
+            return f"Redis unreachable: {e}"
+        return None
+
+    async def answer(self, *, details: bool) -> Health | JSONResponse:
+        error = await self.redis_error()
+        if error is not None:
+            down = Health(status="unavailable", redis=False, reason=error)
+            return JSONResponse(down.model_dump(), status_code=503)
+        last = self.last
+        if last is None:
+            view = Health(status="degraded", redis=True, reason="workers not surveyed yet")
+            return HealthDetails(**view.model_dump()) if details else view
+        served = {queue for view in last.workers.values() for queue in view.queues}
+        missing = [queue for queue in QUEUES if queue not in served]
+        age = time.monotonic() - last.at
+        reasons = [
+            last.error,
+            f"no worker consumes {', '.join(missing)}" if missing else None,
+            f"the workers were last surveyed {age:.0f} s ago" if age > STALE_AFTER_S else None,
+        ]
+        reason = "; ".join(r for r in reasons if r) or None
+        fields: dict[str, Any] = {
+            "status": "degraded" if reason else "ok",
+            "reason": reason,
+            "redis": True,
+            "workers_answering": len(last.workers),
+            "queues_without_workers": missing,
+            "queue_depths": last.depths,
+            "workers_checked_s_ago": round(age, 1),
+        }
+        return HealthDetails(**fields, workers=last.workers) if details else Health(**fields)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def _monitor(request: Request) -> HealthMonitor:
+    return request.app.state.health
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(monitor: Annotated[HealthMonitor, Depends(_monitor)]) -> Health | JSONResponse:
+    """Liveness for the platform and load balancers: cheap, no auth, no node names."""
+    return await monitor.answer(details=False)
+
+
+@router.get(
+    "/health/details",
+    response_model=HealthDetails,
+    dependencies=[Authorized],
+    responses={503: {"model": Health}},
+)
+async def health_details(
+    monitor: Annotated[HealthMonitor, Depends(_monitor)],
+) -> HealthDetails | JSONResponse:
+    """/health with every worker node, its queues and the models it loaded (their paths)."""
+    return await monitor.answer(details=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Path, status
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.api.auth import Authorized
-from worker.dispatch import seen_before, submit
+from worker.dispatch import claim, claim_left_s, submit
 from worker.errors import InvalidJob
 from worker.job_control import Answer, Outcome, cancel, retry
 from worker.job_views import JobView, job_view
@@ -69,7 +70,10 @@ JOB_EXAMPLE = {
     "/jobs",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
-    responses={200: {"model": Accepted, "description": "seen before; nothing new started"}},
+    responses={
+        200: {"model": Accepted, "description": "seen before; nothing new started"},
+        409: {"description": "another dispatcher holds the id's claim: send it again later"},
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -92,8 +96,17 @@ def post_job(body: Annotated[dict[str, Any], Body()]) -> Accepted | JSONResponse
         detail = [{"loc": ["body", *field.split(".")], "msg": str(e), "type": "invalid_job"}]
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from None
     records = get_records()
-    if seen_before(records, job.id):
-        status_now = records.get(job.id).status or "queued"  # held: still being submitted
+    outcome = claim(records, job.id)
+    if outcome == "held":  # its holder may have died before sending it: not `queued` yet
+        left_s = math.ceil(claim_left_s(records, job.id))
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job.id} is being submitted by another dispatcher, which may have died "
+            f"before sending it: send it again in {left_s} s, when its claim has run out",
+            headers={"Retry-After": str(max(left_s, 1))},
+        )
+    if outcome == "dispatched":
+        status_now = records.get(job.id).status or "queued"
         existing = Accepted(job_id=job.id, status=status_now, created=False)
         return JSONResponse(existing.model_dump(), status_code=status.HTTP_200_OK)
     submit(records, job, payload=json.dumps(body))
@@ -102,10 +115,11 @@ def post_job(body: Annotated[dict[str, Any], Body()]) -> Accepted | JSONResponse
 
 @router.get("/jobs/{job_id}", responses={404: {"description": "no such job"}})
 def get_job(job_id: JobId) -> JobView:
-    record = get_records().get(job_id)
+    records = get_records()
+    record = records.get(job_id)
     if not record.fields:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
-    return job_view(record)
+    return job_view(record, expires_at=records.expires_at(job_id))
 
 
 class ControlAnswer(BaseModel):

@@ -135,9 +135,10 @@ class Pipelines:
             self._v2v = build_v2v(self.settings, self.t2v)
         return self._v2v
 
-    def for_job(self, name: str, job: Job) -> DiffusionPipeline:
-        """The pipeline `name` set up for `job`: turbo on or off, the step cache re-armed."""
-        return speed.for_job(getattr(self, name), job, self.settings, self.turbo)
+    def for_job(self, name: str, job: Job, *, steps: int | None = None) -> DiffusionPipeline:
+        """The pipeline `name` set up for `job`: turbo on or off, the step cache re-armed for
+        the `steps` it runs (default: the job's)."""
+        return speed.for_job(getattr(self, name), job, self.settings, self.turbo, steps=steps)
 
     def loaded(self) -> list[str]:
         """Names of the pipelines in memory, for logs and the benchmark."""

@@ -9,6 +9,7 @@ its references could be used: a job whose references failed runs text-only and s
   generates the rest (white). An image beside start/end frames also goes in as reference.
 - image to image: video to video with `strength`, the source repeated over the frames (one
   frame for an image job). diffusers runs int(steps x strength) steps; at least one runs.
+  Its transformer calls are named for the step cache (`speed.named_passes`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from worker.generation import speed
 from worker.generation.load import Pipelines
 from worker.jobs import Job
 
@@ -130,22 +132,22 @@ def _image_to_image(
 ) -> Generated:
     [(role, source)] = references.items()
     strength = job.denoise_strength or 0.0  # always set on an image-to-image job
-    steps = min(int(job.steps * strength), job.steps)  # diffusers' own count
+    steps = denoise_steps(job)
     metadata: dict[str, Any] = {
         "wan_task": WAN_TASKS["v2v"],
         "reference_mode": job.reference_mode,
         "references_used": [role],
         "denoise_strength": strength,
-        "denoise_steps": max(steps, 1),
+        "denoise_steps": steps,
     }
     run_strength = strength
-    if steps < 1:  # diffusers cannot run zero steps: run the smallest strength that runs one
-        run_strength = (1 + 1e-6) / job.steps
+    if job.steps * strength < 1:  # diffusers cannot run zero steps: the smallest strength
+        run_strength = (1 + 1e-6) / job.steps  # that runs one
         metadata["denoise_note"] = (
             f"strength {strength:g} x {job.steps} steps is under one step: one step was run"
         )
     frames = _run(
-        pipelines.for_job("v2v", job),
+        pipelines.for_job("v2v", job, steps=steps),
         job,
         seed,
         on_step,
@@ -154,6 +156,13 @@ def _image_to_image(
         **common,
     )
     return Generated(frames, metadata)
+
+
+def denoise_steps(job: Job) -> int:
+    """The steps an image-to-image job runs: diffusers' own count, int(steps x strength),
+    and one where that is none."""
+    strength = job.denoise_strength or 0.0  # always set on an image-to-image job
+    return max(min(int(job.steps * strength), job.steps), 1)
 
 
 def _run(
@@ -167,13 +176,14 @@ def _run(
             on_step(step + 1, pipeline.num_timesteps)
         return kwargs
 
-    output = pipe(
-        # A CPU generator gives the same noise for a seed on every device.
-        generator=torch.Generator(device="cpu").manual_seed(seed),
-        output_type="np",
-        callback_on_step_end=step_end,
-        **call,
-    )
+    with speed.named_passes(pipe):
+        output = pipe(
+            # A CPU generator gives the same noise for a seed on every device.
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            output_type="np",
+            callback_on_step_end=step_end,
+            **call,
+        )
     frames = output.frames[0]
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 

@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline
 import worker
 from worker.generation import speed
 from worker.generation.load import Pipelines
+from worker.generation.modes import denoise_steps
 from worker.jobs import Job
 from worker.model_files import model_revision
 from worker.settings import Settings
@@ -29,11 +30,13 @@ def describe(
     pipelines: Pipelines, job: Job, *, seed: int, wan_task: str, settings: Settings
 ) -> dict[str, Any]:
     """Provenance of one generation (`job` is as WAN ran it: its prompt is the one used, its
-    steps and guidance those of the turbo checkpoint when `turbo`)."""
+    steps and guidance those of the turbo checkpoint when `turbo`). `step_cache` says what
+    WAN_CACHE did on this job's pipeline (`speed.step_cache`)."""
     name, path_setting = PIPELINE_OF_TASK[wan_task]
     pipe: DiffusionPipeline = getattr(pipelines, name)
     path = getattr(settings, path_setting)
     scheduler = pipe.scheduler.config
+    steps_run = denoise_steps(job) if name == "v2v" else job.steps
     return {
         "model": path.name,
         "model_revision": model_revision(path),
@@ -51,6 +54,7 @@ def describe(
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "device": str(pipe.transformer.device),
         "speed_options": speed.in_force(settings, pipelines.device),
+        "step_cache": speed.step_cache(settings, job, pipe.transformer, steps=steps_run),
         "turbo": job.turbo,
         **({"turbo_checkpoint": speed.turbo_checkpoint(settings).name} if job.turbo else {}),
         "worker_version": worker.__version__,

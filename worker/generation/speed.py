@@ -8,26 +8,39 @@ pipelines share (one transformer for text to video and video to video, one VAE a
 encoder for all) are sped up once. What the device cannot run is refused by `check` when
 the worker starts, naming the setting, so no job is taken by a worker that cannot serve it.
 
-Per job, `for_job` re-arms the step cache (fresh state, the job's step count: MagCache
-needs it) and switches the turbo checkpoint on for the fast types, off for the others.
+Per job, `for_job` re-arms the step cache (fresh state, the step count the pipeline runs:
+MagCache needs it) and switches the turbo checkpoint on for the fast types, off for the
+others. Where a cache cannot run right it does not run, and the job's provenance says why
+(`step_cache`): VACE takes no residual cache (`RESIDUAL_CACHES`), a turbo job no cache.
+Video to video gets its transformer calls named by `named_passes`, as WanPipeline names its
+own, so each guidance pass keeps its own cache state.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline, WanTransformer3DModel
+from diffusers import (
+    DiffusionPipeline,
+    WanTransformer3DModel,
+    WanVACETransformer3DModel,
+    WanVideoToVideoPipeline,
+)
 from diffusers.hooks import (
     FirstBlockCacheConfig,
     MagCacheConfig,
     TaylorSeerCacheConfig,
     apply_group_offloading,
 )
+from diffusers.hooks.mag_cache import nearest_interp
 from diffusers.models.attention_dispatch import (
     AttentionBackendName,
     _check_attention_backend_requirements,
@@ -53,6 +66,22 @@ TURBO_GUIDANCE = 1.0
 MAG_CALIBRATION = {"width": 240, "height": 416, "num_frames": 1, "num_inference_steps": 25}
 #: diffusers' configs of the caches that have a threshold (their defaults are read from them).
 CACHE_DEFAULTS = {"first_block": FirstBlockCacheConfig, "mag": MagCacheConfig}
+#: Caches that skip the blocks after the first and add back the residual of the last computed
+#: step. VACE adds its control hints between the blocks, in the transformer's own forward:
+#: that residual holds them, and a skipped step would add them a second time.
+RESIDUAL_CACHES = ("first_block", "mag")
+#: What a VACE job says in its provenance when WAN_CACHE is a residual cache.
+VACE_UNCACHED = (
+    "VACE runs without {cache}: its control hints, added between the transformer's blocks, "
+    "would be counted twice on a skipped step"
+)
+#: The modules TaylorSeer forecasts: each block's self-attention, cross-attention and
+#: feed-forward output. diffusers' default patterns (`^blocks.*attn`) match no module of
+#: WAN's transformers, whose attention modules are `attn1` and `attn2`: it hooked nothing.
+TAYLORSEER_MODULES = [r"blocks\.\d+\.(attn1|attn2|ffn)"]
+#: Pipelines whose denoising loop calls the transformer outside a `cache_context` (diffusers
+#: 0.42): `named_passes` names their calls.
+UNNAMED_PASSES = (WanVideoToVideoPipeline,)
 #: The warm-up generation: an image at the platform's default size, in two steps (turbo: its
 #: own steps), so compiled blocks meet the most common shape before the first job.
 WARMUP_RESOLUTION, WARMUP_STEPS = "480x832", 2
@@ -176,7 +205,7 @@ def apply(pipe: DiffusionPipeline, settings: Settings, device: torch.device) -> 
         pipe.to(device)
     if transformer not in _done:
         speed_up_transformer(transformer, settings, device)
-        if settings.wan_cache == "mag":
+        if settings.wan_cache == "mag" and _unfit("mag", transformer) is None:
             _mag_ratios[transformer] = _calibrate_mag(pipe)
         _done.add(transformer)
     if vae not in _done:
@@ -265,12 +294,19 @@ def as_run(job: Job, settings: Settings) -> Job:
 
 
 def for_job(
-    pipe: DiffusionPipeline, job: Job, settings: Settings, turbo: torch.nn.Module | None
+    pipe: DiffusionPipeline,
+    job: Job,
+    settings: Settings,
+    turbo: torch.nn.Module | None,
+    *,
+    steps: int | None = None,
 ) -> DiffusionPipeline:
     """The pipeline to call for this job: turbo switched on or off, the step cache re-armed.
 
     `turbo` is the distilled transformer of WAN_TURBO_MODEL_PATH, if any: a turbo job runs a
-    twin of the pipeline around it (same parts, that transformer).
+    twin of the pipeline around it (same parts, that transformer). `steps` are the denoising
+    steps the pipeline will run, when fewer than the job's (video to video runs the last
+    int(steps x strength) of them).
     """
     if turbo is not None and job.turbo:
         pipe = type(pipe)(**(pipe.components | {"transformer": turbo}))
@@ -283,27 +319,94 @@ def for_job(
     transformer = pipe.transformer
     if transformer.is_cache_enabled:
         transformer.disable_cache()  # a fresh state: a cancelled job may have left one
-    if settings.wan_cache != "none" and not job.turbo:  # 4 distilled steps: nothing to reuse
+    if step_cache(settings, job, transformer, steps=steps or job.steps)["ran"] != "none":
         ratios = _mag_ratios.get(transformer)
-        transformer.enable_cache(cache_config(settings, steps=job.steps, mag_ratios=ratios))
+        transformer.enable_cache(
+            cache_config(settings, steps=job.steps, run_steps=steps, mag_ratios=ratios)
+        )
     return pipe
 
 
+def step_cache(
+    settings: Settings, job: Job, transformer: torch.nn.Module, *, steps: int
+) -> dict[str, Any]:
+    """What WAN_CACHE does on this job, for its provenance: the cache that ran and the steps
+    it was set for, or `none` and, when WAN_CACHE is set, why not."""
+    if settings.wan_cache == "none":
+        return {"ran": "none"}
+    if job.turbo:
+        return {"ran": "none", "reason": "a turbo job's few distilled steps leave nothing to reuse"}
+    if (reason := _unfit(settings.wan_cache, transformer)) is not None:
+        return {"ran": "none", "reason": reason}
+    return {"ran": settings.wan_cache, "steps": steps}
+
+
+def _unfit(cache: str, transformer: torch.nn.Module) -> str | None:
+    """Why `cache` cannot run right on this transformer, or None."""
+    if cache in RESIDUAL_CACHES and isinstance(transformer, WanVACETransformer3DModel):
+        return VACE_UNCACHED.format(cache=cache)
+    return None
+
+
 def cache_config(
-    settings: Settings, *, steps: int, mag_ratios: list[float] | None = None
+    settings: Settings,
+    *,
+    steps: int,
+    run_steps: int | None = None,
+    mag_ratios: list[float] | None = None,
 ) -> FirstBlockCacheConfig | MagCacheConfig | TaylorSeerCacheConfig:
-    """diffusers' config of WAN_CACHE. MagCache interpolates its ratios to the job's steps."""
+    """diffusers' config of WAN_CACHE. MagCache interpolates its ratios to the job's `steps`
+    and, when the pipeline runs only the last `run_steps` of them (video to video), takes
+    their tail and counts those."""
     threshold = {} if settings.wan_cache_threshold is None else {
         "threshold": settings.wan_cache_threshold}  # fmt: skip
     if settings.wan_cache == "first_block":
         return FirstBlockCacheConfig(**threshold)
     if settings.wan_cache == "mag":
-        return MagCacheConfig(
-            **threshold,
-            num_inference_steps=steps,
-            mag_ratios=mag_ratios,
-        )
-    return TaylorSeerCacheConfig()
+        run_steps = run_steps or steps
+        ratios = None if mag_ratios is None else (
+            nearest_interp(torch.tensor(mag_ratios), steps)[steps - run_steps :])  # fmt: skip
+        return MagCacheConfig(**threshold, num_inference_steps=run_steps, mag_ratios=ratios)
+    return TaylorSeerCacheConfig(cache_identifiers=TAYLORSEER_MODULES)
+
+
+@contextmanager
+def named_passes(pipe: DiffusionPipeline) -> Iterator[None]:
+    """While `pipe` runs, each call of its transformer in a `cache_context` named as
+    WanPipeline names its own: `cond`, then `uncond` when guidance runs, per step.
+
+    diffusers' video to video calls its transformer outside any: First Block Cache and
+    TaylorSeer then fail ("No cache context is set"), and MagCache runs both passes on one
+    state (its step count runs twice as fast and a skipped unconditional pass reuses the
+    conditional residual, weakening guidance). Other pipelines name their calls themselves.
+    """
+    transformer = pipe.transformer
+    if not isinstance(pipe, UNNAMED_PASSES) or not transformer.is_cache_enabled:
+        yield
+        return
+    calls = itertools.count()
+    context = ExitStack()
+
+    def enter(_module: torch.nn.Module, _args: tuple, _kwargs: dict) -> None:
+        passes = 2 if pipe.do_classifier_free_guidance else 1
+        step, which = divmod(next(calls), passes)
+        name = ("cond", "uncond")[which]
+        context.enter_context(transformer.cache_context(
+            name, step_index=step, num_inference_steps=pipe.num_timesteps))  # fmt: skip
+
+    def leave(_module: torch.nn.Module, _args: tuple, _output: Any) -> None:
+        context.close()
+
+    hooks = (
+        transformer.register_forward_pre_hook(enter, with_kwargs=True),
+        transformer.register_forward_hook(leave),
+    )
+    try:
+        with context:  # a pass that raised leaves its context here
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _calibrate_mag(pipe: DiffusionPipeline) -> list[float]:

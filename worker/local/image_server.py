@@ -43,6 +43,8 @@ class ImageServer:
         self.requests: list[str] = []  # paths, in arrival order
         #: Status codes to answer the next requests of a path with, before its route.
         self._faults: dict[str, list[int]] = {}
+        #: Paths whose requests wait, unanswered, until their event is set (`hold`).
+        self._holds: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         server = self
 
@@ -51,6 +53,8 @@ class ImageServer:
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 route, fault = server._take(self.path)
+                if (held := server._holds.get(self.path)) is not None:
+                    held.wait()
                 if fault is not None:
                     route = Route(status=fault, body=b"try later", content_type="text/plain")
                 if route is None:
@@ -97,6 +101,14 @@ class ImageServer:
         """Answer the next requests of `path` with these statuses (e.g. 503s), then normally."""
         with self._lock:
             self._faults[path] = list(statuses)
+
+    def hold(self, path: str) -> threading.Event:
+        """Keep every request of `path` open, unanswered, until the returned event is set: a
+        test catches a worker mid-download (`requests_for`), then releases it."""
+        released = threading.Event()
+        with self._lock:
+            self._holds[path] = released
+        return released
 
     def requests_for(self, path: str) -> int:
         with self._lock:

@@ -84,15 +84,25 @@ class LocalPlatform:
 
     Runs uvicorn in a daemon thread on 127.0.0.1 and a free port. Handlers run on the
     server thread, tests read from theirs, so all recorded state is guarded by `_cond`.
+
+    Addressed as `localhost` (`other_origin_callback_url`), its job-callback endpoint stands
+    for a callback receiver outside the Supabase project's origin: it takes the signature
+    with `Authorization: Bearer {callback_bearer}`, or with no Authorization header when
+    `callback_bearer` is None, and refuses the service-role key, which must never go there.
     """
 
     def __init__(
-        self, *, service_key: str | None = None, callback_secret: str | None = None
+        self,
+        *,
+        service_key: str | None = None,
+        callback_secret: str | None = None,
+        callback_bearer: str | None = None,
     ) -> None:
         service_key = service_key or secrets.token_hex(16)
         callback_secret = callback_secret or secrets.token_hex(16)
         self.service_key = service_key
         self.callback_secret = callback_secret
+        self.callback_bearer = callback_bearer
         self._cond = threading.Condition()
         self._uploads: dict[tuple[str, str], Upload] = {}
         self._callbacks: list[Callback] = []
@@ -106,6 +116,10 @@ class LocalPlatform:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        #: The same endpoint on another origin (another host name, the same server).
+        self.other_origin_callback_url = (
+            f"http://localhost:{self._socket.getsockname()[1]}/functions/v1/job-callback"
+        )
         config = uvicorn.Config(self._build_app(), log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -263,6 +277,13 @@ class LocalPlatform:
         expected = f"Bearer {self.service_key}"
         return hmac.compare_digest(request.headers.get("authorization", ""), expected)
 
+    def _callback_authorized(self, request: Request) -> bool:
+        """The service key on the Supabase origin; elsewhere `callback_bearer`, or nothing."""
+        if request.headers.get("host") == self.url.removeprefix("http://"):
+            return self._authorized(request)
+        expected = f"Bearer {self.callback_bearer}" if self.callback_bearer else ""
+        return hmac.compare_digest(request.headers.get("authorization", ""), expected)
+
     def _take_fault(self, faults: _Faults) -> int | None:
         with self._cond:
             return faults.take()
@@ -320,7 +341,7 @@ class LocalPlatform:
                 with self._cond:
                     self._refused_callbacks.append(refused or {})
                 return JSONResponse({"error": "injected by the test"}, status_code=status)
-            if not self._authorized(request):
+            if not self._callback_authorized(request):
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)
             raw = await request.body()
             digest = hmac.new(self.callback_secret.encode(), raw, hashlib.sha256).hexdigest()

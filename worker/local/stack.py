@@ -6,6 +6,7 @@ The commands are the production ones; only the environment differs.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -50,8 +51,33 @@ READY_MARKERS = {
 }
 
 
+#: The kernel's range of ports for outgoing connections (Linux).
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: How many ports below that range `free_port` draws from.
+FREE_PORT_SPAN = 12_000
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, drawn at random from below the kernel's ephemeral range.
+
+    A port from that range (what binding port 0 gives) can be taken by any outgoing
+    connection on the machine, the other test runs' included, between this check and the
+    server's own bind; below it, only another caller of this function could take it.
+    """
+    try:
+        low = int(EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    first = max(1024, low - FREE_PORT_SPAN)
+    for _ in range(100):
+        port = first + secrets.randbelow(low - first)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every draw taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -88,6 +114,8 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
+        #: Once it has run, a restart must come back on the same port (clients know it).
+        self._port_fixed = False
 
     def db_url(self, db: int) -> str:
         """The URL of database `db` of this server (`url` is database 0's)."""
@@ -105,13 +133,36 @@ class RedisServer:
             if self.aof
             else ["--appendonly", "no"]
         )
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             *persistence, "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        wait_until(lambda: redis_answers(self.url), timeout_s=10, what="redis-server start")
-        return self
+        for _ in range(3):
+            self.process = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 *persistence, "--dir", str(self.workdir)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            wait_until(self._serving_or_exited, timeout_s=10, what="redis-server start")
+            if self.process.poll() is None:
+                self._port_fixed = True
+                return self
+            if self._port_fixed:
+                break
+            # Another process took the port after free_port() saw it free: draw again.
+            self.port = free_port()
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+        raise RuntimeError(f"redis-server could not listen on 127.0.0.1:{self.port}")
+
+    def _serving_or_exited(self) -> bool:
+        """True once this server answers, or once it has exited (its port was taken). A Redis
+        of another test run that holds the port answers too: its process id tells it apart."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            return True
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        try:  # PING: refused while an append-only file is still loading
+            return bool(client.ping()) and client.info("server")["process_id"] == self.process.pid
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
     def kill(self) -> None:
         """SIGKILL, as a crash or the OOM killer would: no last write, no goodbye to clients."""
@@ -125,6 +176,43 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+
+def _connections(pids: list[int]) -> set[tuple[int, int]]:
+    """(local port, remote port) of each TCP connection these processes hold (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # it has exited: it holds nothing
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    connections = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+                connections.add((local, remote))
+    return connections
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def _client_ids(client: redis.Redis) -> set[int]:
+    """The ids of the clients connected to this Redis; none while it is down."""
+    try:
+        return {int(c["id"]) for c in client.client_list()}
+    except redis.RedisError:
+        return set()
 
 
 class LocalStack:
@@ -191,11 +279,43 @@ class LocalStack:
         return [pid, *map(int, children)]
 
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
-        """Signal the process and all of its group (a worker and its pool), and reap it."""
+        """Signal the process and all of its group (a worker and its pool). SIGKILL also
+        reaps it and waits until Redis has seen its connections close: until then Redis can
+        still hand a message to a blocking pop of the dead process, lost with it."""
         process = self.processes[name]
+        held = self._redis_clients(name) if sig == signal.SIGKILL else []
         os.killpg(process.pid, sig)
         if sig == signal.SIGKILL:
             process.wait(timeout=30)
+            for client, ids in held:
+                wait_until(
+                    lambda client=client, ids=ids: not ids & _client_ids(client),
+                    timeout_s=30,
+                    what=f"Redis closing the connections of {name}",
+                )
+                client.close()
+
+    def _redis_clients(self, name: str) -> list[tuple[redis.Redis, set[int]]]:
+        """Per Redis server of this stack, the ids of the clients that are `name`'s
+        connections (its pool's included)."""
+        try:
+            connections = _connections(self.pids(name))
+        except OSError:  # it has exited already
+            return []
+        servers: dict[tuple[str, int], redis.Redis] = {}
+        for url in filter(None, (self.env.get("REDIS_URL"), self.env.get("PLATFORM_REDIS_URL"))):
+            client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=10)
+            where = client.get_connection_kwargs()
+            servers.setdefault((where["host"], where["port"]), client)
+        held = []
+        for (_, server_port), client in servers.items():
+            ports = {local for local, remote in connections if remote == server_port}
+            try:
+                listed = client.client_list()
+            except redis.RedisError:  # Redis is down: no connection of it outlives the kill
+                continue
+            held.append((client, {int(c["id"]) for c in listed if _port(c["addr"]) in ports}))
+        return held
 
     def restart(
         self, name: str, *, env: dict[str, str] | None = None, timeout_s: float = 120

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import get_args
 
 import redis
+from celery import states
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,11 +25,25 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from enhancement.enhancer import FallbackReason
+from worker.jobs import JobType, PresetName
+from worker.records import FINAL_STATUSES, STAGES
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "wan:metrics:"
 #: Stage seconds: from a thumbnail (well under a second) to a long video (half an hour).
 STAGE_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
+
+
+#: What a label value outside its known values is counted as: every value is a series that
+#: Redis and Prometheus keep for ever, so input (a refused item's `type`) must never be one.
+OTHER = "other"
+#: Known label values, shared by the metrics that carry the label.
+STAGE_NAMES = frozenset(STAGES)
+QUALITIES = frozenset(get_args(PresetName))
+#: A task run's outcome: its Celery state, lower case (`IGNORED` is not among ALL_STATES).
+OUTCOMES = frozenset(state.lower() for state in (*states.ALL_STATES, states.IGNORED))
 
 
 @dataclass(frozen=True)
@@ -37,29 +53,51 @@ class Metric:
     labels: tuple[str, ...]
     buckets: tuple[float, ...] = ()  # empty: a counter (or a gauge, with gauge=True)
     gauge: bool = False
+    #: The values a label may take; any other is counted as OTHER. A label not named here
+    #: takes its value as given: only for values a deployment bounds (e.g. node names),
+    #: never for anything from a job or a request.
+    known: Mapping[str, frozenset[str]] = field(default_factory=dict, compare=False)
+
+    def label_values(self, values: Sequence[str]) -> list[str]:
+        """`values` with each one outside its label's known values replaced by OTHER."""
+        return [
+            value if label not in self.known or value in self.known[label] else OTHER
+            for label, value in zip(self.labels, values, strict=True)
+        ]
 
 
-JOBS = Metric("wan_jobs_total", "Jobs by type and final status.", ("job_type", "status"))
+JOBS = Metric(
+    "wan_jobs_total", "Jobs by type and final status.", ("job_type", "status"),
+    known={"job_type": frozenset(t.value for t in JobType), "status": FINAL_STATUSES},
+)  # fmt: skip
 STAGE_SECONDS = Metric(
-    "wan_stage_seconds", "Seconds per stage run.", ("stage", "outcome"), STAGE_BUCKETS_S
+    "wan_stage_seconds", "Seconds per stage run.", ("stage", "outcome"), STAGE_BUCKETS_S,
+    known={"stage": STAGE_NAMES, "outcome": OUTCOMES},
+)  # fmt: skip
+RETRIES = Metric(
+    "wan_retries_total", "Stage retries, by stage.", ("stage",), known={"stage": STAGE_NAMES}
 )
-RETRIES = Metric("wan_retries_total", "Stage retries, by stage.", ("stage",))
+#: `model`: the names the enhancement worker (`qwen`) and the generation worker (`wan_` and
+#: a pipeline's name) write; they come from code, not from jobs.
 MODEL_LOADS = Metric("wan_model_loads_total", "Models loaded by pool children.", ("model",))
 ENHANCEMENT_FALLBACKS = Metric(
-    "wan_enhancement_fallbacks_total", "Enhancements that fell back, by reason.", ("reason",)
-)
+    "wan_enhancement_fallbacks_total", "Enhancements that fell back, by reason.", ("reason",),
+    known={"reason": frozenset(get_args(FallbackReason))},
+)  # fmt: skip
 DEAD_LETTERS = Metric("wan_dead_letters_total", "Jobs moved to the dead-letter set.", ())
 CANCELLATIONS = Metric("wan_cancellations_total", "Jobs cancelled.", ())
 QUALITY_DEGRADATIONS = Metric(
     "wan_quality_degradations_total",
     "Generations run again at a lower quality preset after running out of GPU memory.",
     ("from_quality", "to_quality"),
+    known={"from_quality": QUALITIES, "to_quality": QUALITIES},
 )
 GPU_MEMORY = Metric(
     "wan_gpu_memory_bytes",
     "CUDA memory of each generation worker after its last job: in use, and that job's peak.",
     ("worker", "kind"),
     gauge=True,
+    known={"kind": frozenset({"in_use", "peak"})},  # `worker`: a node name of this deployment
 )
 ALL = (JOBS, STAGE_SECONDS, RETRIES, MODEL_LOADS, ENHANCEMENT_FALLBACKS, DEAD_LETTERS,
        CANCELLATIONS, QUALITY_DEGRADATIONS, GPU_MEMORY)  # fmt: skip
@@ -72,13 +110,16 @@ class Metrics:
         self.redis = client
 
     def count(self, metric: Metric, *labels: str, by: float = 1) -> None:
-        self._write(metric, lambda pipe, key: pipe.hincrbyfloat(key, _field(labels), by))
+        fields = _field(metric.label_values(labels))
+        self._write(metric, lambda pipe, key: pipe.hincrbyfloat(key, fields, by))
 
     def set(self, metric: Metric, value: float, *labels: str) -> None:
-        self._write(metric, lambda pipe, key: pipe.hset(key, _field(labels), value))
+        fields = _field(metric.label_values(labels))
+        self._write(metric, lambda pipe, key: pipe.hset(key, fields, value))
 
     def observe(self, metric: Metric, value: float, *labels: str) -> None:
         bucket = bisect_left(metric.buckets, value)  # the first bucket holding the value
+        labels = tuple(metric.label_values(labels))
 
         def write(pipe: redis.client.Pipeline, key: str) -> None:
             pipe.hincrbyfloat(key, _field(labels, f"le:{bucket}"), 1)

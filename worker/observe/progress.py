@@ -3,7 +3,10 @@
 Each event goes out three ways: a Redis pub/sub message on `wan:progress:{job_id}` (the
 API's Server-Sent Events stream), the job record's `progress` field (throttled; what a
 late subscriber and GET /jobs/{id} read first), and, from inside a Celery task, the task's
-custom `PROGRESS` state plus a `task-progress` event, so Flower shows it too.
+custom `PROGRESS` state plus a `task-progress` event, so Flower shows it too. The event
+carries the progress in one `progress` field: Celery's event state (and so Flower) sets every
+field of an event as an attribute of its task, and a field named `event` replaced the
+task's own `event` method, so the task never left PROGRESS when it succeeded or failed.
 
 `percent` runs over the whole job: each stage owns a share (generation most of it) and
 the denoising steps fill generation's share. `eta_seconds` comes from this job's own
@@ -73,7 +76,9 @@ class Progress:
         self.notify_every_s = notify_every_s
         self._stage_started = time.monotonic()
         self._recorded_at = 0.0
-        self._notified = (0.0, time.monotonic())  # (percent, when) of the last callback
+        #: (percent, `at`) of the last callback: the spacing is measured on the timestamps
+        #: the platform receives, so it holds there however long an event takes to publish.
+        self._notified = (0.0, time.time())
         #: Why the step count started again (a run at a lower preset), on every later step.
         self._note: str | None = None
 
@@ -98,10 +103,10 @@ class Progress:
         last_percent, last_at = self._notified
         due = (
             event["percent"] - last_percent >= CALLBACK_EVERY_PERCENT
-            and time.monotonic() - last_at >= self.notify_every_s
+            and sent["at"] - last_at >= self.notify_every_s
         )
         if self.notify is not None and due:
-            self._notified = (event["percent"], time.monotonic())
+            self._notified = (event["percent"], sent["at"])
             self.notify({k: v for k, v in sent.items() if k != "event"})
 
     def stage_restarted(self, stage: str, note: str) -> None:
@@ -129,5 +134,5 @@ class Progress:
             self._recorded_at = time.monotonic()
         if self.task is not None and self.task.request.id:
             self.task.update_state(state="PROGRESS", meta=event)
-            self.task.send_event("task-progress", **event)
+            self.task.send_event("task-progress", progress=event)
         return event
