@@ -1,17 +1,19 @@
 """Celery settings, and only those: queues, routes, reliability and time limits.
 
-Loaded by `tasks.app` with `config_from_object`; Redis comes from REDIS_URL.
+Loaded by `tasks.app` with `config_from_object`; Redis comes from REDIS_URL (or its
+Sentinel set, worker/connections.py).
 """
 
 from kombu import Exchange, Queue
 
+from worker.connections import celery_redis
 from worker.lanes import PRIORITY_STEPS
 from worker.settings import get_settings
 
-_redis_url = get_settings().redis_url
+_redis = celery_redis(get_settings())
 
-broker_url = _redis_url
-result_backend = _redis_url
+broker_url = _redis.url
+result_backend = _redis.url
 # Task results and PROGRESS states (`celery-task-meta-<task id>`): a day, or the records'
 # life when that is shorter (README, "Keys in Redis").
 result_expires = min(24 * 3600, get_settings().job_record_ttl_s)
@@ -100,6 +102,14 @@ broker_transport_options = {
     "visibility_timeout": _visibility_timeout_s,
     "unacked_restore_interval": max(1, min(10, _visibility_timeout_s // 5)),
     "unacked_restore_throttle": 1,
+    **_redis.transport_options,
+}
+# The result backend's own options: under Sentinel the master's name and how to reach the
+# sentinels, and the same visibility timeout as the broker's (Celery's Redis caveats: the
+# two option sets must agree).
+result_backend_transport_options = {
+    "visibility_timeout": _visibility_timeout_s,
+    **_redis.transport_options,
 }
 
 # Visible in Flower: started state and events from workers and senders.

@@ -33,7 +33,7 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
-from worker import faults
+from worker import connections, faults
 from worker.dispatch import claim, mark_dispatched, reject, send
 from worker.errors import InvalidJob
 from worker.jobs import Job, decode_body, job_id_of, job_type_of, parse_job
@@ -242,7 +242,7 @@ class Bridge:
 
 def make_bridge(settings: Settings) -> Bridge:
     """A bridge whose claims are its host's: restarted after a crash, it takes them back."""
-    platform = redis.Redis.from_url(settings.platform_redis_url)
+    platform = connections.client(connections.platform_target(settings))
     queue = settings.platform_queue
     records = get_records().for_owner(f"bridge:{processing_list(queue)}")
     return Bridge(platform, records, queue=queue)

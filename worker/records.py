@@ -21,7 +21,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from worker import fencing
+from worker import connections, fencing
 from worker.clock import redis_now, redis_stamp
 from worker.jobs import Job
 from worker.settings import get_settings
@@ -307,11 +307,14 @@ class JobRecords:
         ttl_s: int,
         owner: str | None = None,
         claim_lease_s: float = CLAIM_LEASE_S,
+        replica_wait: connections.ReplicaWait | None = None,
     ) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self._owner = owner
         self.claim_lease_s = claim_lease_s
+        #: Under Sentinel, the writes the platform relies on wait for a replica.
+        self.replica_wait = replica_wait
         self._claim = client.register_script(_CLAIM_SCRIPT)
         self._begin_stage = client.register_script(_BEGIN_STAGE_SCRIPT)
         self._renew_stage = client.register_script(_RENEW_STAGE_SCRIPT)
@@ -328,7 +331,11 @@ class JobRecords:
     def for_owner(self, owner: str) -> JobRecords:
         """The same store, claiming under another owner's name."""
         return JobRecords(
-            self.redis, ttl_s=self.ttl_s, owner=owner, claim_lease_s=self.claim_lease_s
+            self.redis,
+            ttl_s=self.ttl_s,
+            owner=owner,
+            claim_lease_s=self.claim_lease_s,
+            replica_wait=self.replica_wait,
         )
 
     def key(self, job_id: str) -> str:
@@ -349,7 +356,17 @@ class JobRecords:
         return None if owner is None else owner.decode()
 
     def mark_dispatched(self, job_id: str) -> None:
+        """Close the claim, once a replica has the job's record and chain (`replicated`):
+        the bridge takes the item off the platform's list only after this."""
         self.write(job_id, dispatched_at=redis_stamp(self.redis))
+        self.replicated(job_id)
+
+    def replicated(self, job_id: str) -> None:
+        """Under Sentinel, wait until a replica has every write so far (the job's, and those
+        before it): what the platform was told survives a failover (worker/connections.py
+        `ReplicaWait`). Nothing without Sentinel."""
+        if self.replica_wait is not None:
+            self.replica_wait.confirm(self.redis, self.key(job_id), ttl_s=self.ttl_s)
 
     def is_dispatched(self, job_id: str) -> bool:
         return bool(self.redis.hexists(self.key(job_id), "dispatched_at"))
@@ -560,12 +577,15 @@ class JobRecords:
         clock, as `started:<stage>` is: a stage's seconds never mix two hosts' clocks."""
         self.write(job_id, **{f"finished:{stage}": redis_stamp(self.redis)})
         self.release_stage(job_id, stage)
+        self.replicated(job_id)
 
     def callback_sent(self, job_id: str, status: str) -> None:
         """Note when the platform accepted a callback of this status; a final one settles
         the job (it leaves the index of active jobs)."""
         write = self._write_settled if status in FINAL_STATUSES else self.write
         write(job_id, **{f"callback_sent:{status}": redis_stamp(self.redis)})
+        if status in FINAL_STATUSES:
+            self.replicated(job_id)
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """Leave the record saying which stage failed, and why, with the `failed` callback
@@ -576,6 +596,7 @@ class JobRecords:
             **_error_fields("error", stage, error),
             **self.final_callback_due(job_id, "failed"),
         )
+        self.replicated(job_id)
 
     def final_callback_due(self, job_id: str, status: str) -> dict[str, str]:
         """A final status's callback written before it is sent (worker/outbox.py): the fields
@@ -633,8 +654,14 @@ REDIS_OUTAGE_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20)
 
 @lru_cache(maxsize=1)
 def get_records() -> JobRecords:
-    """The process's record store on `REDIS_URL` (redis-py reconnects safely after a fork);
-    its commands wait out a short Redis outage (`REDIS_OUTAGE_RETRY`)."""
+    """The process's record store on `REDIS_URL` or its Sentinel set (redis-py reconnects
+    safely after a fork); its commands wait out a short Redis outage or a failover
+    (`REDIS_OUTAGE_RETRY`)."""
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url, retry=REDIS_OUTAGE_RETRY)
-    return JobRecords(client, ttl_s=settings.job_record_ttl_s, claim_lease_s=settings.claim_lease_s)
+    client = connections.client(connections.records_target(settings), retry=REDIS_OUTAGE_RETRY)
+    return JobRecords(
+        client,
+        ttl_s=settings.job_record_ttl_s,
+        claim_lease_s=settings.claim_lease_s,
+        replica_wait=connections.replica_wait(settings),
+    )
