@@ -30,6 +30,16 @@ task_publish_retry_policy = {
     "max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
 }  # fmt: skip
 
+# A task's state and result writes (STARTED, PROGRESS, SUCCESS) ride out a Redis restart or
+# a Sentinel failover as a record write does (about 20-30 s of jittered backoff), instead of
+# failing the task at the first connection error: Celery's result backend reads the old state
+# with no retry at all, and a task whose STARTED write failed failed its job (what
+# celery/celery#6348 and #10096 report of failovers). Off by default in Celery.
+result_backend_always_retry = True
+result_backend_max_retries = 12
+result_backend_base_sleep_between_retries_ms = 100
+result_backend_max_sleep_between_retries_ms = 4000
+
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import MasterNotFoundError as AsyncMasterNotFoundError
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
@@ -41,6 +42,10 @@ SENTINEL_PORT = 26379
 #: How long one question to one sentinel may take, seconds: a sentinel that does not answer
 #: is passed over for the next at once (no retries: the next sentinel is the retry).
 SENTINEL_TIMEOUT_S = 1.0
+#: No retries: for a question to one sentinel (the next one is the retry), and for probes,
+#: which say how things stand now (the next probe asks again). Sync and asyncio clients.
+NO_RETRY = Retry(NoBackoff(), 0)
+ASYNC_NO_RETRY = AsyncRetry(NoBackoff(), 0)
 
 
 @dataclass(frozen=True)
@@ -135,19 +140,21 @@ def platform_target(settings: Settings) -> RedisTarget:
     )
 
 
-def _sentinel_kwargs(target: RedisTarget) -> dict[str, Any]:
+def _sentinel_kwargs(target: RedisTarget, retry: Retry | AsyncRetry) -> dict[str, Any]:
     """How a client talks to the sentinels themselves."""
     kwargs: dict[str, Any] = {
         "socket_timeout": SENTINEL_TIMEOUT_S,
         "socket_connect_timeout": SENTINEL_TIMEOUT_S,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": retry,
     }
     if target.sentinel_password:
         kwargs["password"] = target.sentinel_password
     return kwargs
 
 
-def _node_kwargs(target: RedisTarget, timeout_s: float | None, retry: Retry | None) -> dict:
+def _node_kwargs(
+    target: RedisTarget, timeout_s: float | None, retry: Retry | AsyncRetry | None
+) -> dict:
     """How a client talks to the data node(s): credentials, database, timeouts, retries."""
     kwargs: dict[str, Any] = {}
     if target.password:
@@ -169,23 +176,27 @@ def client(
     kwargs = _node_kwargs(target, timeout_s, retry)
     if not target.is_sentinel:
         return redis.Redis.from_url(target.url, **kwargs)
-    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target))
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target, NO_RETRY))
     return sentinel.master_for(target.master_name, db=target.db, **kwargs)
 
 
-def async_client(target: RedisTarget, *, timeout_s: float | None = None) -> aioredis.Redis:
+def async_client(
+    target: RedisTarget, *, retry: AsyncRetry | None = None, timeout_s: float | None = None
+) -> aioredis.Redis:
     """`client` for asyncio (the HTTP API)."""
-    kwargs = _node_kwargs(target, timeout_s, None)
+    kwargs = _node_kwargs(target, timeout_s, retry)
     if not target.is_sentinel:
         return aioredis.Redis.from_url(target.url, **kwargs)
-    sentinel = AsyncSentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target))
+    sentinels = list(target.sentinels)
+    sentinel = AsyncSentinel(sentinels, sentinel_kwargs=_sentinel_kwargs(target, ASYNC_NO_RETRY))
     return sentinel.master_for(target.master_name, db=target.db, **kwargs)
 
 
 @lru_cache(maxsize=8)
 def probe_client(target: RedisTarget, *, timeout_s: float) -> redis.Redis:
-    """One shared client per target with short timeouts, for probes that must answer fast."""
-    return client(target, timeout_s=timeout_s)
+    """One shared client per target with short timeouts and no retries, for probes that
+    must answer fast."""
+    return client(target, timeout_s=timeout_s, retry=NO_RETRY)
 
 
 @dataclass(frozen=True)
@@ -216,7 +227,7 @@ def celery_redis(settings: Settings) -> CeleryRedis:
         f"{SENTINEL_SCHEME}://{credentials}{host}:{port}/{target.db}"
         for host, port in target.sentinels
     )
-    sentinel_kwargs = {k: v for k, v in _sentinel_kwargs(target).items() if k != "retry"}
+    sentinel_kwargs = _sentinel_kwargs(target, NO_RETRY)
     return CeleryRedis(
         url=url,
         transport_options={"master_name": target.master_name, "sentinel_kwargs": sentinel_kwargs},

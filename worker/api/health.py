@@ -134,7 +134,9 @@ class HealthMonitor:
         self.settings = settings
         self.last: Survey | None = None
         self._redis = connections.async_client(
-            connections.records_target(settings), timeout_s=REDIS_TIMEOUT_S
+            connections.records_target(settings),
+            retry=connections.ASYNC_NO_RETRY,
+            timeout_s=REDIS_TIMEOUT_S,
         )
         self._ping: asyncio.Task[connections.MasterView] | None = None
 

@@ -198,6 +198,10 @@ class SentinelSet:
             ports.add(None if not answer else int(answer[1]))
         return ports
 
+    def replicas(self) -> list[RedisServer]:
+        """The nodes other than the master of the day."""
+        return [node for node in self.nodes if node is not self.master]
+
     def node_at(self, port: int) -> RedisServer:
         return next(node for node in self.nodes if node.port == port)
 
