@@ -56,6 +56,7 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.faults
 	$(PY) -m bench.lanes
 	$(PY) -m bench.api
+	$(PY) -m bench.failover
 
 clean:
 	rm -rf $(VENV) .demo spool outputs
