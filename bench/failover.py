@@ -177,6 +177,7 @@ def main() -> None:
     table.add_row("master's death to promotion, p50", p50_max("promoted_s"))
     table.add_row("master's death to first stage done on the new master, p50",
                   p50_max("first_stage_s"))  # fmt: skip
+    table.add_row("... each failover", ", ".join(f"{r['first_stage_s']:.1f}" for r in rounds))
     table.add_row("jobs lost (must be 0)", str(sum(int(r["lost"]) for r in rounds)))
     table.add_row("duplicate final callbacks", str(sum(int(r["duplicates"]) for r in rounds)))
     table.add_row("replica waits per job", f"{waits_per_job:.1f}")

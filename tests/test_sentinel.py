@@ -77,6 +77,13 @@ def env(
             "REDIS_SENTINEL_PASSWORD": REDIS_SENTINEL_PASSWORD,
             "API_PORT": str(free_port()),
             "WAN_TEST_FAULT": f"{SLOW}:pause1@step1",
+            # What a failover may drop comes back within a test (README, "Redis Sentinel"):
+            # a next stage's message sent in its last milliseconds is sent again by the
+            # swallowed-message sweep, an acknowledgement's message comes back after the
+            # visibility timeout and is skipped.
+            "LOST_JOB_TIMEOUT_S": "20",
+            "STAGE_LEASE_S": "10",
+            "BROKER_VISIBILITY_TIMEOUT_S": "60",
         },
     )
 
