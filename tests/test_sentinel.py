@@ -78,8 +78,9 @@ def env(
             "API_PORT": str(free_port()),
             "WAN_TEST_FAULT": f"{SLOW}:pause1@step1",
             # What a failover may drop comes back within a test (README, "Redis Sentinel"):
-            # a next stage's message sent in its last milliseconds is sent again by the
-            # swallowed-message sweep, an acknowledgement's message comes back after the
+            # a message the master took with it (a next stage's, sent in its last
+            # milliseconds, or one a BRPOP took off it as it died) is sent again by the
+            # swallowed-message sweep; an acknowledgement's message comes back after the
             # visibility timeout and is skipped.
             "LOST_JOB_TIMEOUT_S": "20",
             "STAGE_LEASE_S": "10",
