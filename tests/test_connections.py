@@ -23,7 +23,7 @@ from worker import connections
 from worker.connections import RedisTarget, ReplicaWait, celery_redis, records_target
 from worker.local.sentinel import NODE_ARGS
 from worker.local.stack import ROOT, RedisServer, wait_until
-from worker.records import JobRecords
+from worker.records import JobRecords, WriteLost
 from worker.settings import Settings
 
 SENTINELS = "10.0.0.1:26379,10.0.0.2:26380,10.0.0.3"
@@ -196,28 +196,51 @@ def test_a_wait_no_replica_answers_costs_its_timeout_once_then_is_skipped(
     # Given a replica that stops answering (SIGSTOP)
     master, replica = master_and_replica
     client = redis.Redis.from_url(master.url)
-    client.set("k", 1)
+    client.hset("k", "f", "1")
     wait = ReplicaWait(300)
-    assert wait.confirm(client, "k", ttl_s=600) == 1
+    before = waits(client)
+    assert wait.confirm(client, "k", {"f": "1"}, ttl_s=600)
     assert replica.process is not None
     os.kill(replica.process.pid, signal.SIGSTOP)
     try:
-        client.set("k", 2)
+        client.hset("k", "f", "2")
 
         # When writes wait for it
         started = time.monotonic()
-        first = wait.confirm(client, "k", ttl_s=600)
+        first = wait.confirm(client, "k", {"f": "2"}, ttl_s=600)
         waited_s = time.monotonic() - started
         started = time.monotonic()
-        second = wait.confirm(client, "k", ttl_s=600)
+        second = wait.confirm(client, "k", {"f": "2"}, ttl_s=600)
         skipped_s = time.monotonic() - started
     finally:
         os.kill(replica.process.pid, signal.SIGCONT)
 
-    # Then the first waits the whole timeout and says no replica has the write; the next
-    # within NO_REPLICA_RECHECK_S does not wait at all
-    assert first == 0 and waited_s >= 0.3
-    assert second is None and skipped_s < 0.1
+    # Then the first waits the whole timeout; the next within NO_REPLICA_RECHECK_S does not
+    # wait at all; both found the write on the master, which keeps it
+    assert waited_s >= 0.3 and skipped_s < 0.1
+    assert first and second
+    assert waits(client) - before == 2
+
+
+def test_an_acknowledged_write_a_failover_lost_is_written_again_or_raises(
+    master_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    # Given job records on a master (the master of the day after a failover, say) that
+    # lacks what was just written elsewhere
+    master, _ = master_and_replica
+    client = redis.Redis.from_url(master.url)
+    records = JobRecords(client, ttl_s=600, replica_wait=ReplicaWait(1000))
+    records.write("lost", status="processing")
+    finished = {"finished:encode": "1700000000.000000"}
+
+    # When a finished stage is confirmed there, it is written again
+    records.replicated("lost", finished)
+    assert client.hget(records.key("lost"), "finished:encode") == b"1700000000.000000"
+
+    # And a dispatch mark, which needs what came before it, raises an outage instead
+    with pytest.raises(WriteLost):
+        records.replicated("lost", {"dispatched_at": "1700000000.000000"}, rewrite=False)
+    assert not client.hexists(records.key("lost"), "dispatched_at")
 
 
 def test_the_wait_is_sentinels_only(tmp_path: Path) -> None:

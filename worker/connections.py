@@ -247,31 +247,38 @@ class ReplicaWait:
     WAIT covers the writes made through the connection it runs on, and a client's pool may
     hand out another: so it runs right behind a write of its own on one connection (the
     record's expiry renewed), which comes after, and so covers, every write before it from
-    any connection. A wait no replica answered is logged and not repeated for
-    NO_REPLICA_RECHECK_S; the write stands either way (the master has it).
+    any connection. The same step reads the written fields back: a client that retried it
+    on a new master (the old one died between the write and the wait) finds there whether
+    the write made it, and the caller writes it again if not. A wait no replica answered is
+    logged and not repeated for NO_REPLICA_RECHECK_S (the fields are still read back); the
+    write stands either way (the master has it).
     """
 
     def __init__(self, timeout_ms: int) -> None:
         self.timeout_ms = timeout_ms
         self._skip_until = 0.0
 
-    def confirm(self, client: redis.Redis, key: str, *, ttl_s: int) -> int | None:
-        """Renew `key`'s expiry and wait for one replica; how many replicas have the writes
-        so far (None: the wait was skipped)."""
-        if time.monotonic() < self._skip_until:
-            return None
+    def confirm(self, client: redis.Redis, key: str, fields: dict[str, str], *, ttl_s: int) -> bool:
+        """Renew `key`'s expiry and wait for one replica: True when the master in use holds
+        `fields` as written (and a replica has them, unless none answered), False when it
+        does not (they were lost in a failover)."""
+        waiting = time.monotonic() >= self._skip_until
         with client.pipeline(transaction=False) as pipe:
+            pipe.hmget(key, list(fields))
             pipe.expire(key, ttl_s)
-            pipe.wait(1, self.timeout_ms)
-            _, replicas = pipe.execute()
-        if replicas < 1:
+            if waiting:
+                pipe.wait(1, self.timeout_ms)
+            values, *_, replicas = pipe.execute()
+        if [v.decode() if v is not None else None for v in values] != list(fields.values()):
+            return False
+        if waiting and replicas < 1:
             self._skip_until = time.monotonic() + NO_REPLICA_RECHECK_S
             log.warning(
                 "no Redis replica confirmed the write of %s within %d ms: a failover now could "
                 "lose it; not waiting again for %.0f s", key, self.timeout_ms,
                 NO_REPLICA_RECHECK_S,
             )  # fmt: skip
-        return int(replicas)
+        return True
 
 
 def replica_wait(settings: Settings) -> ReplicaWait | None:

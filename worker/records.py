@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import socket
 import threading
@@ -25,6 +26,8 @@ from worker import connections, fencing
 from worker.clock import redis_now, redis_stamp
 from worker.jobs import Job
 from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "wan:job:"
 #: Every job id with a record, scored by when it was first claimed: `jobs list` reads it
@@ -47,6 +50,9 @@ CLAIM_LEASE_S = 300
 Claim = Literal["claimed", "dispatched", "held"]
 #: What a stage's start finds; see `JobRecords.begin_stage`.
 StageStart = Literal["run", "done", "busy", "too_many", "superseded"]
+#: How often an acknowledged write lost in a Redis failover is written again before the
+#: writer gives up (`JobRecords.replicated`): once per failover met.
+REWRITES = 3
 #: What `JobRecords.resend_lost` did: `resent` (the caller sends the chain), `too_many` (the
 #: job is failed: the caller reports it) or `gone` (another sweeper, or the job, moved on).
 Resend = Literal["resent", "too_many", "gone"]
@@ -185,6 +191,11 @@ for i = 2, #KEYS do
 end
 return dropped
 """
+
+
+class WriteLost(redis.ConnectionError):
+    """A write the platform relies on was lost in a Redis failover (the master died before
+    a replica had it): an outage to the caller, which does its step again."""
 
 
 def stage_task_id(job_id: str, stage: str, run: int = 0) -> str:
@@ -357,16 +368,30 @@ class JobRecords:
 
     def mark_dispatched(self, job_id: str) -> None:
         """Close the claim, once a replica has the job's record and chain (`replicated`):
-        the bridge takes the item off the platform's list only after this."""
-        self.write(job_id, dispatched_at=redis_stamp(self.redis))
-        self.replicated(job_id)
+        the bridge takes the item off the platform's list only after this. Lost in a
+        failover, the mark is not written again: the record and the chain sent before it may
+        be lost too, so it raises WriteLost and the caller dispatches the job again."""
+        fields = {"dispatched_at": redis_stamp(self.redis)}
+        self.write(job_id, **fields)
+        self.replicated(job_id, fields, rewrite=False)
 
-    def replicated(self, job_id: str) -> None:
-        """Under Sentinel, wait until a replica has every write so far (the job's, and those
-        before it): what the platform was told survives a failover (worker/connections.py
-        `ReplicaWait`). Nothing without Sentinel."""
-        if self.replica_wait is not None:
-            self.replica_wait.confirm(self.redis, self.key(job_id), ttl_s=self.ttl_s)
+    def replicated(self, job_id: str, fields: dict[str, str], *, rewrite: bool = True) -> None:
+        """Under Sentinel, wait until a replica has `fields` as just written, and every write
+        before them: what the platform was told survives a failover (worker/connections.py
+        `ReplicaWait`). Fields that a failover in between lost are written again on the new
+        master (`rewrite`: facts that stand alone, a finished stage or a delivered callback)
+        or raise WriteLost. Nothing without Sentinel."""
+        if self.replica_wait is None:
+            return
+        for _ in range(REWRITES):
+            if self.replica_wait.confirm(self.redis, self.key(job_id), fields, ttl_s=self.ttl_s):
+                return
+            if not rewrite:
+                raise WriteLost(f"job {job_id}: {', '.join(fields)} lost in a Redis failover")
+            log.warning("job=%s %s lost in a Redis failover: written again", job_id,
+                        ", ".join(fields))  # fmt: skip
+            self.write(job_id, **fields)
+        raise WriteLost(f"job {job_id}: {', '.join(fields)} lost in Redis failovers")
 
     def is_dispatched(self, job_id: str) -> bool:
         return bool(self.redis.hexists(self.key(job_id), "dispatched_at"))
@@ -575,28 +600,31 @@ class JobRecords:
     def stage_finished(self, job_id: str, stage: str) -> None:
         """Note the stage done (later deliveries skip it) and release its lease. On Redis's
         clock, as `started:<stage>` is: a stage's seconds never mix two hosts' clocks."""
-        self.write(job_id, **{f"finished:{stage}": redis_stamp(self.redis)})
+        fields = {f"finished:{stage}": redis_stamp(self.redis)}
+        self.write(job_id, **fields)
         self.release_stage(job_id, stage)
-        self.replicated(job_id)
+        self.replicated(job_id, fields)
 
     def callback_sent(self, job_id: str, status: str) -> None:
         """Note when the platform accepted a callback of this status; a final one settles
         the job (it leaves the index of active jobs)."""
-        write = self._write_settled if status in FINAL_STATUSES else self.write
-        write(job_id, **{f"callback_sent:{status}": redis_stamp(self.redis)})
+        fields = {f"callback_sent:{status}": redis_stamp(self.redis)}
         if status in FINAL_STATUSES:
-            self.replicated(job_id)
+            self._write_settled(job_id, **fields)
+            self.replicated(job_id, fields)
+        else:
+            self.write(job_id, **fields)
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """Leave the record saying which stage failed, and why, with the `failed` callback
         due (`final_callback_due`)."""
-        self.write(
-            job_id,
-            status="failed",
+        fields = {
+            "status": "failed",
             **_error_fields("error", stage, error),
             **self.final_callback_due(job_id, "failed"),
-        )
-        self.replicated(job_id)
+        }
+        self.write(job_id, **fields)
+        self.replicated(job_id, fields)
 
     def final_callback_due(self, job_id: str, status: str) -> dict[str, str]:
         """A final status's callback written before it is sent (worker/outbox.py): the fields
