@@ -7,6 +7,7 @@ itself is tests/test_sentinel.py's.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,11 +18,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.conftest import REDIS_PASSWORD, REDIS_SENTINEL_PASSWORD, secret_leaks
 from worker import connections
 from worker.connections import RedisTarget, ReplicaWait, celery_redis, records_target
-from worker.local.sentinel import NODE_ARGS
+from worker.local.sentinel import MASTER_NAME, NODE_ARGS, SentinelSet
 from worker.local.stack import ROOT, RedisServer, wait_until
 from worker.records import JobRecords, WriteLost
 from worker.settings import Settings
@@ -248,3 +252,60 @@ def test_the_wait_is_sentinels_only(tmp_path: Path) -> None:
     assert connections.replica_wait(sentinel_settings(redis_wait_replica_ms=0)) is None
     wait = connections.replica_wait(sentinel_settings(redis_wait_replica_ms=250))
     assert wait is not None and wait.timeout_ms == 250
+
+
+# --- reconnecting after a failover -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failed_over(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SentinelSet, int]]:
+    """A Sentinel set whose first master was killed (SIGKILL) and whose replica the
+    sentinels promoted; with the dead master's port."""
+    nodes = SentinelSet(tmp_path_factory.mktemp("failed-over")).start()
+    dead = nodes.kill_master()
+    nodes.wait_for_promotion()
+    yield nodes, dead.port
+    nodes.stop()
+
+
+def sentinel_target(nodes: SentinelSet) -> RedisTarget:
+    return RedisTarget(sentinels=tuple(("127.0.0.1", s.port) for s in nodes.sentinels),
+                       master_name=MASTER_NAME)  # fmt: skip
+
+
+def test_a_sentinel_connection_that_lost_its_socket_connects_to_the_new_master(
+    failed_over: tuple[SentinelSet, int],
+) -> None:
+    # Given a connection of a Sentinel client whose socket to the old master died (its
+    # address is the dead master's, as a pipeline's connection is after a failover)
+    nodes, dead_port = failed_over
+    client = connections.client(sentinel_target(nodes), retry=Retry(NoBackoff(), 2))
+    connection = client.connection_pool.get_connection()
+    connection.disconnect()
+    connection.port = dead_port
+
+    # When it sends again on a socket it opens anew (a pipeline's retry: send_packed_command)
+    connection.send_command("ROLE")
+
+    # Then it asked the sentinels: it is on the new master, not refused by the old one
+    assert connection.read_response()[0] == b"master"
+    assert connection.port == nodes.master.port != dead_port
+    client.connection_pool.release(connection)
+
+
+def test_so_does_an_asyncio_one(failed_over: tuple[SentinelSet, int]) -> None:
+    nodes, dead_port = failed_over
+
+    async def role_after_reconnecting() -> tuple[bytes, int]:
+        client = connections.async_client(sentinel_target(nodes), retry=AsyncRetry(NoBackoff(), 2))
+        connection = await client.connection_pool.get_connection()
+        await connection.disconnect()
+        connection.port = dead_port
+        await connection.send_command("ROLE")
+        role = (await connection.read_response())[0]
+        port = connection.port
+        await client.connection_pool.release(connection)
+        await client.aclose()
+        return role, port
+
+    assert asyncio.run(role_after_reconnecting()) == (b"master", nodes.master.port)

@@ -7,7 +7,8 @@ REDIS_MASTER_NAME, or `sentinel://host:port;sentinel://host:port/<db>` URLs (a
 `?master_name=` on them names another master). A client of a Sentinel set asks the
 sentinels for the master each time it connects (redis-py's `Sentinel.master_for`, kombu's
 and Celery's Sentinel transports), so a failover is a short outage to it: the retries that
-ride out a Redis restart carry it over to the promoted replica, with no restart.
+ride out a Redis restart carry it over to the promoted replica, with no restart (every
+reconnection, a pipeline's too: worker/sentinel_fix.py).
 
 Passwords (REDIS_PASSWORD for the data nodes, REDIS_SENTINEL_PASSWORD for the sentinels)
 reach the clients only: `RedisTarget` never shows them, and Celery masks the URLs it logs.
@@ -32,9 +33,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
+from worker.sentinel_fix import reconnect_through_the_sentinels
 from worker.settings import Settings, mask_url_credentials
 
 log = logging.getLogger(__name__)
+
+# Every client of this process, kombu's and Celery's too: a lost connection asks the
+# sentinels where the master is now (redis/redis-py#3874; worker/sentinel_fix.py).
+reconnect_through_the_sentinels()
 
 SENTINEL_SCHEME = "sentinel"
 #: Sentinel's own port, when an address names none.
