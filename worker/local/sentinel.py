@@ -9,13 +9,12 @@ until the sentinels have made it a replica of the master of the day.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import redis
 
-from worker.local.stack import RedisServer, free_port, wait_until
+from worker.local.stack import RedisServer, free_port, redis_server_binary, wait_until
 
 MASTER_NAME = "mymaster"
 #: How long a master may not answer before a sentinel thinks it down, milliseconds: short,
@@ -46,12 +45,10 @@ class SentinelProcess:
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
-    def start(self, master: RedisServer, *, password: str | None, sentinel_password: str | None):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError(
-                "redis-server is not installed (Debian: apt-get install redis-server)"
-            )
+    def start(
+        self, master: RedisServer, *, password: str | None, sentinel_password: str | None
+    ) -> SentinelProcess:
+        binary = redis_server_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         lines = [
             f"port {self.port}",

@@ -85,6 +85,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redis_server_binary() -> str:
+    """Where `redis-server` is (it runs the sentinels too); a clear error if nowhere."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+    return binary
+
+
 def redis_answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
@@ -141,11 +149,7 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError(
-                "redis-server is not installed (Debian: apt-get install redis-server)"
-            )
+        binary = redis_server_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         persistence = (
             ["--appendonly", "yes", "--appendfsync", "everysec"]
