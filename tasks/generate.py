@@ -256,10 +256,10 @@ def warm_up(sender: str, **_: Any) -> None:
     settings = get_settings()
     if not settings.warmup or "gpu" not in app.amqp.queues.consume_from:
         return
-    from worker.generation import speed
+    from worker.generation.warmup import warm_up as run_warm_up
 
     started = time.perf_counter()
-    runs = speed.warm_up(generate.pipelines)
+    runs = run_warm_up(generate.pipelines)
     generate.note_loaded(settings, sender)
     log.info("warm-up done in %.1f s: pipelines %s loaded, ran %s; taking jobs now",
              time.perf_counter() - started, ", ".join(generate.pipelines.loaded()),
