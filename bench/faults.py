@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import TinyStack, tiny_stack
+from tasks.chain import SENDER
 from worker.jobs import parse_job
 from worker.lanes import WaitingJobs, priority_lists, queue_depth
 from worker.local.many_records import add_finished, finished_record, sweep_pass
@@ -207,7 +208,8 @@ def sweep_pass_s(workdir: Path) -> tuple[float, float, float]:
                 records.begin_stage(active.id, "generate", lease_s=60, max_deliveries=3)
             else:
                 WaitingJobs(records.redis, settings).enter(active)
-        reconciler = QueuedJobReconciler(records, timeout_s=settings.lost_job_timeout_s,
+        reconciler = QueuedJobReconciler(records, sender=SENDER,
+                                         timeout_s=settings.lost_job_timeout_s,
                                          lease_s=settings.stage_lease_s,
                                          max_deliveries=settings.max_deliveries)  # fmt: skip
         passes = []

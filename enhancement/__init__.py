@@ -5,6 +5,7 @@ metadata saying whether Qwen rewrote it, or why not. Nothing here knows Celery; 
 transformers are imported only where the model is loaded (`enhancement.model`).
 """
 
-from enhancement.enhancer import Enhancement, Enhancer, FallbackReason
+from enhancement.enhancer import Enhancer
+from enhancement.result import Enhancement, FallbackReason
 
 __all__ = ["Enhancement", "Enhancer", "FallbackReason"]

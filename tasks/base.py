@@ -13,7 +13,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, Time
 from celery.utils.log import get_task_logger
 
 from media import spool
-from worker.dead_letters import DeadLetters
+from tasks.chain import SENDER
 from worker.errors import (
     DeliveryFailed,
     JobCancelled,
@@ -21,7 +21,7 @@ from worker.errors import (
     TooManyDeliveries,
     TransientError,
 )
-from worker.job_control import finish_cancelled, raise_if_cancelled, send_final_callback
+from worker.job_control import finish_cancelled, give_up, raise_if_cancelled
 from worker.lanes import leave_waiting
 from worker.observe.progress import Progress
 from worker.records import JobRecords, get_records, run_of_task
@@ -123,7 +123,7 @@ class StageTask(Task):
         if isinstance(exc, JobCancelled):
             log.info("job=%s cancelled at stage %s", job_id, self.stage)
             if finish_cancelled(get_records(), job_id, stage=self.stage):
-                send_final_callback(job_id, "cancelled")
+                SENDER.final_callback(job_id, "cancelled")
             return
         log.error("job=%s stage %s failed: %s: %s", job_id, self.stage, type(exc).__name__, exc)
         if not self.reports_failure:  # the final callback itself: the job's own outcome stays
@@ -131,8 +131,8 @@ class StageTask(Task):
             return
         get_records().fail(job_id, stage=self.stage, error=exc)
         if isinstance(exc, TooManyDeliveries):
-            DeadLetters(get_records().redis).add(job_id)
-        send_final_callback(job_id, "failed")
+            give_up(get_records(), job_id)
+        SENDER.final_callback(job_id, "failed")
 
     def timed_out(self) -> StageTimedOut:
         """What the user reads when this stage ran past its soft time limit."""

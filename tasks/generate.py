@@ -249,9 +249,9 @@ def warm_up(sender: str, **_: Any) -> None:
     reports up, which it does when this signal's handlers have returned; so the warm-up runs
     before any job, and again in every replacement child (after a crash or
     max_tasks_per_child), in the process that keeps the model. The 4 s Celery allows here
-    is raised for WARMUP at start (`tasks.app.check_speed_options`). A warm-up task sent on
-    `worker_ready` could be taken by another GPU worker or wait behind queued jobs; a
-    bootstep runs in the parent, which must not touch CUDA before the fork.
+    is raised for WARMUP at start (`tasks.worker_signals.check_speed_options`). A warm-up
+    task sent on `worker_ready` could be taken by another GPU worker or wait behind queued
+    jobs; a bootstep runs in the parent, which must not touch CUDA before the fork.
     """
     settings = get_settings()
     if not settings.warmup or "gpu" not in app.amqp.queues.consume_from:

@@ -1,4 +1,11 @@
-"""The Celery app; every process (workers, bridge, flower) shares this one."""
+"""Celery's signals as a worker process meets them: its start, and each task it runs.
+
+At start: the node's name and its host's own media queue, then the checks that stop a
+worker before it takes a job (malformed test faults, a second host of the same name, speed
+options the device cannot run) and the warnings an operator should read first. Around each
+task: the job's log context, its stage's seconds and retries in the metrics. Connected when
+the `tasks` package is imported.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from celery import Celery, Task
+from celery import Task
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
@@ -19,7 +26,6 @@ from celery.signals import (
 )
 
 from tasks.routing import host_queue
-from tasks.worker_steps import LostJobSweeper, PromotionSweep, SpoolSweep
 from worker import faults
 from worker.callback import callback_auth_line
 from worker.observe import logs, metrics
@@ -35,12 +41,6 @@ DUPLICATE_NODE_WAIT_S = 2.0
 #: How long a GPU pool child may take to load and warm up (WARMUP) before Celery kills it,
 #: seconds: a real model's load plus the compilation of its blocks.
 WARMUP_LIMIT_S = 1_800
-
-app = Celery("wan")
-app.config_from_object("celeryconfig")
-app.steps["worker"].add(SpoolSweep)
-app.steps["worker"].add(LostJobSweeper)
-app.steps["worker"].add(PromotionSweep)
 
 
 @after_setup_logger.connect

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from typing import Any
 
 from celery import bootsteps
 
 from media import spool
+from tasks.app import app
+from tasks.chain import SENDER
 from worker.lanes import GPU_QUEUE, promote_overdue
 from worker.leftovers import drop_leftovers
 from worker.lost_jobs import LostJobSweep
-from worker.reconcile import get_reconciler
+from worker.reconcile import QueuedJobReconciler
 from worker.records import FINAL_STATUSES, get_records
 from worker.settings import get_settings
 
@@ -122,12 +125,26 @@ class LostJobSweeper(MediaWorkerChore):
         records.media_heartbeat(settings.worker_host)
         LostJobSweep(
             records,
+            sender=SENDER,
             timeout_s=settings.lost_job_timeout_s,
             lease_s=settings.stage_lease_s,
             max_deliveries=settings.max_deliveries,
         ).sweep()
         get_reconciler().sweep()
         drop_leftovers(records)
+
+
+@lru_cache(maxsize=1)
+def get_reconciler() -> QueuedJobReconciler:
+    """This process's reconciler on its record store, kept from one pass to the next."""
+    settings = get_settings()
+    return QueuedJobReconciler(
+        get_records(),
+        sender=SENDER,
+        timeout_s=settings.lost_job_timeout_s,
+        lease_s=settings.stage_lease_s,
+        max_deliveries=settings.max_deliveries,
+    )
 
 
 class PromotionSweep(WorkerChore):
@@ -147,3 +164,6 @@ class PromotionSweep(WorkerChore):
 
     def run(self) -> None:
         promote_overdue(get_records(), get_settings())
+
+
+app.steps["worker"].update({SpoolSweep, LostJobSweeper, PromotionSweep})

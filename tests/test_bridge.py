@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tasks.chain import SENDER
 from tests.conftest import new_job, sent_job_ids
 from tests.payloads import json_object
 from worker.bridge import RECONNECT_S, Bridge, rejected_list
@@ -28,7 +29,12 @@ QUEUE = "bridge_test_queue"
 
 @pytest.fixture
 def bridge(idle_broker: redis.Redis) -> Bridge:
-    return Bridge(idle_broker, JobRecords(idle_broker, ttl_s=600, owner="this-host"), queue=QUEUE)
+    return Bridge(
+        idle_broker,
+        JobRecords(idle_broker, ttl_s=600, owner="this-host"),
+        queue=QUEUE,
+        sender=SENDER,
+    )
 
 
 def test_jobs_are_dispatched_oldest_first(idle_broker: redis.Redis, bridge: Bridge) -> None:
@@ -152,7 +158,7 @@ def test_a_held_item_goes_back_on_the_list_when_the_bridge_restarts(
 
     # When it starts again, the item is still in its processing list: it is put back first
     assert idle_broker.llen(bridge.processing) == 1
-    restarted = Bridge(idle_broker, bridge.records, queue=QUEUE)
+    restarted = Bridge(idle_broker, bridge.records, queue=QUEUE, sender=SENDER)
     assert restarted.recover() == 1
     assert idle_broker.lrange(QUEUE, 0, -1) == [json.dumps(job).encode()]
 
@@ -182,7 +188,9 @@ def test_a_bridge_restarted_after_a_crash_takes_back_its_own_claim_at_once(
     idle_broker.rpush(bridge.processing, json.dumps(job))
 
     # When the bridge of this host starts again (same owner), well within the lease
-    restarted = Bridge(idle_broker, bridge.records.for_owner(bridge.records.owner), queue=QUEUE)
+    restarted = Bridge(
+        idle_broker, bridge.records.for_owner(bridge.records.owner), queue=QUEUE, sender=SENDER
+    )
     restarted.run(drain=True)
 
     assert sent_job_ids(idle_broker, "enhance") == [job["id"]]
@@ -192,7 +200,12 @@ def test_two_bridges_given_the_same_jobs_send_each_chain_once(idle_broker: redis
     # Given the same 40 jobs on the lists of two bridges of two hosts
     jobs = [new_job("image_fast") for _ in range(40)]
     bridges = [
-        Bridge(idle_broker, JobRecords(idle_broker, ttl_s=600, owner=f"host-{n}"), queue=queue)
+        Bridge(
+            idle_broker,
+            JobRecords(idle_broker, ttl_s=600, owner=f"host-{n}"),
+            queue=queue,
+            sender=SENDER,
+        )
         for n, queue in enumerate(("queue_a", "queue_b"))
     ]
     for b in bridges:

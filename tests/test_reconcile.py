@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.chain import build_chain
+from tasks.chain import SENDER, build_chain
 from tests.conftest import JOB_TIMEOUT_S, celery_broker, module_env, new_job, sent_job_ids
 from worker.dead_letters import DeadLetters
 from worker.dispatch import submit
@@ -72,7 +72,7 @@ def records(broker: redis.Redis) -> JobRecords:
 
 def reconciler(records: JobRecords, *, max_deliveries: int = 3) -> QueuedJobReconciler:
     """A sweeper for whom two passes in a row are far enough apart to confirm a miss."""
-    return QueuedJobReconciler(records, timeout_s=TIMEOUT_S, lease_s=60,
+    return QueuedJobReconciler(records, sender=SENDER, timeout_s=TIMEOUT_S, lease_s=60,
                                max_deliveries=max_deliveries, confirm_s=0)  # fmt: skip
 
 
@@ -81,7 +81,7 @@ def sent(records: JobRecords) -> Job:
     body = tiny_job()
     job = parse_job(body)
     assert records.claim(job.id) == "claimed"
-    submit(records, job, payload=json.dumps(body))
+    submit(records, job, payload=json.dumps(body), sender=SENDER)
     return job
 
 

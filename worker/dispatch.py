@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 
-from worker.job_control import send_final_callback
 from worker.jobs import Job
 from worker.lanes import WaitingJobs
 from worker.records import Claim, JobRecords
+from worker.sender import Sender
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -50,21 +50,19 @@ def claim_left_s(records: JobRecords, job_id: str) -> float:
     return max(0.0, float(expires or 0) - records.now())
 
 
-def submit(records: JobRecords, job: Job, *, payload: str) -> None:
+def submit(records: JobRecords, job: Job, *, payload: str, sender: Sender) -> None:
     """Write the record of a claimed job, send its chain and mark it dispatched."""
-    send(records, job, payload=payload)
+    send(records, job, payload=payload, sender=sender)
     mark_dispatched(records, job)
 
 
-def send(records: JobRecords, job: Job, *, payload: str) -> None:
+def send(records: JobRecords, job: Job, *, payload: str, sender: Sender) -> None:
     """Write the record of a claimed job and send its chain (not yet marked dispatched)."""
-    from tasks import build_chain  # Celery's app is needed only once a job arrives
-
     if job.frames != job.frames_requested:
         log.info("job=%s frames %d normalised to %d", job.id, job.frames_requested, job.frames)
     records.create(job, payload=payload)
     priority = WaitingJobs(records.redis, get_settings()).enter(job)
-    build_chain(job.id, priority=priority).apply_async()
+    sender.chain(job.id, priority=priority)
 
 
 def mark_dispatched(records: JobRecords, job: Job) -> None:
@@ -74,7 +72,13 @@ def mark_dispatched(records: JobRecords, job: Job) -> None:
 
 
 def reject(
-    records: JobRecords, job_id: str, *, job_type: str, payload: str, error: Exception
+    records: JobRecords,
+    job_id: str,
+    *,
+    job_type: str,
+    payload: str,
+    error: Exception,
+    sender: Sender,
 ) -> None:
     """Record a claimed job as failed and send its `failed` callback through the media queue.
 
@@ -83,5 +87,5 @@ def reject(
     """
     records.write_active(job_id, payload=payload, job_type=job_type)  # owes a callback
     records.fail(job_id, stage="validate", error=error)
-    send_final_callback(job_id, "failed")
+    sender.final_callback(job_id, "failed")
     records.mark_dispatched(job_id)

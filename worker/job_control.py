@@ -20,8 +20,9 @@ from worker.clock import redis_stamp
 from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
 from worker.lanes import WaitingJobs, leave_waiting
-from worker.observe.metrics import CANCELLATIONS, Metrics
+from worker.observe.metrics import CANCELLATIONS, DEAD_LETTERS, Metrics
 from worker.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords
+from worker.sender import Sender
 from worker.settings import get_settings
 
 
@@ -84,8 +85,9 @@ OUTCOME_FIELDS = (
 )  # fmt: skip
 
 
-def cancel(records: JobRecords, job_id: str) -> Answer:
-    """Cancel a job: at once if it is queued, else at its next step or stage."""
+def cancel(records: JobRecords, job_id: str, *, sender: Sender) -> Answer:
+    """Cancel a job: at once if it is queued (`sender` sends its callback), else at its next
+    step or stage."""
     script = records.redis.register_script(_CANCEL_SCRIPT)
     decision = script(keys=[records.key(job_id)], args=[redis_stamp(records.redis)]).decode()
     if decision == "missing":
@@ -98,7 +100,7 @@ def cancel(records: JobRecords, job_id: str) -> Answer:
     if decision == "stopped":
         leave_waiting(records, get_settings(), job_id)
         Metrics(records.redis).count(CANCELLATIONS)
-        send_final_callback(job_id, "cancelled")
+        sender.final_callback(job_id, "cancelled")
         return Answer(
             Outcome.DONE, job_id, "cancelled", f"job {job_id} cancelled before it started"
         )
@@ -132,24 +134,28 @@ def finish_cancelled(records: JobRecords, job_id: str, *, stage: str) -> bool:
     return True
 
 
-def send_final_callback(job_id: str, status: str) -> None:
-    """Queue the final `failed` or `cancelled` callback on the media workers."""
-    from tasks.media import callback  # Celery's app, only once there is something to send
-
-    callback.apply_async((job_id, status), task_id=f"{job_id}:callback:{status}")
+def give_up(records: JobRecords, job_id: str) -> None:
+    """Put a job given up on for good (too many deliveries) in the dead letters, counted once
+    in the metrics; `retry` takes it out again."""
+    if DeadLetters(records.redis).add(job_id):
+        Metrics(records.redis).count(DEAD_LETTERS)
 
 
 def retry(
-    records: JobRecords, job_id: str, *, from_start: bool = False, force: bool = False
+    records: JobRecords,
+    job_id: str,
+    *,
+    sender: Sender,
+    from_start: bool = False,
+    force: bool = False,
 ) -> Answer:
-    """Send a job again from the stage it stopped at (or from the start) with new task ids.
+    """Send a job again (through `sender`) from the stage it stopped at (or from the start)
+    with new task ids.
 
     Refuses a job that is running or completed unless `force`, and one that never passed
     validation. A job whose final callback was not delivered gets that callback again;
     nothing else runs. A retried job leaves the dead letters.
     """
-    from tasks.chain import build_chain  # Celery's app, only once there is something to send
-
     record = records.get(job_id)
     if record.status is None:
         return Answer(Outcome.NOT_FOUND, job_id, None, f"no job {job_id}")
@@ -160,14 +166,14 @@ def retry(
         stage, outcome = "callback", _outcome(record)
         records.redis.hdel(records.key(job_id), *DELIVERY_ERROR_FIELDS)
         records.write_active(job_id, status=outcome, retries=str(run), retried_from=stage)
-        send_final_callback(job_id, outcome)
+        sender.final_callback(job_id, outcome)
     else:
         stage = "enhance" if from_start else _restart_stage(record)
         _reset(records, record, stage, run)
         priority = None  # a tail after generate (the final callback) waits in no lane
         if STAGES.index(stage) <= STAGES.index("generate"):
             priority = WaitingJobs(records.redis, get_settings()).enter(record.job)
-        build_chain(job_id, from_stage=stage, run=run, priority=priority).apply_async()
+        sender.chain(job_id, from_stage=stage, run=run, priority=priority)
     DeadLetters(records.redis).remove(job_id)
     status = records.get(job_id).status
     return Answer(

@@ -34,15 +34,14 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import redis
 
 from worker.job_control import RUNNING_STATUSES
 from worker.lanes import GPU_QUEUE, priority_lists
 from worker.lost_jobs import LostJob, LostJobSweep, restart_stage
-from worker.records import STAGES, JobRecord, JobRecords, get_records, run_of_task
-from worker.settings import get_settings
+from worker.records import STAGES, JobRecord, JobRecords, run_of_task
+from worker.sender import Sender
 
 #: kombu's hash of the messages workers hold: delivery tag -> [message, exchange, key].
 UNACKED_KEY = "unacked"
@@ -147,6 +146,7 @@ class QueuedJobReconciler:
         self,
         records: JobRecords,
         *,
+        sender: Sender,
         timeout_s: float,
         lease_s: float,
         max_deliveries: int,
@@ -155,8 +155,8 @@ class QueuedJobReconciler:
         self.records = records
         self.timeout_s = timeout_s
         self.confirm_s = confirm_s
-        self.lost_jobs = LostJobSweep(records, timeout_s=timeout_s, lease_s=lease_s,
-                                      max_deliveries=max_deliveries)  # fmt: skip
+        self.lost_jobs = LostJobSweep(records, sender=sender, timeout_s=timeout_s,
+                                      lease_s=lease_s, max_deliveries=max_deliveries)  # fmt: skip
         #: (job id, run, stage) -> when this sweeper first found its message missing.
         self._missing_since: dict[tuple[str, int, str], float] = {}
 
@@ -207,15 +207,3 @@ class QueuedJobReconciler:
             if self.lost_jobs.resend(job.record, lost):
                 sent.append(lost)
         return sent
-
-
-@lru_cache(maxsize=1)
-def get_reconciler() -> QueuedJobReconciler:
-    """This process's reconciler on its record store, kept from one pass to the next."""
-    settings = get_settings()
-    return QueuedJobReconciler(
-        get_records(),
-        timeout_s=settings.lost_job_timeout_s,
-        lease_s=settings.stage_lease_s,
-        max_deliveries=settings.max_deliveries,
-    )

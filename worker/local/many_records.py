@@ -74,7 +74,8 @@ def sweep_pass(records: JobRecords, reconciler: QueuedJobReconciler, settings: S
     sweep (lost jobs, swallowed messages, leftovers) and its generation worker's promotion
     sweep (the lanes' prune)."""
     records.media_heartbeat(settings.worker_host)
-    LostJobSweep(records, timeout_s=reconciler.timeout_s, lease_s=settings.stage_lease_s,
+    LostJobSweep(records, sender=reconciler.lost_jobs.sender, timeout_s=reconciler.timeout_s,
+                 lease_s=settings.stage_lease_s,
                  max_deliveries=settings.max_deliveries).sweep()  # fmt: skip
     reconciler.sweep()
     drop_leftovers(records)

@@ -25,7 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from enhancement.enhancer import FallbackReason
+from enhancement.result import FallbackReason
 from worker.jobs import JobType, PresetName
 from worker.records import FINAL_STATUSES, STAGES
 
