@@ -131,10 +131,11 @@ def test_a_callback_the_broker_refused_is_sent_by_the_sweep_once_its_intent_is_o
     at = records.now()
     assert outbox.outstanding(record, now=at + 299, timeout_s=300, lease_s=60) == "waiting"
     assert outbox.outstanding(record, now=at + 301, timeout_s=300, lease_s=60) == "unsent"
-    # But once the intent is LOST_JOB_TIMEOUT_S old, two sweepers that read it at once send
-    # it once, and a later sweep finds nothing due
-    sweepers = [outbox.FinalCallbackSweep(records, timeout_s=0, lease_s=60) for _ in range(2)]
-    assert [s.resend(record, lost=False, now=at) for s in sweepers] == [True, False]
+    # But once the intent is LOST_JOB_TIMEOUT_S old, a sweep sends it; a second sweeper that
+    # read the record at the same time sends nothing, and a later sweep finds nothing due
+    assert sweep(records, timeout_s=0) == [job_id]
+    late = outbox.FinalCallbackSweep(records, timeout_s=0, lease_s=60)
+    assert not late.resend(record, lost=False, now=at)
     assert sweep(records, timeout_s=0) == []
     assert final_callbacks_sent(idle_broker) == [f"{job_id}:callback:failed"]
     assert "callback_pending" not in records.get(job_id).fields
@@ -184,6 +185,22 @@ def test_a_callback_delivered_or_no_longer_due_is_not_sent_again(
     # stays in it, owing nothing yet
     assert idle_broker.zrange(ACTIVE_KEY, 0, -1) == [retried.encode()]
     assert len(final_callbacks_sent(idle_broker)) == 3  # the writers' own sends only
+
+
+def test_a_job_missing_from_the_index_of_active_jobs_enters_it_when_it_ends(
+    idle_broker: redis.Redis, records: JobRecords
+) -> None:
+    # Given a running job that is not in the index (recorded before the index existed)
+    job_id = queued_job(records)
+    idle_broker.zrem(ACTIVE_KEY, job_id)
+
+    # When it fails and its callback's publish never happens (its sender died)
+    records.fail(job_id, stage="generate", error=RuntimeError("the GPU caught fire"))
+
+    # Then the sweep, which reads only the index, finds it and sends the callback
+    assert active(idle_broker, job_id)
+    assert sweep(records, timeout_s=0) == [job_id]
+    assert final_callbacks_sent(idle_broker) == [f"{job_id}:callback:failed"]
 
 
 def test_a_retried_undelivered_callback_gets_a_fresh_window_and_deliveries(

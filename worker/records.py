@@ -581,7 +581,7 @@ class JobRecords:
         """A final status's callback written before it is sent (worker/outbox.py): the fields
         returned, written with the final status, say which callback is due and since when
         (Redis time) until it is handed to the broker. The job is in the index of active jobs
-        from here (already, unless it was refused before it was sent) until it settles."""
+        from here until it settles (already, unless it was recorded before the index was)."""
         now = self.now()
         self.redis.zadd(ACTIVE_KEY, {job_id: now}, nx=True)
         return {"callback_pending": status, "callback_pending_at": f"{now:.6f}"}
