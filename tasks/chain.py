@@ -44,10 +44,8 @@ class CelerySender:
     ) -> None:
         build_chain(job_id, from_stage=from_stage, run=run, priority=priority).apply_async()
 
-    def final_callback(self, job_id: str, status: str) -> None:
-        app.signature(STAGE_TASK_NAMES["callback"], (job_id, status)).apply_async(
-            task_id=f"{job_id}:callback:{status}"
-        )
+    def final_callback(self, job_id: str, status: str, *, task_id: str) -> None:
+        app.signature(STAGE_TASK_NAMES["callback"], (job_id, status)).apply_async(task_id=task_id)
 
 
 SENDER = CelerySender()

@@ -23,7 +23,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from media import references, spool
 from tasks.app import app
 from tasks.base import NETWORK_RETRY, StageTask
-from worker import faults
+from worker import faults, fencing
 from worker.callback import notify_processing
 from worker.errors import JobCancelled, ReferenceUnusable, TransientError
 from worker.job_control import raise_if_cancelled
@@ -186,6 +186,7 @@ def generate(self: GenerateTask, job_id: str) -> None:
 
     def on_step(quality: PresetName) -> StepHook:
         def step_done(done: int, total: int) -> None:
+            fencing.raise_if_lost()  # the lease went to another run: stop denoising here
             progress.step("generate", done, total)
             raise_if_cancelled(records, job_id)  # raised out of the pipeline: no VAE decode
             faults.hit(faults.step_point(done), job_id, preset=quality)
@@ -217,6 +218,7 @@ def generate(self: GenerateTask, job_id: str) -> None:
     self.note_loaded(settings, self.request.hostname)
     peak_mib = gpu_memory.report(Metrics(records.redis), self.request.hostname)
     frames = generated.frames
+    records.confirm_run(job_id)  # a superseded run must not overwrite the new run's frames
     path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
     frame_num, height, width, _ = frames.shape
     records.update(

@@ -14,6 +14,7 @@ from tasks.chain import SENDER
 from worker.lanes import GPU_QUEUE, promote_overdue
 from worker.leftovers import drop_leftovers
 from worker.lost_jobs import LostJobSweep
+from worker.outbox import FinalCallbackSweep
 from worker.reconcile import QueuedJobReconciler
 from worker.records import FINAL_STATUSES, get_records
 from worker.settings import get_settings
@@ -101,8 +102,9 @@ class SpoolSweep(MediaWorkerChore):
 
 
 class LostJobSweeper(MediaWorkerChore):
-    """Says this host's media worker lives, then sends lost jobs again (worker/lost_jobs.py),
-    every fifth of LOST_JOB_TIMEOUT_S (at most a minute).
+    """Says this host's media worker lives, then sends lost jobs again (worker/lost_jobs.py)
+    and final callbacks unsent or lost (worker/outbox.py), every fifth of
+    LOST_JOB_TIMEOUT_S (at most a minute).
 
     In the media workers because there is one per host and they need no GPU: every live
     host sweeps, so a job is rescued as long as any host lives; the resend is atomic on the
@@ -129,6 +131,12 @@ class LostJobSweeper(MediaWorkerChore):
             timeout_s=settings.lost_job_timeout_s,
             lease_s=settings.stage_lease_s,
             max_deliveries=settings.max_deliveries,
+        ).sweep()
+        FinalCallbackSweep(
+            records,
+            sender=SENDER,
+            timeout_s=settings.lost_job_timeout_s,
+            lease_s=settings.stage_lease_s,
         ).sweep()
         get_reconciler().sweep()
         drop_leftovers(records)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 
+from worker import outbox
+from worker.job_control import CALLBACK_PUBLISH
 from worker.jobs import Job
 from worker.lanes import WaitingJobs
 from worker.records import Claim, JobRecords
@@ -83,9 +85,10 @@ def reject(
     """Record a claimed job as failed and send its `failed` callback through the media queue.
 
     The record is marked dispatched only once the callback is published: a broker error in
-    between leaves the claim open, so the caller's next attempt sends the callback again.
+    between leaves the claim open, so the caller's next attempt sends the callback again
+    (and the record says the callback is due, for the lost-job sweep: worker/outbox.py).
     """
     records.write_active(job_id, payload=payload, job_type=job_type)  # owes a callback
     records.fail(job_id, stage="validate", error=error)
-    sender.final_callback(job_id, "failed")
+    outbox.publish(records, job_id, "failed", sender=sender, fault_point=CALLBACK_PUBLISH)
     records.mark_dispatched(job_id)

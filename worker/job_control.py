@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from worker import outbox
 from worker.clock import redis_stamp
 from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
 from worker.lanes import WaitingJobs, leave_waiting
 from worker.observe.metrics import CANCELLATIONS, DEAD_LETTERS, Metrics
-from worker.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords
+from worker.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords, get_records
 from worker.sender import Sender
 from worker.settings import get_settings
 
@@ -43,12 +44,16 @@ class Answer:
     message: str
 
 
+#: Where WAN_TEST_FAULT may refuse a final callback's first publish (worker/faults.py).
+CALLBACK_PUBLISH = "callback_publish"
+
 #: Statuses of a job that is still on its way (a cancel is taken, a retry is refused).
 RUNNING_STATUSES = frozenset({"queued", "processing"})
 
-#: Atomically: decide what a cancel request does. KEYS: the record; ARGV: now.
-#: `missing`, `cancelled` (before), `refused:<status>`, `stopped` (a queued job, cancelled
-#: here: the caller sends the callback) or `requested` (the worker stops it).
+#: Atomically: decide what a cancel request does. KEYS: the record, the index of active
+#: jobs (a job owing a callback stays in it); ARGV: now, the job id. `missing`, `cancelled`
+#: (before), `refused:<status>`, `stopped` (a queued job, cancelled here with its callback
+#: due: the caller sends it) or `requested` (the worker stops it).
 _CANCEL_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
@@ -56,7 +61,11 @@ if status == 'cancelled' then return 'cancelled' end
 if status ~= 'queued' and status ~= 'processing' then return 'refused:' .. status end
 redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[1])
 if status == 'queued' and redis.call('HSETNX', KEYS[1], 'cancelled_at', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_stage', 'queued')
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_stage', 'queued',
+             'callback_pending', 'cancelled', 'callback_pending_at', string.format('%.6f', now))
   return 'stopped'
 end
 return 'requested'
@@ -89,7 +98,9 @@ def cancel(records: JobRecords, job_id: str, *, sender: Sender) -> Answer:
     """Cancel a job: at once if it is queued (`sender` sends its callback), else at its next
     step or stage."""
     script = records.redis.register_script(_CANCEL_SCRIPT)
-    decision = script(keys=[records.key(job_id)], args=[redis_stamp(records.redis)]).decode()
+    decision = script(
+        keys=[records.key(job_id), ACTIVE_KEY], args=[redis_stamp(records.redis), job_id]
+    ).decode()
     if decision == "missing":
         return Answer(Outcome.NOT_FOUND, job_id, None, f"no job {job_id}")
     if decision.startswith("refused:"):
@@ -100,7 +111,7 @@ def cancel(records: JobRecords, job_id: str, *, sender: Sender) -> Answer:
     if decision == "stopped":
         leave_waiting(records, get_settings(), job_id)
         Metrics(records.redis).count(CANCELLATIONS)
-        sender.final_callback(job_id, "cancelled")
+        send_final_callback(job_id, "cancelled", sender=sender, records=records)
         return Answer(
             Outcome.DONE, job_id, "cancelled", f"job {job_id} cancelled before it started"
         )
@@ -129,9 +140,21 @@ def finish_cancelled(records: JobRecords, job_id: str, *, stage: str) -> bool:
         records.write(job_id, status="cancelled")
         return False
     progress = (records.redis.hget(key, "progress") or b"{}").decode()
-    records.write(job_id, status="cancelled", cancelled_stage=stage, cancelled_progress=progress)
+    records.write(job_id, status="cancelled", cancelled_stage=stage, cancelled_progress=progress,
+                  **records.final_callback_due(job_id, "cancelled"))  # fmt: skip
     Metrics(records.redis).count(CANCELLATIONS)
     return True
+
+
+def send_final_callback(
+    job_id: str, status: str, *, sender: Sender, records: JobRecords | None = None
+) -> bool:
+    """Queue (through `sender`) the final callback that the record says is due
+    (`JobRecords.final_callback_due`, written with the final status) on the media workers;
+    False when the broker refused it: the lost-job sweep sends it within LOST_JOB_TIMEOUT_S
+    (worker/outbox.py)."""
+    return outbox.send(records or get_records(), job_id, status, sender=sender,
+                       fault_point=CALLBACK_PUBLISH)  # fmt: skip
 
 
 def give_up(records: JobRecords, job_id: str) -> None:
@@ -164,9 +187,12 @@ def retry(
     run = int(record.fields.get("retries", 0)) + 1
     if record.status == "delivery_failed" and not from_start:
         stage, outcome = "callback", _outcome(record)
-        records.redis.hdel(records.key(job_id), *DELIVERY_ERROR_FIELDS)
-        records.write_active(job_id, status=outcome, retries=str(run), retried_from=stage)
-        sender.final_callback(job_id, outcome)
+        # The callback's attempts start afresh: a new delivery window and deliveries.
+        callback_bookkeeping = [f"{kind}:callback" for kind in STAGE_BOOKKEEPING]
+        records.redis.hdel(records.key(job_id), *DELIVERY_ERROR_FIELDS, *callback_bookkeeping)
+        records.write_active(job_id, status=outcome, retries=str(run), retried_from=stage,
+                             **records.final_callback_due(job_id, outcome))  # fmt: skip
+        send_final_callback(job_id, outcome, sender=sender, records=records)
     else:
         stage = "enhance" if from_start else _restart_stage(record)
         _reset(records, record, stage, run)
@@ -218,7 +244,8 @@ def run_again_fields(record: JobRecord, stage: str) -> list[str]:
     later = STAGES[STAGES.index(stage) :]
     stale = [*OUTCOME_FIELDS, *(name for s in later for name in STAGE_OUTPUTS[s])]
     stale += [f"{kind}:{s}" for s in later for kind in STAGE_BOOKKEEPING]
-    stale.append("resend_pending")  # a lost-job resend's: this run replaces it
+    # a lost-job resend's, a final callback's due: this run replaces them
+    stale += ["resend_pending", "callback_pending", "callback_pending_at"]
     return stale + [name for name in record.fields if name.startswith("callback_sent:")]
 
 

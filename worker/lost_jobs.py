@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 
 from worker.errors import TooManyDeliveries
-from worker.job_control import RUNNING_STATUSES, give_up, run_again_fields
+from worker.job_control import RUNNING_STATUSES, give_up, run_again_fields, send_final_callback
 from worker.records import SPOOL_STAGES, STAGES, JobRecord, JobRecords
 from worker.sender import Sender
 
@@ -169,7 +169,7 @@ class LostJobSweep:
             log.error("%s; not sent again: %s", why, error)
             self.records.fail(lost.job_id, stage=lost.restart, error=error)
             give_up(self.records, lost.job_id)
-            self.sender.final_callback(lost.job_id, "failed")
+            send_final_callback(lost.job_id, "failed", sender=self.sender, records=self.records)
             return True
         run = int(record.fields.get("retries", "0")) + 1
         log.warning("%s; sent again from %s (run %d, delivery %d)", why, lost.restart, run,

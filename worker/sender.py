@@ -1,9 +1,9 @@
 """What sends a job's messages, as the code that moves jobs sees it: handed in, never imported.
 
-The bridge, dispatch, cancel and retry, and the lost-job and swallowed-message sweeps send
-chains and final callbacks, but never import `tasks` (the Celery task objects, and through
-them the stages' heavy imports): whoever makes them hands them a `Sender`. Production's is
-`tasks.chain.SENDER`, which sends by task name.
+The bridge, dispatch, cancel and retry, the outbox of final callbacks and the lost-job and
+swallowed-message sweeps send chains and final callbacks, but never import `tasks` (the
+Celery task objects, and through them the stages' heavy imports): whoever makes them hands
+them a `Sender`. Production's is `tasks.chain.SENDER`, which sends by task name.
 """
 
 from __future__ import annotations
@@ -18,5 +18,6 @@ class Sender(Protocol):
         """Send the job's chain from `from_stage` (default: the first stage) as run `run`;
         the generate message carries the `priority` step (worker/lanes.py), None: kombu's 0."""
 
-    def final_callback(self, job_id: str, status: str) -> None:
-        """Queue the job's final `failed` or `cancelled` callback on the media workers."""
+    def final_callback(self, job_id: str, status: str, *, task_id: str) -> None:
+        """Queue the job's final callback of `status` on the media workers as task `task_id`
+        (worker/outbox.py sends it, once the record says it is due)."""
