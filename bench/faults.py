@@ -37,13 +37,13 @@ from rich.table import Table
 
 from bench import TinyStack, tiny_stack
 from tasks.chain import SENDER
-from worker.jobs import parse_job
-from worker.lanes import WaitingJobs, priority_lists, queue_depth
+from worker.flow.lanes import WaitingJobs, priority_lists, queue_depth
+from worker.flow.reconcile import QueuedJobReconciler
+from worker.jobs.model import parse_job
+from worker.jobs.records import JobRecords
 from worker.local.many_records import add_finished, finished_record, sweep_pass
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.reconcile import QueuedJobReconciler
-from worker.records import JobRecords
 from worker.settings import Settings
 
 QUEUE = "wan_queue"

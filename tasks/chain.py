@@ -3,7 +3,7 @@
 By name (`app.signature("wan.generate", ...)`, routed by celeryconfig), not through the task
 objects: a process that only sends (the bridge, the API, the CLI) imports no stage task, and
 nothing here imports one, so no module of `tasks` or `worker` imports this one back in a
-circle. `SENDER` is what the code that moves jobs (worker/sender.py) is handed. Task ids
+circle. `SENDER` is what the code that moves jobs (worker/flow/sender.py) is handed. Task ids
 derive from the job id so Flower and the CLI can find them.
 """
 
@@ -13,7 +13,7 @@ from celery import chain
 from celery.canvas import Signature
 
 from tasks.app import app
-from worker.records import STAGES, stage_task_id
+from worker.jobs.records import STAGES, stage_task_id
 
 #: The stage tasks' names (`@app.task(name=...)` in tasks/enhance.py, generate.py, media.py),
 #: by the stage names records use, in chain order.
@@ -25,7 +25,7 @@ def build_chain(
 ) -> Signature:
     """`enhance -> generate -> encode -> thumbnail -> upload -> callback`, or its tail from
     `from_stage` for a retry; routes in celeryconfig. The generate message carries the
-    job's `priority` step (worker/lanes.py), whichever stage sends it; None: kombu's 0."""
+    job's `priority` step (worker/flow/lanes.py), whichever stage sends it; None: kombu's 0."""
     stages = STAGES[STAGES.index(from_stage) :]
     return chain(
         app.signature(STAGE_TASK_NAMES[stage], (job_id,), immutable=True).set(
@@ -37,7 +37,7 @@ def build_chain(
 
 
 class CelerySender:
-    """The `Sender` (worker/sender.py) of every process: messages on this app's broker."""
+    """The `Sender` (worker/flow/sender.py) of every process: messages on this app's broker."""
 
     def chain(
         self, job_id: str, *, from_stage: str = STAGES[0], run: int = 0, priority: int | None = None

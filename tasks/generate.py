@@ -23,15 +23,16 @@ from celery.utils.time import get_exponential_backoff_interval
 from media import references, spool
 from tasks.app import app
 from tasks.base import NETWORK_RETRY, StageTask
-from worker import faults, fencing
-from worker.callback import notify_processing
+from worker import faults
 from worker.errors import JobCancelled, ReferenceUnusable, TransientError
-from worker.job_control import raise_if_cancelled
-from worker.jobs import SEED_MAX, Job, PresetName
+from worker.flow.callback import notify_processing
+from worker.flow.job_control import raise_if_cancelled
+from worker.jobs import fencing
+from worker.jobs.model import SEED_MAX, Job, PresetName
+from worker.jobs.records import JobRecords, get_records, run_of_task
 from worker.observe.loaded_models import LoadedModels
 from worker.observe.metrics import QUALITY_DEGRADATIONS, Metrics
 from worker.observe.progress import Notify, Progress
-from worker.records import JobRecords, get_records, run_of_task
 from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:

@@ -27,10 +27,10 @@ from celery.signals import (
 
 from tasks.routing import host_queue
 from worker import faults
-from worker.callback import callback_auth_line
+from worker.flow.callback import callback_auth_line
+from worker.jobs.records import get_records
 from worker.observe import logs, metrics
 from worker.observe.loaded_models import LoadedModels
-from worker.records import get_records
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -11,12 +11,12 @@ from celery import bootsteps
 from media import spool
 from tasks.app import app
 from tasks.chain import SENDER
-from worker.lanes import GPU_QUEUE, promote_overdue
-from worker.leftovers import drop_leftovers
-from worker.lost_jobs import LostJobSweep
-from worker.outbox import FinalCallbackSweep
-from worker.reconcile import QueuedJobReconciler
-from worker.records import FINAL_STATUSES, get_records
+from worker.flow.lanes import GPU_QUEUE, promote_overdue
+from worker.flow.leftovers import drop_leftovers
+from worker.flow.lost_jobs import LostJobSweep
+from worker.flow.outbox import FinalCallbackSweep
+from worker.flow.reconcile import QueuedJobReconciler
+from worker.jobs.records import FINAL_STATUSES, get_records
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ class SpoolSweep(MediaWorkerChore):
 
 
 class LostJobSweeper(MediaWorkerChore):
-    """Says this host's media worker lives, then sends lost jobs again (worker/lost_jobs.py)
-    and final callbacks unsent or lost (worker/outbox.py), every fifth of
+    """Says this host's media worker lives, then sends lost jobs again (worker/flow/lost_jobs.py)
+    and final callbacks unsent or lost (worker/flow/outbox.py), every fifth of
     LOST_JOB_TIMEOUT_S (at most a minute).
 
     In the media workers because there is one per host and they need no GPU: every live
@@ -113,7 +113,7 @@ class LostJobSweeper(MediaWorkerChore):
     host for LOST_JOB_TIMEOUT_S" from one read, without waiting on a broadcast.
 
     The same pass sends again the jobs whose message a dying consumer swallowed
-    (worker/reconcile.py) and drops what outlived its job or host (worker/leftovers.py).
+    (worker/flow/reconcile.py) and drops what outlived its job or host (worker/flow/leftovers.py).
     """
 
     what = "lost-job sweep"
@@ -157,7 +157,7 @@ def get_reconciler() -> QueuedJobReconciler:
 
 class PromotionSweep(WorkerChore):
     """Every `Settings.promote_sweep_interval_s()`, moves the generate messages of jobs
-    waiting longer than PROMOTE_AFTER_S to the top priority step (worker/lanes.py), so no
+    waiting longer than PROMOTE_AFTER_S to the top priority step (worker/flow/lanes.py), so no
     video starves behind a stream of images.
 
     In every worker that consumes the `gpu` queue: the ones whose takes it orders. Several

@@ -20,9 +20,9 @@ import redis
 from tasks.chain import SENDER
 from tests.conftest import new_job, sent_job_ids
 from tests.payloads import json_object
-from worker.bridge import RECONNECT_S, Bridge, rejected_list
+from worker.flow.bridge import RECONNECT_S, Bridge, rejected_list
+from worker.jobs.records import JobRecords
 from worker.local.stack import RedisServer, wait_until
-from worker.records import JobRecords
 
 QUEUE = "bridge_test_queue"
 
@@ -78,8 +78,8 @@ def test_a_job_id_seen_twice_starts_one_chain(idle_broker: redis.Redis, bridge: 
 def draining(bridge: Bridge, monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Thread]:
     """The bridge draining its list in a thread (stopped after the test), asking again
     about held jobs every 0.05 s."""
-    monkeypatch.setattr("worker.bridge.POLL_S", 0.05)
-    monkeypatch.setattr("worker.bridge.HELD_RECHECK_S", 0.05)
+    monkeypatch.setattr("worker.flow.bridge.POLL_S", 0.05)
+    monkeypatch.setattr("worker.flow.bridge.HELD_RECHECK_S", 0.05)
     serving = threading.Thread(target=bridge.run, kwargs={"drain": True})
     yield serving
     bridge.stop()
@@ -326,7 +326,7 @@ def test_an_item_without_a_usable_id_is_parked_with_the_reason(
 def test_the_rejected_list_keeps_only_the_newest_entries(
     idle_broker: redis.Redis, bridge: Bridge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.bridge.REJECTED_MAX", 3)
+    monkeypatch.setattr("worker.flow.bridge.REJECTED_MAX", 3)
     idle_broker.rpush(QUEUE, *(f"junk {n}" for n in range(5)))
 
     bridge.run(drain=True)
@@ -396,7 +396,7 @@ def test_valid_json_with_extreme_values_and_a_usable_id_gets_a_failed_callback_n
     item: str,
     field: str,
 ) -> None:
-    monkeypatch.setattr("worker.bridge.POLL_S", 0.05)  # drain ends without a 1 s wait
+    monkeypatch.setattr("worker.flow.bridge.POLL_S", 0.05)  # drain ends without a 1 s wait
     # Given a valid JSON job whose values Python's decoder refuses or cannot keep, and a
     # good job behind it
     good = new_job("image_fast")

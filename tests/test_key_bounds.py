@@ -29,20 +29,14 @@ from enhancement.model import Sampling
 from tasks.chain import SENDER
 from tests.conftest import celery_broker
 from tests.test_reconcile import TIMEOUT_S, finish, sent, tiny_job, waited
-from worker.bridge import Bridge
 from worker.errors import TooManyDeliveries
-from worker.job_control import finish_cancelled, give_up, retry
-from worker.jobs import JobType, parse_job
-from worker.lanes import WaitingJobs, leave_waiting
-from worker.leftovers import BINDING_PREFIX, drop_leftovers
-from worker.local.many_records import add_finished, finished_record, sweep_pass
-from worker.local.stack import ROOT, RedisServer, wait_until
-from worker.observe.loaded_models import LoadedModels
-from worker.observe.metrics import GPU_MEMORY, JOBS, OTHER, Metrics
-from worker.observe.metrics import KEY_PREFIX as METRICS_PREFIX
-from worker.observe.progress import Progress
-from worker.reconcile import QueuedJobReconciler
-from worker.records import (
+from worker.flow.bridge import Bridge
+from worker.flow.job_control import finish_cancelled, give_up, retry
+from worker.flow.lanes import WaitingJobs, leave_waiting
+from worker.flow.leftovers import BINDING_PREFIX, drop_leftovers
+from worker.flow.reconcile import QueuedJobReconciler
+from worker.jobs.model import JobType, parse_job
+from worker.jobs.records import (
     ACTIVE_KEY,
     FINAL_STATUSES,
     INDEX_KEY,
@@ -51,6 +45,12 @@ from worker.records import (
     STAGES,
     JobRecords,
 )
+from worker.local.many_records import add_finished, finished_record, sweep_pass
+from worker.local.stack import ROOT, RedisServer, wait_until
+from worker.observe.loaded_models import LoadedModels
+from worker.observe.metrics import GPU_MEMORY, JOBS, OTHER, Metrics
+from worker.observe.metrics import KEY_PREFIX as METRICS_PREFIX
+from worker.observe.progress import Progress
 from worker.settings import Settings
 
 FINISHED = 100_000

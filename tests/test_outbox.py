@@ -20,13 +20,14 @@ from celery.exceptions import Ignore
 
 from tasks.chain import SENDER
 from tests.conftest import new_job
-from worker import fencing, job_control, outbox
 from worker.errors import RunSuperseded
-from worker.fencing import Fence
-from worker.jobs import parse_job
+from worker.flow import job_control, outbox
+from worker.flow.lost_jobs import LostJob, LostJobSweep
+from worker.jobs import fencing
+from worker.jobs.fencing import Fence
+from worker.jobs.model import parse_job
+from worker.jobs.records import ACTIVE_KEY, JobRecords, get_records, lease_owner, stage_task_id
 from worker.local.stack import wait_until
-from worker.lost_jobs import LostJob, LostJobSweep
-from worker.records import ACTIVE_KEY, JobRecords, get_records, lease_owner, stage_task_id
 from worker.settings import get_settings
 
 TIMEOUT_S = 300

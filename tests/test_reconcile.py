@@ -22,14 +22,14 @@ import redis
 
 from tasks.chain import SENDER, build_chain
 from tests.conftest import JOB_TIMEOUT_S, celery_broker, module_env, new_job, sent_job_ids
-from worker.dead_letters import DeadLetters
-from worker.dispatch import submit
-from worker.jobs import Job, parse_job
-from worker.lanes import priority_lists
+from worker.flow.dispatch import submit
+from worker.flow.lanes import priority_lists
+from worker.flow.reconcile import UNACKED_KEY, QueuedJobReconciler, waiting_stage
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.model import Job, parse_job
+from worker.jobs.records import ACTIVE_KEY, FINAL_STATUSES, STAGES, JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.reconcile import UNACKED_KEY, QueuedJobReconciler, waiting_stage
-from worker.records import ACTIVE_KEY, FINAL_STATUSES, STAGES, JobRecords
 
 QUEUE = "reconcile_queue"
 #: The unit tests' timeout (production's default), and the stack's.

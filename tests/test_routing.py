@@ -11,8 +11,8 @@ import redis
 
 from tests.conftest import sent_job_ids
 from worker.errors import FramesMissing
+from worker.jobs.records import JobRecords, get_records
 from worker.local.stack import RedisServer
-from worker.records import JobRecords, get_records
 from worker.settings import get_settings
 
 QUEUE_OF_STAGE = {

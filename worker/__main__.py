@@ -21,7 +21,7 @@ def _config(_: argparse.Namespace) -> None:
 
 def _bridge(_: argparse.Namespace) -> None:
     from tasks.chain import SENDER
-    from worker.bridge import main
+    from worker.flow.bridge import main
 
     main(SENDER)
 

@@ -17,11 +17,11 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from worker.dead_letters import DeadLetters
-from worker.job_control import Answer, cancel, retry
-from worker.job_views import STATUSES, JobSummary, dead_jobs, job_view, list_jobs
-from worker.records import get_records
-from worker.sender import Sender
+from worker.flow.job_control import Answer, cancel, retry
+from worker.flow.sender import Sender
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.records import get_records
+from worker.jobs.views import STATUSES, JobSummary, dead_jobs, job_view, list_jobs
 
 #: A duration as people write it: 90, 90s, 30m, 12h, 7d.
 DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")

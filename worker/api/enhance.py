@@ -15,7 +15,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.api.auth import Authorized
-from worker.jobs import PROMPT_MAX_CHARS, JobType
+from worker.jobs.model import PROMPT_MAX_CHARS, JobType
 from worker.settings import Settings, get_settings
 
 router = APIRouter(dependencies=[Authorized], tags=["enhance"])

@@ -28,7 +28,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
 from worker.api.auth import Authorized
-from worker.lanes import queue_depth
+from worker.flow.lanes import queue_depth
 from worker.observe.loaded_models import LoadedModels
 from worker.settings import Settings
 

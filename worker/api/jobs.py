@@ -17,13 +17,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.api.auth import Authorized
-from worker.dispatch import claim, claim_left_s, submit
 from worker.errors import InvalidJob
-from worker.job_control import Answer, Outcome, cancel, retry
-from worker.job_views import JobView, job_view
-from worker.jobs import PROMPT_MAX_CHARS, SAFE_ID, JobType, parse_job
-from worker.records import get_records
-from worker.sender import Sender
+from worker.flow.dispatch import claim, claim_left_s, submit
+from worker.flow.job_control import Answer, Outcome, cancel, retry
+from worker.flow.sender import Sender
+from worker.jobs.model import PROMPT_MAX_CHARS, SAFE_ID, JobType, parse_job
+from worker.jobs.records import get_records
+from worker.jobs.views import JobView, job_view
 
 log = logging.getLogger(__name__)
 

@@ -34,12 +34,12 @@ import redis
 from kombu.exceptions import OperationalError
 
 from worker import faults
-from worker.dispatch import claim, mark_dispatched, reject, send
 from worker.errors import InvalidJob
-from worker.jobs import Job, decode_body, job_id_of, job_type_of, parse_job
+from worker.flow.dispatch import claim, mark_dispatched, reject, send
+from worker.flow.sender import Sender
+from worker.jobs.model import Job, decode_body, job_id_of, job_type_of, parse_job
+from worker.jobs.records import JobRecords, get_records
 from worker.observe.logs import job_scope
-from worker.records import JobRecords, get_records
-from worker.sender import Sender
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

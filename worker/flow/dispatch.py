@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 
-from worker import outbox
-from worker.job_control import CALLBACK_PUBLISH
-from worker.jobs import Job
-from worker.lanes import WaitingJobs
-from worker.records import Claim, JobRecords
-from worker.sender import Sender
+from worker.flow import outbox
+from worker.flow.job_control import CALLBACK_PUBLISH
+from worker.flow.lanes import WaitingJobs
+from worker.flow.sender import Sender
+from worker.jobs.model import Job
+from worker.jobs.records import Claim, JobRecords
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def reject(
 
     The record is marked dispatched only once the callback is published: a broker error in
     between leaves the claim open, so the caller's next attempt sends the callback again
-    (and the record says the callback is due, for the lost-job sweep: worker/outbox.py).
+    (and the record says the callback is due, for the lost-job sweep: worker/flow/outbox.py).
     """
     records.write_active(job_id, payload=payload, job_type=job_type)  # owes a callback
     records.fail(job_id, stage="validate", error=error)

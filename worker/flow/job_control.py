@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from worker import outbox
 from worker.clock import redis_stamp
-from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
-from worker.lanes import WaitingJobs, leave_waiting
+from worker.flow import outbox
+from worker.flow.lanes import WaitingJobs, leave_waiting
+from worker.flow.sender import Sender
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords, get_records
 from worker.observe.metrics import CANCELLATIONS, DEAD_LETTERS, Metrics
-from worker.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords, get_records
-from worker.sender import Sender
 from worker.settings import get_settings
 
 
@@ -152,7 +152,7 @@ def send_final_callback(
     """Queue (through `sender`) the final callback that the record says is due
     (`JobRecords.final_callback_due`, written with the final status) on the media workers;
     False when the broker refused it: the lost-job sweep sends it within LOST_JOB_TIMEOUT_S
-    (worker/outbox.py)."""
+    (worker/flow/outbox.py)."""
     return outbox.send(records or get_records(), job_id, status, sender=sender,
                        fault_point=CALLBACK_PUBLISH)  # fmt: skip
 

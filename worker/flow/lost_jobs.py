@@ -23,9 +23,9 @@ import logging
 from dataclasses import dataclass
 
 from worker.errors import TooManyDeliveries
-from worker.job_control import RUNNING_STATUSES, give_up, run_again_fields, send_final_callback
-from worker.records import SPOOL_STAGES, STAGES, JobRecord, JobRecords
-from worker.sender import Sender
+from worker.flow.job_control import RUNNING_STATUSES, give_up, run_again_fields, send_final_callback
+from worker.flow.sender import Sender
+from worker.jobs.records import SPOOL_STAGES, STAGES, JobRecord, JobRecords
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import redis
 from kombu.exceptions import OperationalError
 
 from worker import faults
-from worker.records import FINAL_STATUSES, JobRecord, JobRecords, final_callback_task_id
-from worker.sender import Sender
+from worker.flow.sender import Sender
+from worker.jobs.records import FINAL_STATUSES, JobRecord, JobRecords, final_callback_task_id
 
 log = logging.getLogger(__name__)
 

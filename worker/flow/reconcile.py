@@ -9,7 +9,7 @@ back, as it was never noted. The job would wait for ever.
 
 A job is swallowed when it has waited LOST_JOB_TIMEOUT_S for a stage to start (`queued`, or
 a stage finished or let go of and the next not begun) and no message of its run is
-- on a queue: every priority list (worker/lanes.py `priority_lists`) of `enhance`, `gpu`,
+- on a queue: every priority list (worker/flow/lanes.py `priority_lists`) of `enhance`, `gpu`,
   `cpu` and each host's `cpu.<host>`;
 - or held by a worker: kombu's `unacked` hash, where every message a worker has taken sits
   until it is acknowledged, prefetched (Celery's reserved list), counting down a retry or
@@ -37,11 +37,11 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.job_control import RUNNING_STATUSES
-from worker.lanes import GPU_QUEUE, priority_lists
-from worker.lost_jobs import LostJob, LostJobSweep, restart_stage
-from worker.records import STAGES, JobRecord, JobRecords, run_of_task
-from worker.sender import Sender
+from worker.flow.job_control import RUNNING_STATUSES
+from worker.flow.lanes import GPU_QUEUE, priority_lists
+from worker.flow.lost_jobs import LostJob, LostJobSweep, restart_stage
+from worker.flow.sender import Sender
+from worker.jobs.records import STAGES, JobRecord, JobRecords, run_of_task
 
 #: kombu's hash of the messages workers hold: delivery tag -> [message, exchange, key].
 UNACKED_KEY = "unacked"

@@ -16,8 +16,8 @@ class Sender(Protocol):
         self, job_id: str, *, from_stage: str = ..., run: int = 0, priority: int | None = None
     ) -> None:
         """Send the job's chain from `from_stage` (default: the first stage) as run `run`;
-        the generate message carries the `priority` step (worker/lanes.py), None: kombu's 0."""
+        the generate message carries the `priority` step (worker/flow/lanes.py), None: kombu's 0."""
 
     def final_callback(self, job_id: str, status: str, *, task_id: str) -> None:
         """Queue the job's final callback of `status` on the media workers as task `task_id`
-        (worker/outbox.py sends it, once the record says it is due)."""
+        (worker/flow/outbox.py sends it, once the record says it is due)."""

@@ -47,7 +47,7 @@ from diffusers.models.attention_dispatch import (
 )
 from diffusers.utils import is_flash_attn_3_available, is_flash_attn_available, is_torchao_available
 
-from worker.jobs import Job
+from worker.jobs.model import Job
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

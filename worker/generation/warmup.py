@@ -11,7 +11,7 @@ from typing import Any
 from worker.generation.load import Pipelines
 from worker.generation.modes import generate
 from worker.generation.speed import as_run, turbo_checkpoint
-from worker.jobs import Job, parse_job
+from worker.jobs.model import Job, parse_job
 
 #: The warm-up generation: an image at the platform's default size, in two steps (turbo: its
 #: own steps), so compiled blocks meet the most common shape before the first job.

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import uuid
 
-from worker.jobs import parse_job
-from worker.lanes import promote_overdue
-from worker.leftovers import drop_leftovers
-from worker.lost_jobs import LostJobSweep
-from worker.reconcile import QueuedJobReconciler
-from worker.records import INDEX_KEY, KEY_PREFIX, STAGES, JobRecords
+from worker.flow.lanes import promote_overdue
+from worker.flow.leftovers import drop_leftovers
+from worker.flow.lost_jobs import LostJobSweep
+from worker.flow.reconcile import QueuedJobReconciler
+from worker.jobs.model import parse_job
+from worker.jobs.records import INDEX_KEY, KEY_PREFIX, STAGES, JobRecords
 from worker.settings import Settings
 
 #: Copies of one record, made inside Redis (packing 100,000 hashes in Python takes a minute
