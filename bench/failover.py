@@ -37,10 +37,10 @@ from rich.table import Table
 
 from bench import start_stack, tiny_env
 from worker import connections
+from worker.jobs.records import FINAL_STATUSES, REDIS_OUTAGE_RETRY, JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.sentinel import SentinelSet
 from worker.local.stack import wait_until
-from worker.records import FINAL_STATUSES, REDIS_OUTAGE_RETRY, JobRecords
 
 QUEUE = "wan_queue"
 FAILOVERS = 5

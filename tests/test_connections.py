@@ -25,9 +25,9 @@ from redis.retry import Retry
 from tests.conftest import REDIS_PASSWORD, REDIS_SENTINEL_PASSWORD, secret_leaks
 from worker import connections
 from worker.connections import RedisTarget, ReplicaWait, celery_redis, records_target
+from worker.jobs.records import JobRecords, WriteLost
 from worker.local.sentinel import MASTER_NAME, NODE_ARGS, SentinelSet
 from worker.local.stack import ROOT, RedisServer, wait_until
-from worker.records import JobRecords, WriteLost
 from worker.settings import Settings
 
 SENTINELS = "10.0.0.1:26379,10.0.0.2:26380,10.0.0.3"

@@ -33,10 +33,10 @@ from tests.conftest import (
     settled,
 )
 from worker import connections
+from worker.jobs.records import REDIS_OUTAGE_RETRY, JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.sentinel import SentinelSet
 from worker.local.stack import FULL_STACK, LocalStack, free_port, wait_until
-from worker.records import REDIS_OUTAGE_RETRY, JobRecords
 
 pytestmark = pytest.mark.runs_long
 

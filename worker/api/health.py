@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from worker import connections
 from worker.api.auth import Authorized
-from worker.lanes import queue_depth
+from worker.flow.lanes import queue_depth
 from worker.observe.loaded_models import LoadedModels
 from worker.observe.metrics import Metrics
 from worker.settings import Settings
@@ -106,7 +106,7 @@ class Survey:
 def survey(settings: Settings) -> Survey:
     """The workers that answer a broadcast within PING_TIMEOUT_S with their queues and
     models, and the queue depths (blocking: run in a thread)."""
-    from tasks import app  # the Celery app, for its broadcast (no torch comes with it)
+    from tasks.app import app  # the Celery app, for its broadcast
 
     broker = broker_client(settings)
     platform = platform_client(settings)
