@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from worker.api import debug, enhance, events, health, jobs, metrics
+from worker.api import debug, enhance, events, health, jobs, metrics, previews
 from worker.api.registration import register
 from worker.settings import Settings, get_settings
 
@@ -58,7 +58,7 @@ def create_app() -> FastAPI:
         version="0.1.0",
         lifespan=_lifespan,
     )
-    for module in (health, metrics, enhance, jobs, events, debug):
+    for module in (health, metrics, enhance, jobs, events, previews, debug):
         app.include_router(module.router)
     return app
 
