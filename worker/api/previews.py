@@ -11,8 +11,8 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import Response
 from redis.exceptions import RedisError
 
-from worker.api.jobs import JobId
-from worker.api.watch import Watching
+from worker.api.paths import JobId
+from worker.api.watch import REFUSED, Watching
 from worker.observe import preview_store
 from worker.records import get_records
 
@@ -27,6 +27,7 @@ router = APIRouter(tags=["jobs"])
         200: {"content": {"image/webp": {}}},
         404: {"description": "no preview: none made yet, previews off, or expired"},
         503: {"description": "Redis unreachable"},
+        **REFUSED,
     },
 )
 def job_preview(job_id: JobId) -> Response:

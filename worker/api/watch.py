@@ -19,6 +19,7 @@ from fastapi import Depends, HTTPException, Query, status
 from fastapi.security import HTTPAuthorizationCredentials
 
 from worker.api.auth import bearer, configured_key, require_api_key
+from worker.api.paths import JobId
 from worker.settings import Settings, get_settings
 
 
@@ -47,7 +48,7 @@ def valid(key: str, job_id: str, token: str, *, now: float | None = None) -> boo
 
 
 def require_watch(
-    job_id: str,
+    job_id: JobId,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     settings: Annotated[Settings, Depends(get_settings)],
     token: Annotated[str | None, Query(description="a watch token of this job")] = None,
@@ -65,3 +66,5 @@ def require_watch(
 
 #: Add to a route whose path has `{job_id}`: the key, or that job's watch token.
 Watching = Depends(require_watch)
+#: What such a route answers a wrong key or token, for its documented responses.
+REFUSED = {401: {"description": "neither the API key nor a valid watch token of this job"}}
