@@ -9,7 +9,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from worker.api import debug, enhance, events, health, jobs, metrics, previews
+from worker.api import (
+    debug,
+    enhance,
+    events,
+    health,
+    job_page,
+    jobs,
+    metrics,
+    previews,
+    results,
+    ui,
+)
 from worker.api.registration import register
 from worker.settings import Settings, get_settings
 
@@ -58,8 +69,9 @@ def create_app() -> FastAPI:
         version="0.1.0",
         lifespan=_lifespan,
     )
-    for module in (health, metrics, enhance, jobs, events, previews, debug):
+    for module in (health, metrics, enhance, jobs, events, previews, results, job_page, debug):
         app.include_router(module.router)
+    ui.mount_static(app)
     return app
 
 
