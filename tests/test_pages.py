@@ -4,8 +4,9 @@
 The hosts run on Redis database 9 of their own: each has its own WORKER_HOST and spool, a
 worker on `gpu,enhance` and a media worker; host A also runs the bridge and the HTTP API.
 Previews come every PREVIEW_EVERY_S=0.2 s here, and the page's job pauses after its first
-steps (WAN_TEST_FAULT), so the browser sees several previews on any machine. Chromium starts
-once for the module.
+steps (WAN_TEST_FAULT), so the browser sees several previews on any machine; `busy-` jobs
+hold a generation worker at step 1 for HOLD_S, so the fleet test (the last, it leaves both
+held) has a job waiting in its lane. Chromium starts once for the module.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from tests.conftest import (
     new_job,
     pauses,
 )
+from worker.dead_letters import DeadLetters
 from worker.local.platform import LocalPlatform
-from worker.local.stack import LocalStack, free_port
+from worker.local.stack import LocalStack, free_port, wait_until
+from worker.records import JobRecords
 
 pytestmark = pytest.mark.skipif(
     shutil.which("chromium") is None, reason="Debian's chromium is not installed"
@@ -41,6 +44,9 @@ QUEUE = "wan_queue_pages"
 #: Jobs with this id prefix pause after each of their first denoising steps.
 SHOWN = "shown-"
 STEPS = 8
+#: Jobs with this id prefix hold their generation worker after step 1 for HOLD_S seconds.
+BUSY = "busy-"
+HOLD_S = 120
 #: Milliseconds a browser check waits for what it expects.
 BROWSER_WAIT_MS = JOB_TIMEOUT_S * 1000
 
@@ -55,7 +61,7 @@ def envs(
         "PLATFORM_REDIS_URL": db,
         "PLATFORM_QUEUE": QUEUE,
         "PREVIEW_EVERY_S": "0.2",
-        "WAN_TEST_FAULT": pauses(SHOWN, 0.5, range(1, STEPS)),
+        "WAN_TEST_FAULT": f"{pauses(SHOWN, 0.5, range(1, STEPS))};{pauses(BUSY, HOLD_S, [1])}",
         "API_PORT": str(free_port()),
     }
     return {
@@ -159,3 +165,67 @@ def test_with_a_wrong_token_the_page_is_401_and_its_stream_sends_nothing(api: st
     assert job["prompt"] not in body
     assert stream.status_code == 401 and b"data:" not in streamed
     assert API_KEY not in body
+
+
+def test_the_fleet_page_shows_both_hosts_workers_at_work_a_waiting_job_and_a_failed_jobs_error(
+    api: str, browser, platform: LocalPlatform, envs: dict[str, dict[str, str]]
+) -> None:
+    client = redis.Redis.from_url(envs["host-a"]["REDIS_URL"])
+    records = JobRecords(client, ttl_s=600)
+    # Given a job that failed (a reference job on hosts without VACE), also dead-lettered
+    failed = new_job("image_fast", metadata={"reference_image_url": "https://example.com/a.png"})
+    post_job(api, failed)
+    assert platform.wait_for_final(failed["id"], timeout_s=JOB_TIMEOUT_S).body["status"] == "failed"
+    DeadLetters(client).add(failed["id"])
+    # and both generation workers held mid-denoise by a job each, and a third job waiting
+    busy = [new_job("video_fast", id=f"{BUSY}{uuid.uuid4()}") for _ in HOSTS]
+    for job in busy:
+        post_job(api, job)
+
+    def generating(job_id: str) -> bool:
+        return bool((records.get(job_id).value("progress") or {}).get("step"))
+
+    wait_until(lambda: all(generating(job["id"]) for job in busy), timeout_s=JOB_TIMEOUT_S,
+               what="both generation workers mid-denoise")  # fmt: skip
+    waiting = new_job("image_fast")
+    post_job(api, waiting)
+    wait_until(
+        lambda: 'wan_lane_waiting_jobs{lane="image"} 1.0' in httpx.get(f"{api}/metrics").text,
+        timeout_s=JOB_TIMEOUT_S, what="the job waiting in the image lane",
+    )  # fmt: skip
+    wait_until(
+        lambda: len(httpx.get(f"{api}/health/details", headers=auth()).json()["workers"]) == 4,
+        timeout_s=JOB_TIMEOUT_S, what="the survey seeing both hosts' workers",
+    )  # fmt: skip
+
+    # When the on-call engineer opens the fleet page, and the waiting job's link
+    refused = httpx.get(f"{api}/ui/", auth=("oncall", "not-the-key"), timeout=10)
+    context = browser.new_context(http_credentials={"username": "oncall", "password": API_KEY})
+    page = context.new_page()
+    opened = page.goto(f"{api}/ui/")
+    workers = dict(page.locator("#hosts tr.worker").evaluate_all(
+        "rows => rows.map(row => [row.dataset.node, row.innerText])"
+    ))  # fmt: skip
+    lane = page.inner_text("#lanes tr[data-lane=image]")
+    failed_row = page.inner_text(f"#jobs tr[data-job-id='{failed['id']}']")
+    dead_row = page.inner_text(f"#dead tr[data-job-id='{failed['id']}']")
+    page.screenshot(path=str(ARTIFACTS / "fleet-page.png"), full_page=True)
+    page.click(f"#lanes a:has-text('{waiting['id']}')")
+    job_page = page.inner_text("main")
+    context.close()
+
+    # Then it lists each host's workers, each generation worker at work on its held job
+    assert refused.status_code == 401 and opened is not None and opened.status == 200
+    assert set(workers) == {f"{name}@{host}" for name in ("gpu", "cpu") for host in HOSTS}
+    held = {job["id"] for job in busy}
+    on_gpus = {job_id for node, text in workers.items() if node.startswith("gpu@")
+               for job_id in held if job_id in text}  # fmt: skip
+    assert on_gpus == held
+    assert all("generate" in workers[f"gpu@{host}"] for host in HOSTS)
+    # the waiting job in the image lane, the failed job's error in the jobs and dead letters
+    assert waiting["id"] in lane and lane.split()[:2] == ["image", "1"]
+    for row in (failed_row, dead_row):
+        assert "WAN_VACE_MODEL_PATH is not set" in row
+    assert "failed" in failed_row
+    # and its link opens the waiting job's page
+    assert waiting["id"] in job_page and waiting["prompt"] in job_page

@@ -13,6 +13,7 @@ from worker.api import (
     debug,
     enhance,
     events,
+    fleet_page,
     health,
     job_page,
     jobs,
@@ -69,7 +70,9 @@ def create_app() -> FastAPI:
         version="0.1.0",
         lifespan=_lifespan,
     )
-    for module in (health, metrics, enhance, jobs, events, previews, results, job_page, debug):
+    routers = (health, metrics, enhance, jobs, events, previews, results, job_page, fleet_page,
+               debug)  # fmt: skip
+    for module in routers:
         app.include_router(module.router)
     ui.mount_static(app)
     return app
