@@ -53,8 +53,10 @@ LATENT_RGB_FACTORS = (
 )
 #: ... and `Wan21.latent_rgb_factors_bias`.
 LATENT_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
-#: WEBP quality of a preview (a glance, not a result).
+#: WEBP quality and effort of a preview (a glance, not a result): method 2 encodes in half
+#: the time of the default 4, for a file a few percent larger.
 WEBP_QUALITY = 80
+WEBP_METHOD = 2
 #: A preview thread with nothing to do for this long ends; the next preview starts another.
 IDLE_EXIT_S = 5.0
 
@@ -64,7 +66,7 @@ def latent_to_rgb(frame: torch.Tensor) -> np.ndarray:
     [-1, 1] to [0, 255] (values outside are clipped), as ComfyUI's previews."""
     factors = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32)
     bias = torch.tensor(LATENT_RGB_BIAS, dtype=torch.float32)
-    rgb = torch.einsum("chw,cr->hwr", frame.float().cpu(), factors) + bias
+    rgb = torch.nn.functional.linear(frame.float().cpu().movedim(0, -1), factors.T, bias)
     return ((rgb.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).numpy()
 
 
@@ -102,7 +104,7 @@ def preview_image(frame: torch.Tensor, *, max_px: int) -> Image.Image:
 
 def encode_webp(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, "WEBP", quality=WEBP_QUALITY)
+    image.save(buffer, "WEBP", quality=WEBP_QUALITY, method=WEBP_METHOD)
     return buffer.getvalue()
 
 
