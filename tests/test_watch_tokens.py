@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import API_KEY, JOB_TIMEOUT_S, api_url, auth, new_job
 from worker.api import watch
 from worker.local.platform import LocalPlatform
-from worker.local.stack import LocalStack
+from worker.local.stack import LocalStack, free_port
 
 JOB = "3f1c2a9e-5b7d-4c1e-9a2b-7d4e5f6a7b8c"
 
@@ -112,3 +112,30 @@ def test_a_watch_token_opens_nothing_but_watching(
                            json={"prompt": "a fox"}, timeout=10)  # fmt: skip
 
     assert answer.status_code == 401
+
+
+def test_an_allowed_origins_script_may_read_the_stream_with_a_token_and_no_other_origin(
+    posted: dict, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Given an API that lets the frontend's origin read (UI_ALLOWED_ORIGINS)
+    frontend = "https://app.example.com"
+    env = stack_env | {"API_PORT": str(free_port()), "UI_ALLOWED_ORIGINS": f"{frontend}, "}
+    api = LocalStack(env, log_dir=tmp_path_factory.mktemp("cors-api"), names=("api",))
+    url = f"http://127.0.0.1:{env['API_PORT']}/jobs/{posted['job_id']}/events"
+    token = {"token": posted["watch_token"]}
+    try:
+        api.start(timeout_s=60)
+        # When the frontend's script, and another site's, open the job's stream
+        allowed = httpx.get(url, params=token, headers={"Origin": frontend}, timeout=30)
+        other = httpx.get(url, params=token, headers={"Origin": "https://evil.example"},
+                          timeout=30)  # fmt: skip
+        asks_post = {"Origin": frontend, "Access-Control-Request-Method": "POST"}
+        preflight = httpx.options(url, headers=asks_post, timeout=10)
+    finally:
+        api.stop()
+
+    # Then the browser lets the frontend read it, the other site not; and only GET is allowed
+    assert allowed.headers["access-control-allow-origin"] == frontend
+    assert "access-control-allow-credentials" not in allowed.headers
+    assert "access-control-allow-origin" not in other.headers
+    assert preflight.status_code == 400

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     #: `user:password` of the fleet page (`GET /ui/`; without a `:`, the password of any user
     #: name); unset: any user name with WAN_WORKER_API_KEY as the password.
     ui_basic_auth: SecretStr | None = None
+    #: Origins (comma list, e.g. `https://app.example.com`) whose pages may read a job's event
+    #: stream, preview and result with its watch token from their own script (CORS, GET
+    #: only, no cookies); empty: none (embedding the job page needs none).
+    ui_allowed_origins: str = ""
     runpod_pod_id: str | None = None
     #: Hosts (or addresses) whose references may be private, e.g. an internal CDN: comma list.
     reference_allowed_hosts: str = ""

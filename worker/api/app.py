@@ -75,6 +75,7 @@ def create_app() -> FastAPI:
     for module in routers:
         app.include_router(module.router)
     ui.mount_static(app)
+    ui.allow_origins(app, get_settings())
     return app
 
 
