@@ -131,6 +131,7 @@ def test_a_generation_previews_its_first_and_last_step_and_none_at_every_s_zero(
     kept = preview_store.latest(own_redis, shown.id)
     assert kept is not None and (kept.step, kept.total_steps) == (4, 4)
     assert Image.open(io.BytesIO(kept.webp)).size == (51, 64)  # 256x320
+    assert 0 < own_redis.ttl(preview_store.key(shown.id)) <= preview_store.PREVIEW_TTL_S
     # and the other made none: nothing kept, no preview thread ever started
     assert preview_store.latest(own_redis, hidden.id) is None
     assert not [t for t in threading.enumerate() if t.name == f"preview-{hidden.id}"]
