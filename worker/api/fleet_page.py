@@ -3,7 +3,7 @@
 Who is generating what, what waits in which lane, what failed and why: the workers that
 /health/details surveyed, by host, each with the job stage it runs now (the leases in the
 job records); the queue depths, and the lanes' waiting jobs and oldest wait that /metrics
-exports; the last 50 jobs and the dead letters with their errors, from the job records.
+exports; the last 50 jobs and dead letters with their errors, from the job records.
 It keeps nothing of its own. Every job links to its page with a fresh watch token. Basic
 auth (`auth.require_fleet_login`); the browser reloads it every REFRESH_S.
 """
@@ -35,7 +35,7 @@ router = APIRouter(tags=["pages"], include_in_schema=False)
 #: from its host's `cpu.<host>`, which the same media worker consumes).
 STAGE_QUEUES = {"enhance": "enhance", "generate": "gpu"}
 MEDIA_QUEUE = "cpu"
-#: The newest jobs listed.
+#: The newest jobs listed, and the newest dead letters.
 LAST_JOBS = 50
 #: Waiting jobs listed per lane, the longest-waiting first.
 LANE_JOBS = 20
@@ -189,10 +189,10 @@ def read_fleet(settings: Settings, health: HealthDetails, records: JobRecords) -
                  for job_id, waited_s in waiting.waiting(lane, limit=LANE_JOBS)])
         for lane, state in waiting.state().items()
     ]  # fmt: skip
-    jobs = [job_row(record, pages) for record in islice(records.newest(), LAST_JOBS)]
+    jobs = [job_row(record, pages) for record in islice(records.newest(page=LAST_JOBS), LAST_JOBS)]
     dead = [
         job_row(records.get(job_id), pages, dead_at=at)
-        for job_id, at in DeadLetters(records.redis).list()
+        for job_id, at in DeadLetters(records.redis).list()[-LAST_JOBS:]
     ]
     return Fleet(health, hosts_of(health, running), lanes, jobs, dead)
 
