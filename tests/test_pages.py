@@ -61,7 +61,7 @@ def envs(
         "PLATFORM_REDIS_URL": db,
         "PLATFORM_QUEUE": QUEUE,
         "PREVIEW_EVERY_S": "0.2",
-        "WAN_TEST_FAULT": f"{pauses(SHOWN, 0.5, range(1, STEPS))};{pauses(BUSY, HOLD_S, [1])}",
+        "WAN_TEST_FAULT": f"{pauses(SHOWN, 0.8, range(1, STEPS))};{pauses(BUSY, HOLD_S, [1])}",
         "API_PORT": str(free_port()),
     }
     return {
