@@ -85,6 +85,6 @@ on("final", (event) => {
 });
 events.onerror = () => {
   if (events.readyState === EventSource.CLOSED) {
-    byId("stage").textContent = "the event stream was refused (an expired token?)";
+    byId("stage").textContent = "the event stream was refused: no such job, or the token expired";
   }
 };
