@@ -8,9 +8,9 @@ from pathlib import Path
 
 import redis
 
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform
 from worker.local.stack import WORKERS_AND_BRIDGE, LocalStack, RedisServer
-from worker.records import JobRecords
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from rich.table import Table
 from worker.devices import resolve_device
 from worker.generation import Pipelines, generate
 from worker.generation.speed import as_run, refusals
-from worker.jobs import parse_job
+from worker.jobs.model import parse_job
 from worker.settings import Settings
 
 SEED = 42

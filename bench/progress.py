@@ -32,9 +32,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from worker.jobs.records import JobRecords
 from worker.local.stack import LocalStack, RedisServer, free_port
 from worker.observe.progress import Progress, channel
-from worker.records import JobRecords
 
 STEPS = 200
 SUBSCRIBERS = 10
@@ -126,7 +126,7 @@ def preview_on_loop_s(workdir: Path, records: JobRecords) -> tuple[list[float], 
     model on this CPU with a preview due at every step."""
     from worker.generation import Pipelines, generate
     from worker.generation.previews import Previewer
-    from worker.jobs import parse_job
+    from worker.jobs.model import parse_job
     from worker.local.tiny_models import make_tiny_wan
     from worker.settings import Settings
 

@@ -14,8 +14,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, Time
 from celery.utils.log import get_task_logger
 
 from media import spool
-from worker import fencing
-from worker.dead_letters import DeadLetters
+from tasks.chain import SENDER
 from worker.errors import (
     DeliveryFailed,
     JobCancelled,
@@ -24,11 +23,17 @@ from worker.errors import (
     TooManyDeliveries,
     TransientError,
 )
-from worker.fencing import Fence
-from worker.job_control import finish_cancelled, raise_if_cancelled, send_final_callback
-from worker.lanes import leave_waiting
+from worker.flow.job_control import (
+    finish_cancelled,
+    give_up,
+    raise_if_cancelled,
+    send_final_callback,
+)
+from worker.flow.lanes import leave_waiting
+from worker.jobs import fencing
+from worker.jobs.fencing import Fence
+from worker.jobs.records import JobRecords, get_records, lease_owner, run_of_task
 from worker.observe.progress import Progress
-from worker.records import JobRecords, get_records, lease_owner, run_of_task
 from worker.settings import get_settings, soft_limit_setting
 
 log = get_task_logger(__name__)
@@ -43,7 +48,7 @@ NETWORK_RETRY = {"retry_backoff": 2, "retry_backoff_max": 300, "retry_jitter": T
 
 def _unless_superseded(on_failure: FailureHandler) -> FailureHandler:
     """A failure handler that acts only while the failed run still owns its job, every
-    write of it fenced by that run (worker/fencing.py): a run whose job was sent again
+    write of it fenced by that run (worker/jobs/fencing.py): a run whose job was sent again
     meanwhile (its host cut off, then back) frees no spool, writes nothing into the new
     run's record and sends no callback."""
 
@@ -117,7 +122,7 @@ class StageTask(Task):
         if start.outcome == "too_many":
             raise TooManyDeliveries.of(self.stage, start.deliveries, settings.max_deliveries)
         log.info("job=%s stage %s started (delivery %d)", job_id, self.stage, start.deliveries)
-        if self.stage == "generate":  # it waits in its lane no more (worker/lanes.py)
+        if self.stage == "generate":  # it waits in its lane no more (worker/flow/lanes.py)
             leave_waiting(records, settings, job_id)
         progress = Progress(records, job_id, task=self)  # skipped deliveries report nothing
         progress.stage_started(self.stage)
@@ -154,7 +159,7 @@ class StageTask(Task):
         if isinstance(exc, JobCancelled):
             log.info("job=%s cancelled at stage %s", job_id, self.stage)
             if finish_cancelled(get_records(), job_id, stage=self.stage):
-                send_final_callback(job_id, "cancelled")
+                send_final_callback(job_id, "cancelled", sender=SENDER)
             return
         log.error("job=%s stage %s failed: %s: %s", job_id, self.stage, type(exc).__name__, exc)
         if not self.reports_failure:  # the final callback itself: the job's own outcome stays
@@ -162,8 +167,8 @@ class StageTask(Task):
             return
         get_records().fail(job_id, stage=self.stage, error=exc)
         if isinstance(exc, TooManyDeliveries):
-            DeadLetters(get_records().redis).add(job_id)
-        send_final_callback(job_id, "failed")
+            give_up(get_records(), job_id)
+        send_final_callback(job_id, "failed", sender=SENDER)
 
     def timed_out(self) -> StageTimedOut:
         """What the user reads when this stage ran past its soft time limit."""
@@ -193,7 +198,7 @@ def _leased(
     renews it every third of the lease), and release it however the block ends: success,
     failure, Celery retry or cancel. A killed process renews nothing: its lease runs out.
 
-    Every record write in the block is fenced by the run and the lease (worker/fencing.py);
+    Every record write in the block is fenced by the run and the lease (worker/jobs/fencing.py);
     once one is refused, or the heartbeat finds the lease gone, the run stops: its message
     is dropped (Celery's Ignore), so neither its chain nor its failure handler go on."""
     stop = threading.Event()

@@ -23,15 +23,16 @@ from celery.utils.time import get_exponential_backoff_interval
 from media import references, spool
 from tasks.app import app
 from tasks.base import NETWORK_RETRY, StageTask
-from worker import faults, fencing
-from worker.callback import notify_processing
+from worker import faults
 from worker.errors import JobCancelled, ReferenceUnusable, TransientError
-from worker.job_control import raise_if_cancelled
-from worker.jobs import SEED_MAX, Job, PresetName
+from worker.flow.callback import notify_processing
+from worker.flow.job_control import raise_if_cancelled
+from worker.jobs import fencing
+from worker.jobs.model import SEED_MAX, Job, PresetName
+from worker.jobs.records import JobRecords, get_records, run_of_task
 from worker.observe.loaded_models import LoadedModels
 from worker.observe.metrics import QUALITY_DEGRADATIONS, Metrics
 from worker.observe.progress import Notify, Progress
-from worker.records import JobRecords, get_records, run_of_task
 from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -256,17 +257,17 @@ def warm_up(sender: str, **_: Any) -> None:
     reports up, which it does when this signal's handlers have returned; so the warm-up runs
     before any job, and again in every replacement child (after a crash or
     max_tasks_per_child), in the process that keeps the model. The 4 s Celery allows here
-    is raised for WARMUP at start (`tasks.app.check_speed_options`). A warm-up task sent on
-    `worker_ready` could be taken by another GPU worker or wait behind queued jobs; a
-    bootstep runs in the parent, which must not touch CUDA before the fork.
+    is raised for WARMUP at start (`tasks.worker_signals.check_speed_options`). A warm-up
+    task sent on `worker_ready` could be taken by another GPU worker or wait behind queued
+    jobs; a bootstep runs in the parent, which must not touch CUDA before the fork.
     """
     settings = get_settings()
     if not settings.warmup or "gpu" not in app.amqp.queues.consume_from:
         return
-    from worker.generation import speed
+    from worker.generation.warmup import warm_up as run_warm_up
 
     started = time.perf_counter()
-    runs = speed.warm_up(generate.pipelines)
+    runs = run_warm_up(generate.pipelines)
     generate.note_loaded(settings, sender)
     log.info("warm-up done in %.1f s: pipelines %s loaded, ran %s; taking jobs now",
              time.perf_counter() - started, ", ".join(generate.pipelines.loaded()),

@@ -16,13 +16,13 @@ from media.thumbnail import make_thumbnail, middle_frame
 from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
 from worker import faults
-from worker.callback import FINAL_BODIES, CallbackGate, post_callback
 from worker.errors import FramesMissing
-from worker.jobs import BUCKET
+from worker.flow.callback import FINAL_BODIES, CallbackGate, post_callback
+from worker.jobs.model import BUCKET
+from worker.jobs.records import JobRecord, get_records
 from worker.observe.logs import job_summary
 from worker.observe.metrics import JOBS, Metrics
 from worker.observe.progress import Progress
-from worker.records import JobRecord, get_records
 from worker.settings import get_settings
 
 log = get_task_logger(__name__)

@@ -18,10 +18,10 @@ import redis
 
 from tests.conftest import JOB_TIMEOUT_S, module_env, new_job
 from tests.test_job_control import cli
-from worker.jobs import parse_job
+from worker.jobs.model import parse_job
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.records import JobRecords
 
 QUEUE = "fault_queue"
 #: Long enough for two refused attempts (backoff 2 s, full jitter: at most 2 + 4 s).

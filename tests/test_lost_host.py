@@ -21,10 +21,10 @@ import pytest
 import redis
 
 from tests.conftest import JOB_TIMEOUT_S, host_stacks, new_job
+from worker.flow.lost_jobs import LostJob, lost_stage
+from worker.jobs.records import FINAL_STATUSES, JobRecord, JobRecords, stage_task_id
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.lost_jobs import LostJob, lost_stage
-from worker.records import FINAL_STATUSES, JobRecord, JobRecords, stage_task_id
 from worker.settings import get_settings
 
 QUEUE = "lost_host_queue"
@@ -206,7 +206,7 @@ def test_a_resend_past_max_deliveries_fails_the_job_instead(records: JobRecords)
 
 
 def test_task_ids_name_their_run(records: JobRecords) -> None:
-    from worker.records import final_callback_task_id, run_of_task
+    from worker.jobs.records import final_callback_task_id, run_of_task
 
     for run in (0, 1, 12):
         assert run_of_task(stage_task_id("a:b", "encode", run), "a:b", "encode") == run

@@ -18,14 +18,16 @@ import pytest
 import redis
 from celery.exceptions import Ignore
 
+from tasks.chain import SENDER
 from tests.conftest import new_job
-from worker import fencing, job_control, outbox
 from worker.errors import RunSuperseded
-from worker.fencing import Fence
-from worker.jobs import parse_job
+from worker.flow import job_control, outbox
+from worker.flow.lost_jobs import LostJob, LostJobSweep
+from worker.jobs import fencing
+from worker.jobs.fencing import Fence
+from worker.jobs.model import parse_job
+from worker.jobs.records import ACTIVE_KEY, JobRecords, get_records, lease_owner, stage_task_id
 from worker.local.stack import wait_until
-from worker.lost_jobs import LostJob, LostJobSweep
-from worker.records import ACTIVE_KEY, JobRecords, get_records, lease_owner, stage_task_id
 from worker.settings import get_settings
 
 TIMEOUT_S = 300
@@ -54,12 +56,12 @@ def active(client: redis.Redis, job_id: str) -> bool:
 
 def fail(records: JobRecords, job_id: str) -> str:
     records.fail(job_id, stage="generate", error=RuntimeError("the GPU caught fire"))
-    job_control.send_final_callback(job_id, "failed", records=records)
+    job_control.send_final_callback(job_id, "failed", sender=SENDER, records=records)
     return "failed"
 
 
 def cancel_queued(records: JobRecords, job_id: str) -> str:
-    assert job_control.cancel(records, job_id).status == "cancelled"
+    assert job_control.cancel(records, job_id, sender=SENDER).status == "cancelled"
     return "cancelled"
 
 
@@ -70,14 +72,16 @@ def out_of_deliveries(records: JobRecords, job_id: str) -> str:
     records.write(job_id, **{"deliveries:generate": "3"})
     record = records.get(job_id)
     lost = LostJob(job_id, "generate", "generate", record.fields["lease:generate"], "", 301.0)
-    sweep = LostJobSweep(records, timeout_s=TIMEOUT_S, lease_s=LEASE_S, max_deliveries=3)
+    sweep = LostJobSweep(
+        records, sender=SENDER, timeout_s=TIMEOUT_S, lease_s=LEASE_S, max_deliveries=3
+    )
     assert sweep.resend(record, lost)
     return "failed"
 
 
 def retried_undelivered(records: JobRecords, job_id: str) -> str:
     records.write(job_id, status="delivery_failed", error="boom", error_stage="generate")
-    assert job_control.retry(records, job_id).status == "failed"
+    assert job_control.retry(records, job_id, sender=SENDER).status == "failed"
     return "failed"
 
 
@@ -99,14 +103,16 @@ def test_every_final_status_is_written_with_its_callback_due_then_sent_once(
     assert fields["status"] == status and "callback_pending" not in fields
     assert active(idle_broker, job_id)
     # And sending again finds nothing due
-    assert not job_control.send_final_callback(job_id, status, records=records)
+    assert not job_control.send_final_callback(job_id, status, sender=SENDER, records=records)
     assert len(final_callbacks_sent(idle_broker)) == 1
 
 
 def sweep(
     records: JobRecords, *, timeout_s: float = TIMEOUT_S, lease_s: float = LEASE_S
 ) -> list[str]:
-    return outbox.FinalCallbackSweep(records, timeout_s=timeout_s, lease_s=lease_s).sweep()
+    return outbox.FinalCallbackSweep(
+        records, sender=SENDER, timeout_s=timeout_s, lease_s=lease_s
+    ).sweep()
 
 
 def test_a_callback_the_broker_refused_is_sent_by_the_sweep_once_its_intent_is_old(
@@ -119,7 +125,7 @@ def test_a_callback_the_broker_refused_is_sent_by_the_sweep_once_its_intent_is_o
     monkeypatch.setenv(faults.ENV, f"{job_id}:refuse@callback_publish")
     faults.rules.cache_clear()
     records.fail(job_id, stage="generate", error=RuntimeError("the GPU caught fire"))
-    assert not job_control.send_final_callback(job_id, "failed", records=records)
+    assert not job_control.send_final_callback(job_id, "failed", sender=SENDER, records=records)
     monkeypatch.delenv(faults.ENV)
     faults.rules.cache_clear()
     assert final_callbacks_sent(idle_broker) == []
@@ -134,7 +140,7 @@ def test_a_callback_the_broker_refused_is_sent_by_the_sweep_once_its_intent_is_o
     # But once the intent is LOST_JOB_TIMEOUT_S old, a sweep sends it; a second sweeper that
     # read the record at the same time sends nothing, and a later sweep finds nothing due
     assert sweep(records, timeout_s=0) == [job_id]
-    late = outbox.FinalCallbackSweep(records, timeout_s=0, lease_s=60)
+    late = outbox.FinalCallbackSweep(records, sender=SENDER, timeout_s=0, lease_s=60)
     assert not late.resend(record, lost=False, now=at)
     assert sweep(records, timeout_s=0) == []
     assert final_callbacks_sent(idle_broker) == [f"{job_id}:callback:failed"]
@@ -212,7 +218,7 @@ def test_a_retried_undelivered_callback_gets_a_fresh_window_and_deliveries(
                   **{"first_started:callback": "1.0", "deliveries:callback": "2",
                      "attempts:callback": "5", "started:callback": "1.0"})  # fmt: skip
 
-    job_control.retry(records, job_id)
+    job_control.retry(records, job_id, sender=SENDER)
 
     # Then its callback starts afresh: no first start, no deliveries counted
     fields = records.get(job_id).fields

@@ -30,10 +30,10 @@ from tests.conftest import (
     new_job,
     pauses,
 )
-from worker.dead_letters import DeadLetters
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform
 from worker.local.stack import LocalStack, free_port, wait_until
-from worker.records import JobRecords
 
 pytestmark = pytest.mark.skipif(
     shutil.which("chromium") is None, reason="Debian's chromium is not installed"

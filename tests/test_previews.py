@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import JOB_TIMEOUT_S, PACED, api_url, auth, new_job, push
-from worker.jobs import parse_job
+from worker.jobs.model import parse_job
 from worker.local.platform import LocalPlatform
 from worker.local.stack import LocalStack, RedisServer
 from worker.observe import preview_store

@@ -42,7 +42,7 @@ class JobCancelled(JobError):
 class RunSuperseded(JobError):
     """This run of a stage no longer owns its job (the job was sent again as a new run, or
     the stage's lease was taken over while this host was cut off): it stops, writing and
-    reporting nothing (worker/fencing.py)."""
+    reporting nothing (worker/jobs/fencing.py)."""
 
 
 class StageTimedOut(JobError):

@@ -23,10 +23,10 @@ from worker.api import watch
 from worker.api.auth import FleetLogin
 from worker.api.health import HealthDetails, HealthMonitor, monitor_of
 from worker.api.ui import PAGE_HEADERS, templates
-from worker.dead_letters import DeadLetters
-from worker.job_views import job_summary
-from worker.lanes import WaitingJobs
-from worker.records import JobRecord, JobRecords, get_records
+from worker.flow.lanes import WaitingJobs
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.records import JobRecord, JobRecords, get_records
+from worker.jobs.views import job_summary
 from worker.settings import Settings, get_settings
 
 router = APIRouter(tags=["pages"], include_in_schema=False)

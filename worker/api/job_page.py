@@ -19,7 +19,7 @@ from worker.api.events import ENDING_STATUSES
 from worker.api.paths import JobId
 from worker.api.ui import PAGE_HEADERS, templates
 from worker.api.watch import Watching
-from worker.records import JobRecord, get_records
+from worker.jobs.records import JobRecord, get_records
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
 

@@ -6,6 +6,6 @@ from typing import Annotated
 
 from fastapi import Path
 
-from worker.jobs import SAFE_ID
+from worker.jobs.model import SAFE_ID
 
 JobId = Annotated[str, Path(pattern=SAFE_ID.pattern, description="the job's uuid")]

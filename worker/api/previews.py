@@ -13,8 +13,8 @@ from redis.exceptions import RedisError
 
 from worker.api.paths import JobId
 from worker.api.watch import REFUSED, Watching
+from worker.jobs.records import get_records
 from worker.observe import preview_store
-from worker.records import get_records
 
 router = APIRouter(tags=["jobs"])
 

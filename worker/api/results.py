@@ -16,8 +16,8 @@ from media.storage import LocalStorage, Storage, SupabaseStorage, make_storage
 from worker.api.paths import JobId
 from worker.api.watch import REFUSED, Watching
 from worker.errors import JobError
-from worker.jobs import BUCKET
-from worker.records import get_records
+from worker.jobs.model import BUCKET
+from worker.jobs.records import get_records
 from worker.settings import get_settings
 
 router = APIRouter(tags=["jobs"])

@@ -29,7 +29,8 @@ import redis
 from kombu.exceptions import OperationalError
 
 from worker import faults
-from worker.records import FINAL_STATUSES, JobRecord, JobRecords, final_callback_task_id
+from worker.flow.sender import Sender
+from worker.jobs.records import FINAL_STATUSES, JobRecord, JobRecords, final_callback_task_id
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,16 @@ return 1
 """
 
 
-def publish(records: JobRecords, job_id: str, status: str, *, fault_point: str = "") -> bool:
-    """Hand the due final callback of `status` to the broker, then clear its intent; False
-    when none of that status is due (another sender was first). A broker error is raised,
-    the intent kept: the sweep sends it within LOST_JOB_TIMEOUT_S if no one else does.
+def publish(
+    records: JobRecords, job_id: str, status: str, *, sender: Sender, fault_point: str = ""
+) -> bool:
+    """Hand the due final callback of `status` to the broker (through `sender`), then clear
+    its intent; False when none of that status is due (another sender was first). A broker
+    error is raised, the intent kept: the sweep sends it within LOST_JOB_TIMEOUT_S if no one
+    else does.
 
     `fault_point`: where WAN_TEST_FAULT may refuse this publish (a test's broker outage).
     """
-    from tasks.media import callback  # Celery's app, only once there is something to send
-
     key = records.key(job_id)
     run, pending, pending_at = records.redis.hmget(key, "retries", "callback_pending",
                                                    "callback_pending_at")  # fmt: skip
@@ -89,15 +91,17 @@ def publish(records: JobRecords, job_id: str, status: str, *, fault_point: str =
     if fault_point:
         faults.hit(fault_point, job_id)
     task_id = final_callback_task_id(job_id, status, int(run or 0))
-    callback.apply_async((job_id, status), task_id=task_id)
+    sender.final_callback(job_id, status, task_id=task_id)
     records.redis.register_script(_CLEAR_SCRIPT)(keys=[key], args=[pending_at])
     return True
 
 
-def send(records: JobRecords, job_id: str, status: str, *, fault_point: str = "") -> bool:
+def send(
+    records: JobRecords, job_id: str, status: str, *, sender: Sender, fault_point: str = ""
+) -> bool:
     """`publish`, leaving a callback the broker refused to the sweep: False when not sent."""
     try:
-        return publish(records, job_id, status, fault_point=fault_point)
+        return publish(records, job_id, status, sender=sender, fault_point=fault_point)
     except (OperationalError, redis.RedisError) as e:
         log.warning("job=%s %s callback not handed to the broker: %s: %s; the lost-job sweep "
                     "sends it within LOST_JOB_TIMEOUT_S", job_id, status, type(e).__name__,
@@ -126,10 +130,14 @@ def outstanding(record: JobRecord, *, now: float, timeout_s: float, lease_s: flo
 
 
 class FinalCallbackSweep:
-    """Sends the final callbacks of the outbox that are unsent or lost; one pass per call."""
+    """Sends the final callbacks of the outbox that are unsent or lost (through `sender`);
+    one pass per call."""
 
-    def __init__(self, records: JobRecords, *, timeout_s: float, lease_s: float) -> None:
+    def __init__(
+        self, records: JobRecords, *, sender: Sender, timeout_s: float, lease_s: float
+    ) -> None:
         self.records = records
+        self.sender = sender
         self.timeout_s = timeout_s
         self.lease_s = lease_s
 
@@ -165,4 +173,4 @@ class FinalCallbackSweep:
             why = "never handed to the broker, due for"
         log.warning("job=%s final callback %s %s %.0f s (LOST_JOB_TIMEOUT_S=%g): sent again",
                     record.job_id, status, why, silent_s, self.timeout_s)  # fmt: skip
-        return send(self.records, record.job_id, status)
+        return send(self.records, record.job_id, status, sender=self.sender)

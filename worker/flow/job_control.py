@@ -16,13 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from worker import outbox
 from worker.clock import redis_stamp
-from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
-from worker.lanes import WaitingJobs, leave_waiting
-from worker.observe.metrics import CANCELLATIONS, Metrics
-from worker.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords, get_records
+from worker.flow import outbox
+from worker.flow.lanes import WaitingJobs, leave_waiting
+from worker.flow.sender import Sender
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords, get_records
+from worker.observe.metrics import CANCELLATIONS, DEAD_LETTERS, Metrics
 from worker.settings import get_settings
 
 
@@ -93,8 +94,9 @@ OUTCOME_FIELDS = (
 )  # fmt: skip
 
 
-def cancel(records: JobRecords, job_id: str) -> Answer:
-    """Cancel a job: at once if it is queued, else at its next step or stage."""
+def cancel(records: JobRecords, job_id: str, *, sender: Sender) -> Answer:
+    """Cancel a job: at once if it is queued (`sender` sends its callback), else at its next
+    step or stage."""
     script = records.redis.register_script(_CANCEL_SCRIPT)
     decision = script(
         keys=[records.key(job_id), ACTIVE_KEY], args=[redis_stamp(records.redis), job_id]
@@ -109,7 +111,7 @@ def cancel(records: JobRecords, job_id: str) -> Answer:
     if decision == "stopped":
         leave_waiting(records, get_settings(), job_id)
         Metrics(records.redis).count(CANCELLATIONS)
-        send_final_callback(job_id, "cancelled", records=records)
+        send_final_callback(job_id, "cancelled", sender=sender, records=records)
         return Answer(
             Outcome.DONE, job_id, "cancelled", f"job {job_id} cancelled before it started"
         )
@@ -144,24 +146,39 @@ def finish_cancelled(records: JobRecords, job_id: str, *, stage: str) -> bool:
     return True
 
 
-def send_final_callback(job_id: str, status: str, *, records: JobRecords | None = None) -> bool:
-    """Queue the final callback that the record says is due (`JobRecords.final_callback_due`,
-    written with the final status) on the media workers; False when the broker refused it:
-    the lost-job sweep sends it within LOST_JOB_TIMEOUT_S (worker/outbox.py)."""
-    return outbox.send(records or get_records(), job_id, status, fault_point=CALLBACK_PUBLISH)
+def send_final_callback(
+    job_id: str, status: str, *, sender: Sender, records: JobRecords | None = None
+) -> bool:
+    """Queue (through `sender`) the final callback that the record says is due
+    (`JobRecords.final_callback_due`, written with the final status) on the media workers;
+    False when the broker refused it: the lost-job sweep sends it within LOST_JOB_TIMEOUT_S
+    (worker/flow/outbox.py)."""
+    return outbox.send(records or get_records(), job_id, status, sender=sender,
+                       fault_point=CALLBACK_PUBLISH)  # fmt: skip
+
+
+def give_up(records: JobRecords, job_id: str) -> None:
+    """Put a job given up on for good (too many deliveries) in the dead letters, counted once
+    in the metrics; `retry` takes it out again."""
+    if DeadLetters(records.redis).add(job_id):
+        Metrics(records.redis).count(DEAD_LETTERS)
 
 
 def retry(
-    records: JobRecords, job_id: str, *, from_start: bool = False, force: bool = False
+    records: JobRecords,
+    job_id: str,
+    *,
+    sender: Sender,
+    from_start: bool = False,
+    force: bool = False,
 ) -> Answer:
-    """Send a job again from the stage it stopped at (or from the start) with new task ids.
+    """Send a job again (through `sender`) from the stage it stopped at (or from the start)
+    with new task ids.
 
     Refuses a job that is running or completed unless `force`, and one that never passed
     validation. A job whose final callback was not delivered gets that callback again;
     nothing else runs. A retried job leaves the dead letters.
     """
-    from tasks.chain import build_chain  # Celery's app, only once there is something to send
-
     record = records.get(job_id)
     if record.status is None:
         return Answer(Outcome.NOT_FOUND, job_id, None, f"no job {job_id}")
@@ -175,14 +192,14 @@ def retry(
         records.redis.hdel(records.key(job_id), *DELIVERY_ERROR_FIELDS, *callback_bookkeeping)
         records.write_active(job_id, status=outcome, retries=str(run), retried_from=stage,
                              **records.final_callback_due(job_id, outcome))  # fmt: skip
-        send_final_callback(job_id, outcome, records=records)
+        send_final_callback(job_id, outcome, sender=sender, records=records)
     else:
         stage = "enhance" if from_start else _restart_stage(record)
         _reset(records, record, stage, run)
         priority = None  # a tail after generate (the final callback) waits in no lane
         if STAGES.index(stage) <= STAGES.index("generate"):
             priority = WaitingJobs(records.redis, get_settings()).enter(record.job)
-        build_chain(job_id, from_stage=stage, run=run, priority=priority).apply_async()
+        sender.chain(job_id, from_stage=stage, run=run, priority=priority)
     DeadLetters(records.redis).remove(job_id)
     status = records.get(job_id).status
     return Answer(

@@ -21,9 +21,9 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from worker import fencing
 from worker.clock import redis_now, redis_stamp
-from worker.jobs import Job
+from worker.jobs import fencing
+from worker.jobs.model import Job
 from worker.settings import get_settings
 
 KEY_PREFIX = "wan:job:"
@@ -388,7 +388,7 @@ class JobRecords:
 
     def write(self, job_id: str, **fields: str) -> None:
         """Set text fields as they are; inside a stage run, only while that run still owns
-        the job (worker/fencing.py: RunSuperseded if not)."""
+        the job (worker/jobs/fencing.py: RunSuperseded if not)."""
         self._write(job_id, fields)
 
     def confirm_run(self, job_id: str) -> None:
@@ -578,7 +578,7 @@ class JobRecords:
         )
 
     def final_callback_due(self, job_id: str, status: str) -> dict[str, str]:
-        """A final status's callback written before it is sent (worker/outbox.py): the fields
+        """A final status's callback written before it is sent (worker/flow/outbox.py): the fields
         returned, written with the final status, say which callback is due and since when
         (Redis time) until it is handed to the broker. The job is in the index of active jobs
         from here until it settles (already, unless it was recorded before the index was)."""
