@@ -91,7 +91,7 @@ class StageTask(Task):
             leave_waiting(records, settings, job_id)
         progress = Progress(records, job_id, task=self)  # skipped deliveries report nothing
         progress.stage_started(self.stage)
-        with _leased(records, job_id, self.stage, settings.stage_lease_s):
+        with leased(records, job_id, self.stage, settings.stage_lease_s):
             if self.cancellable:  # after the start is noted: a cancel sees this stage started
                 raise_if_cancelled(records, job_id)
             result = super().__call__(job_id, *args, **kwargs)
@@ -155,7 +155,7 @@ class StageTask(Task):
 
 
 @contextmanager
-def _leased(records: JobRecords, job_id: str, stage: str, lease_s: float) -> Iterator[None]:
+def leased(records: JobRecords, job_id: str, stage: str, lease_s: float) -> Iterator[None]:
     """Keep this process's lease on the stage alive while the block runs (a daemon thread
     renews it every third of the lease), and release it however the block ends: success,
     failure, Celery retry or cancel. A killed process renews nothing: its lease runs out."""

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from worker.generation import Pipelines, StepHook
+    from worker.generation.fallback import Produced
 
 log = get_task_logger(__name__)
 
@@ -154,11 +155,11 @@ def progress_callback(settings: Settings, job_id: str, run: int | None) -> Notif
 
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
 def generate(self: GenerateTask, job_id: str) -> None:
+    from tasks import image_batch
     from worker.generation import generate as run
     from worker.generation import gpu_memory, speed
     from worker.generation.fallback import generate_within_memory
     from worker.generation.load import vace_model_dir
-    from worker.generation.provenance import describe
 
     settings = get_settings()
     records = get_records()
@@ -201,6 +202,8 @@ def generate(self: GenerateTask, job_id: str) -> None:
     enhancement = record.value("enhancement") or {}
     job = job.model_copy(update={"prompt": enhancement.get("enhanced_prompt") or job.prompt})
     job = speed.as_run(job, settings)  # a fast type may run on the turbo checkpoint
+    if image_batch.run_with_waiting(self, settings, records, job, seed=seed, progress=progress):
+        return  # made in one pipeline call with compatible waiting images (tasks/image_batch.py)
     produced = generate_within_memory(
         job,
         lambda run_as: run(
@@ -213,14 +216,33 @@ def generate(self: GenerateTask, job_id: str) -> None:
         ),
         on_degrade=on_degrade,
     )
-    generated, job = produced.generated, produced.job
     self.note_loaded(settings, self.request.hostname)
     peak_mib = gpu_memory.report(Metrics(records.redis), self.request.hostname)
+    record_generation(self, settings, records, produced, seed=seed, peak_mib=peak_mib)
+
+
+def record_generation(
+    task: GenerateTask,
+    settings: Settings,
+    records: JobRecords,
+    produced: Produced,
+    *,
+    seed: int,
+    peak_mib: float | None,
+    batch: dict[str, Any] | None = None,
+) -> None:
+    """The frames into this host's spool, and what made them into the job's record (the
+    media stages and the completed callback read it). `batch`: the batch it was made in."""
+    from worker.generation.provenance import describe
+
+    generated, job = produced.generated, produced.job
     frames = generated.frames
-    path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
+    path = spool.write_frames(spool.frames_path(settings.spool_dir, job.id), frames)
     frame_num, height, width, _ = frames.shape
+    provenance = describe(task.pipelines, job, seed=seed,
+                          wan_task=generated.metadata["wan_task"], settings=settings)  # fmt: skip
     records.update(
-        job_id,
+        job.id,
         generation={
             "seed": seed,
             "width": width,
@@ -230,14 +252,11 @@ def generate(self: GenerateTask, job_id: str) -> None:
             "host": settings.worker_host,  # whose spool: the media stages go there
             "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
             "peak_gpu_memory_mib": peak_mib,
-            "metadata": job.reference_notes | generated.metadata,
+            "metadata": job.reference_notes | generated.metadata | (batch or {}),
             "asset_metadata": produced.asset_metadata(),
-            "provenance": describe(
-                self.pipelines, job, seed=seed, wan_task=generated.metadata["wan_task"],
-                settings=settings,
-            ),
+            "provenance": provenance | (batch or {}),
         },
-    )  # fmt: skip
+    )
 
 
 @worker_process_init.connect

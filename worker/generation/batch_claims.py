@@ -55,6 +55,8 @@ class WaitingJob:
     run: int
     #: Seconds since it was sent (Redis time), what PROMOTE_AFTER_S is counted against.
     waited_s: float
+    #: The batch that claimed it, if one has.
+    batch: str | None = None
 
 
 def waiting_in_take_order(records: JobRecords, *, look_ahead: int = LOOK_AHEAD) -> list[WaitingJob]:
@@ -76,21 +78,22 @@ def waiting_in_take_order(records: JobRecords, *, look_ahead: int = LOOK_AHEAD) 
                     order[job_id] = run
     with client.pipeline(transaction=False) as pipe:
         for job_id in order:
-            pipe.hmget(records.key(job_id), "job", "enhancement")
-        found = [(job_id, raw, enhancement)
-                 for job_id, (raw, enhancement) in zip(order, pipe.execute(), strict=True)
+            pipe.hmget(records.key(job_id), "job", "enhancement", "batch:generate")
+        found = [(job_id, raw, enhancement, batch)
+                 for job_id, (raw, enhancement, batch) in zip(order, pipe.execute(), strict=True)
                  if raw is not None]  # fmt: skip
-    jobs = [Job.model_validate_json(raw) for _, raw, _ in found]
+    jobs = [Job.model_validate_json(raw) for _, raw, _, _ in found]
     now = records.now()
     with client.pipeline(transaction=False) as pipe:
         for job in jobs:
             pipe.zscore(f"{KEY_PREFIX}{job.content_type}", job.id)
         sent = pipe.execute()
     waiting = []
-    for job, (job_id, _, enhancement), sent_at in zip(jobs, found, sent, strict=True):
+    for job, (job_id, _, enhancement, batch), sent_at in zip(jobs, found, sent, strict=True):
         enhanced = json.loads(enhancement).get("enhanced_prompt") if enhancement else None
         waited_s = 0.0 if sent_at is None else max(0.0, now - sent_at)
-        waiting.append(WaitingJob(job, enhanced or job.prompt, order[job_id], waited_s))
+        waiting.append(WaitingJob(job, enhanced or job.prompt, order[job_id], waited_s,
+                                  batch.decode() if batch else None))  # fmt: skip
     return waiting
 
 
