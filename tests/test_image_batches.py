@@ -181,6 +181,21 @@ def test_images_of_another_size_or_steps_are_not_batched_together(
     assert len({batch_of(records, group[0]["id"]) for group in (small, wide, longer)}) == 3
 
 
+def test_fair_share_a_light_users_image_is_in_the_first_batch(
+    batches_stack: LocalStack, platform: LocalPlatform, client: redis.Redis, records: JobRecords
+) -> None:
+    hold_gpu(client, records)
+    heavy = [image("user-a") for _ in range(8)]
+    light = image("user-b")
+    push_behind(client, [*heavy, light])
+
+    assert set(final_statuses(platform, [*heavy, light]).values()) == {"completed"}
+    first = batch_of(records, heavy[0]["id"])
+    assert batch_of(records, light["id"]) == first
+    # B's one job taken, A fills the rest: nobody else waits
+    assert [batch_of(records, job["id"]) for job in heavy[:3]] == [first] * 3
+
+
 def test_cancel_one_job_of_a_running_batch_and_it_alone_is_cancelled(
     batches_stack: LocalStack, platform: LocalPlatform, client: redis.Redis, records: JobRecords
 ) -> None:
@@ -201,6 +216,10 @@ def test_cancel_one_job_of_a_running_batch_and_it_alone_is_cancelled(
     assert set(statuses.values()) == {"completed"}
     assert [c.body["status"] for c in platform.callbacks_for(target["id"])
             if c.body["status"] != "processing"] == ["cancelled"]  # fmt: skip
+    # ... at its generation: the batch dropped its result
+    cancelled = records.get(target["id"])
+    assert cancelled.fields["cancelled_stage"] == "generate"
+    assert cancelled.value("generation") is None
 
 
 def test_the_generation_child_killed_mid_batch_every_job_completes_once(
