@@ -33,6 +33,9 @@ from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port, w
 from worker.records import JobRecords
 from worker.settings import Settings
 
+#: About four minutes with its own stack: started first (tests/conftest.py).
+pytestmark = pytest.mark.runs_long
+
 QUEUE = "batches_queue"
 BATCH_MAX = 4
 #: How long the `hold-` video keeps the GPU busy: every image is queued well before.
