@@ -46,6 +46,7 @@ test: $(INSTALLED) redis-server chromium faketime lint
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 bench: $(INSTALLED) redis-server
 	$(PY) -m bench.job

@@ -5,7 +5,7 @@ Loaded by `tasks.app` with `config_from_object`; Redis comes from REDIS_URL.
 
 from kombu import Exchange, Queue
 
-from worker.lanes import PRIORITY_STEPS
+from worker.flow.lanes import PRIORITY_STEPS
 from worker.settings import get_settings
 
 _redis_url = get_settings().redis_url
@@ -21,7 +21,7 @@ broker_connection_retry_on_startup = True
 broker_connection_retry = True
 broker_connection_max_retries = None
 # A message sent while Redis restarts (the next stage of a chain, a retry, a final
-# callback) waits for it about as long as a record write does (worker/records.py,
+# callback) waits for it about as long as a record write does (worker/jobs/records.py,
 # REDIS_OUTAGE_RETRY: about 30 s), instead of kombu's default 0.6 s after which the chain
 # was cut.
 task_publish_retry_policy = {
@@ -90,7 +90,7 @@ task_annotations = {
 _visibility_timeout_s = get_settings().broker_visibility_timeout_s or 2 * max(
     hard for _, hard in STAGE_TIME_LIMITS_S.values()
 )
-# Priorities (worker/lanes.py): each step of a queue is a Redis list, step 0 taken first;
+# Priorities (worker/flow/lanes.py): each step of a queue is a Redis list, step 0 taken first;
 # only generate messages carry one (images ahead of videos, fair share between users).
 # `priority` order: a worker of several queues takes them in its -Q order at each step,
 # not round robin.

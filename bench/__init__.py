@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from worker.jobs.records import JobRecords
     from worker.local.platform import LocalPlatform
     from worker.local.stack import LocalStack, RedisServer
-    from worker.records import JobRecords
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,10 @@ def tiny_stack(
     workers' environment."""
     import redis
 
+    from worker.jobs.records import JobRecords
     from worker.local.platform import LocalPlatform
     from worker.local.stack import WORKERS_AND_BRIDGE, LocalStack, RedisServer
     from worker.local.tiny_models import make_tiny_wan
-    from worker.records import JobRecords
 
     server = RedisServer(workdir / "redis", aof=aof).start()
     cleanup.callback(server.stop)

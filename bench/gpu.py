@@ -49,7 +49,7 @@ from rich.table import Table
 from worker.devices import resolve_device
 from worker.generation import Pipelines, generate, generate_images, load_t2v
 from worker.generation.speed import as_run, in_force, refusals, turbo_checkpoint
-from worker.jobs import Job, parse_job
+from worker.jobs.model import Job, parse_job
 from worker.settings import Settings
 
 SEED = 42

@@ -26,9 +26,9 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from worker.jobs.records import JobRecords
 from worker.local.stack import LocalStack, RedisServer, free_port
 from worker.observe.progress import Progress, channel
-from worker.records import JobRecords
 
 STEPS = 200
 SUBSCRIBERS = 10

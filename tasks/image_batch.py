@@ -1,7 +1,7 @@
 """Image jobs generated together: the generation worker that starts an image job takes
 compatible waiting ones with it into one pipeline call (IMAGE_BATCH_MAX, IMAGE_BATCH_WAIT_MS).
 
-`worker.generation.batching` chooses them in take order, `batch_claims` claims each on its
+`worker.flow.batching` chooses them in take order, `batch_claims` claims each on its
 record (its generate stage starts here, under this process's lease, renewed while the batch
 runs). Each stays its own job: its own seed (the pixels it would get alone), prompt (the
 enhanced one), progress events, `processing` callback, stage timings, record (`batch_id`
@@ -26,20 +26,26 @@ from celery.utils.log import get_task_logger
 
 from media import spool
 from tasks.base import leased
-from tasks.generate import GenerateTask, progress_callback, record_generation, start_processing
+from tasks.chain import SENDER
+from tasks.generation_stage import (
+    GenerateTask,
+    progress_callback,
+    record_generation,
+    start_processing,
+)
 from worker import faults
-from worker.callback import notify_processing
 from worker.errors import JobCancelled
+from worker.flow.batch_claims import WaitingJob, claim, waiting_in_take_order
+from worker.flow.batching import Waiting, batchable, choose
+from worker.flow.callback import notify_processing
+from worker.flow.job_control import finish_cancelled, send_final_callback
+from worker.flow.lanes import leave_waiting
 from worker.generation import generate_images, gpu_memory, speed
-from worker.generation.batch_claims import WaitingJob, claim, waiting_in_take_order
-from worker.generation.batching import Waiting, batchable, choose
 from worker.generation.fallback import Produced
-from worker.job_control import finish_cancelled, send_final_callback
-from worker.jobs import SEED_MAX, Job
-from worker.lanes import leave_waiting
+from worker.jobs.model import SEED_MAX, Job
+from worker.jobs.records import JobRecords
 from worker.observe.metrics import BATCH_SIZE, IMAGES_PER_SECOND, Metrics
 from worker.observe.progress import Progress
-from worker.records import JobRecords
 from worker.settings import Settings
 
 log = get_task_logger(__name__)
@@ -88,7 +94,8 @@ def run_with_waiting(
         taken = _take(settings, records, head, batch_id, max_size)
         for waiting in taken:  # held and renewed while the batch runs, let go however it ends
             leases.enter_context(leased(records, waiting.job.id, "generate",
-                                        settings.stage_lease_s))  # fmt: skip
+                                        settings.stage_lease_s, run=waiting.run,
+                                        fence_writes=False))  # fmt: skip
         partners = [member for waiting in taken
                     if (member := _start(settings, records, waiting)) is not None]  # fmt: skip
         if not partners:
@@ -204,7 +211,7 @@ def _finish(
         if job_id in cancelled:
             if not member.head and finish_cancelled(records, job_id, stage="generate"):
                 spool.remove_job(settings.spool_dir, job_id)
-                send_final_callback(job_id, "cancelled")
+                send_final_callback(job_id, "cancelled", sender=SENDER, records=records)
             continue
         record_generation(task, settings, records, produced, seed=member.seed,
                           peak_mib=peak_mib, batch=batch)  # fmt: skip

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import redis
 
-from worker.lanes import priority_lists, queue_depth
+from worker.flow.lanes import priority_lists, queue_depth
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port
-from worker.records import JobRecords
 
 
 def _test_secret(name: str) -> str:

@@ -21,9 +21,9 @@ import redis
 
 from bench.api import HEALTH_BURST, posts_during_health_burst
 from tests.conftest import API_KEY, JOB_TIMEOUT_S, PLATFORM_QUEUE, api_url, auth, new_job
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, free_port, wait_until
-from worker.records import JobRecords
 
 
 @contextmanager

@@ -1,10 +1,10 @@
-"""Which waiting image jobs join a batch (`worker.generation.batching.choose`), on jobs as the
+"""Which waiting image jobs join a batch (`worker.flow.batching.choose`), on jobs as the
 worker reads them in take order: compatible ones only, the lane kept honest, fair share."""
 
 from __future__ import annotations
 
-from worker.generation.batching import Waiting, choose
-from worker.jobs import Job, parse_job
+from worker.flow.batching import Waiting, choose
+from worker.jobs.model import Job, parse_job
 
 PROMOTE_AFTER_S = 600.0
 

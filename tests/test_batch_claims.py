@@ -12,12 +12,13 @@ from typing import Any
 
 import redis
 
+from tasks.chain import SENDER
 from tests.conftest import new_job
 from tests.test_lanes import send_generate
-from worker.generation.batch_claims import claim, waiting_in_take_order
-from worker.job_control import cancel
+from worker.flow.batch_claims import claim, waiting_in_take_order
+from worker.flow.job_control import cancel
+from worker.jobs.records import JobRecords
 from worker.local.stack import RedisServer
-from worker.records import JobRecords
 from worker.settings import Settings
 
 #: Rounds of the race between two claiming processes, and jobs waiting in each.
@@ -104,7 +105,7 @@ def test_a_claimed_jobs_own_message_waits_for_the_batch_then_skips_the_stage(
     claimed, cancelled = image("a"), image("b")
     for body in (claimed, cancelled):
         send_generate(records, Settings(), body)
-    cancel(records, cancelled["id"])
+    cancel(records, cancelled["id"], sender=SENDER)
     waiting = {w.job.id: w for w in waiting_in_take_order(records)}
     assert not claim(records, waiting[cancelled["id"]], batch_id="b1", lease_s=LEASE_S, host="h")
     assert claim(records, waiting[claimed["id"]], batch_id="b1", lease_s=LEASE_S, host="h")

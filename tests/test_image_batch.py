@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.jobs import Job, parse_job
+from worker.jobs.model import Job, parse_job
 from worker.settings import Settings
 
 #: The most a batched image's pixel may differ from the same job's image made alone (uint8):

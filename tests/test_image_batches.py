@@ -23,14 +23,15 @@ import pytest
 import redis
 from PIL import Image
 
+from tasks.chain import SENDER
 from tests.conftest import JOB_TIMEOUT_S, api_url, module_env, new_job
 from tests.test_load import TINY_CONFIG
-from worker.job_control import cancel
-from worker.jobs import BUCKET, parse_job
-from worker.lanes import queue_depth
+from worker.flow.job_control import cancel
+from worker.flow.lanes import queue_depth
+from worker.jobs.model import BUCKET, parse_job
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port, wait_until
-from worker.records import JobRecords
 from worker.settings import Settings
 
 #: About four minutes with its own stack: started first (tests/conftest.py).
@@ -211,7 +212,7 @@ def test_cancel_one_job_of_a_running_batch_and_it_alone_is_cancelled(
     wait_until(lambda: (records.get(target["id"]).value("progress") or {}).get("step", 0) >= 1,
                timeout_s=JOB_TIMEOUT_S + HOLD_S, what="the batch's first step")  # fmt: skip
     assert records.get(target["id"]).fields.get("batch:generate") is not None
-    cancel(records, target["id"])
+    cancel(records, target["id"], sender=SENDER)
 
     # Then it alone is cancelled, once; the others complete
     statuses = final_statuses(platform, [slow, *others])

@@ -33,9 +33,9 @@ from sse_starlette import EventSourceResponse
 from worker.api.auth import Authorized
 from worker.api.jobs import JobId
 from worker.errors import InvalidJob
-from worker.jobs import decode_body, job_id_of
+from worker.jobs.model import decode_body, job_id_of
+from worker.jobs.records import FINAL_STATUSES, KEY_PREFIX
 from worker.observe.progress import channel
-from worker.records import FINAL_STATUSES, KEY_PREFIX
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
 from worker.api.auth import Authorized
-from worker.lanes import queue_depth
+from worker.flow.lanes import queue_depth
 from worker.observe.loaded_models import LoadedModels
 from worker.settings import Settings
 
@@ -96,7 +96,7 @@ class Survey:
 def survey(settings: Settings) -> Survey:
     """The workers that answer a broadcast within PING_TIMEOUT_S with their queues and
     models, and the queue depths (blocking: run in a thread)."""
-    from tasks import app  # the Celery app, for its broadcast (no torch comes with it)
+    from tasks.app import app  # the Celery app, for its broadcast
 
     broker = redis_client(settings.redis_url)
     platform = redis_client(settings.platform_redis_url or settings.redis_url)

@@ -12,23 +12,35 @@ import logging
 import math
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Path, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.api.auth import Authorized
-from worker.dispatch import claim, claim_left_s, submit
 from worker.errors import InvalidJob
-from worker.job_control import Answer, Outcome, cancel, retry
-from worker.job_views import JobView, job_view
-from worker.jobs import PROMPT_MAX_CHARS, SAFE_ID, JobType, parse_job
-from worker.records import get_records
+from worker.flow.dispatch import claim, claim_left_s, submit
+from worker.flow.job_control import Answer, Outcome, cancel, retry
+from worker.flow.sender import Sender
+from worker.jobs.model import PROMPT_MAX_CHARS, SAFE_ID, JobType, parse_job
+from worker.jobs.records import get_records
+from worker.jobs.views import JobView, job_view
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Authorized], tags=["jobs"])
 
 JobId = Annotated[str, Path(pattern=SAFE_ID.pattern, description="the job's uuid")]
+
+
+def get_sender() -> Sender:
+    """What sends the chains and final callbacks of jobs started, cancelled or retried here."""
+    from tasks.chain import SENDER  # the Celery app, only once a request comes
+
+    return SENDER
+
+
+#: The sender, as a request's dependency.
+SenderFor = Annotated[Sender, Depends(get_sender)]
 
 
 class Accepted(BaseModel):
@@ -86,7 +98,7 @@ JOB_EXAMPLE = {
         }
     },
 )
-def post_job(body: Annotated[dict[str, Any], Body()]) -> Accepted | JSONResponse:
+def post_job(body: Annotated[dict[str, Any], Body()], sender: SenderFor) -> Accepted | JSONResponse:
     """Start a job from the body the platform list takes (CONTRACT.md section 1)."""
     try:
         job = parse_job(body)
@@ -109,7 +121,7 @@ def post_job(body: Annotated[dict[str, Any], Body()]) -> Accepted | JSONResponse
         status_now = records.get(job.id).status or "queued"
         existing = Accepted(job_id=job.id, status=status_now, created=False)
         return JSONResponse(existing.model_dump(), status_code=status.HTTP_200_OK)
-    submit(records, job, payload=json.dumps(body))
+    submit(records, job, payload=json.dumps(body), sender=sender)
     return Accepted(job_id=job.id, status="queued", created=True)
 
 
@@ -144,24 +156,27 @@ REFUSALS = {
 
 
 @router.post("/jobs/{job_id}/cancel", responses=REFUSALS)
-def cancel_job(job_id: JobId) -> ControlAnswer:
+def cancel_job(job_id: JobId, sender: SenderFor) -> ControlAnswer:
     """Cancel a job: a queued one at once, a running one at its next denoising step or stage.
 
     Both end with the `cancelled` callback, nothing uploaded. A job that already ended
     (completed, failed) is refused with 409.
     """
-    return _answer(cancel(get_records(), job_id))
+    return _answer(cancel(get_records(), job_id, sender=sender))
 
 
 @router.post("/jobs/{job_id}/retry", responses=REFUSALS)
-def retry_job(job_id: JobId, options: RetryOptions | None = None) -> ControlAnswer:
+def retry_job(
+    job_id: JobId, sender: SenderFor, options: RetryOptions | None = None
+) -> ControlAnswer:
     """Send a failed or cancelled job again from the stage it stopped at, with new task ids.
 
     A running or completed job is refused with 409 unless `force`. An undelivered final
     callback is sent again; nothing else runs.
     """
     options = options or RetryOptions()
-    return _answer(retry(get_records(), job_id, from_start=options.from_start, force=options.force))
+    return _answer(retry(get_records(), job_id, sender=sender, from_start=options.from_start,
+                         force=options.force))  # fmt: skip
 
 
 def _answer(answer: Answer) -> ControlAnswer:

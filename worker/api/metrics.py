@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.api.health import QUEUES, redis_client
-from worker.lanes import WaitingJobs, queue_depth
+from worker.flow.lanes import WaitingJobs, queue_depth
 from worker.observe.metrics import Metrics
 from worker.settings import Settings, get_settings
 

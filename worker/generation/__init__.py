@@ -1,7 +1,8 @@
-"""WAN generation: load the pipelines once, run them per job.
+"""WAN generation: load the pipelines once, speed them up, run a mode per job; warm-up, fallback.
 
-Imported only by the generation worker's pool child (and tools), never by the media
-worker: this is where torch and diffusers come in.
+May import worker.observe, worker.jobs and the root; torch and diffusers come in here, in the
+GPU worker's pool child only. Inside, top to bottom: warmup, fallback, provenance; modes;
+load; speed (pyproject.toml's contract).
 """
 
 from worker.generation.load import Pipelines, load_t2v, model_dir

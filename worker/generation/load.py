@@ -26,7 +26,7 @@ from diffusers import (
 from worker.devices import resolve_device, resolve_dtype
 from worker.errors import ModelNotConfigured
 from worker.generation import speed
-from worker.jobs import Job
+from worker.jobs.model import Job
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Running one job: text to video, reference frames (VACE) or image to image (video to video).
 
-Which one runs follows the job (`worker.jobs._references` decides the mode) and whether
+Which one runs follows the job (`worker.jobs.model._references` decides the mode) and whether
 its references could be used: a job whose references failed runs text-only and says so.
 - text only: `WanPipeline`.
 - single: VACE with `reference_images=[image]`.
@@ -25,7 +25,7 @@ from PIL import Image
 
 from worker.generation import speed
 from worker.generation.load import Pipelines
-from worker.jobs import Job
+from worker.jobs.model import Job
 
 #: Called after each denoising step with (steps done, steps in all).
 StepHook = Callable[[int, int], None]

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from worker.records import FINAL_STATUSES
+from worker.jobs.records import FINAL_STATUSES
 
 
 def queue_body(job: dict[str, Any], *, shape: str = "object") -> str:

@@ -25,9 +25,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from enhancement.enhancer import FallbackReason
-from worker.jobs import JobType, PresetName
-from worker.records import FINAL_STATUSES, STAGES
+from enhancement.result import FallbackReason
+from worker.jobs.model import JobType, PresetName
+from worker.jobs.records import FINAL_STATUSES, STAGES
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,12 @@ import redis
 from kombu.exceptions import OperationalError
 
 from worker import faults
-from worker.dispatch import claim, mark_dispatched, reject, send
 from worker.errors import InvalidJob
-from worker.jobs import Job, decode_body, job_id_of, job_type_of, parse_job
+from worker.flow.dispatch import claim, mark_dispatched, reject, send
+from worker.flow.sender import Sender
+from worker.jobs.model import Job, decode_body, job_id_of, job_type_of, parse_job
+from worker.jobs.records import JobRecords, get_records
 from worker.observe.logs import job_scope
-from worker.records import JobRecords, get_records
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,16 @@ class _Held:
 
 
 class Bridge:
-    """Moves jobs from the platform list into Celery, one at a time, oldest first."""
+    """Moves jobs from the platform list into Celery (through `sender`), one at a time,
+    oldest first."""
 
-    def __init__(self, platform: redis.Redis, records: JobRecords, *, queue: str) -> None:
+    def __init__(
+        self, platform: redis.Redis, records: JobRecords, *, queue: str, sender: Sender
+    ) -> None:
         self.platform = platform
         self.records = records
         self.queue = queue
+        self.sender = sender
         self.processing = processing_list(queue)
         self.rejected = rejected_list(queue)
         self.stopping = threading.Event()
@@ -187,7 +192,7 @@ class Bridge:
         """Send a claimed job's chain and mark it; the test faults strike on either side of
         the send, where a bridge that dies leaves a claim it cannot tell was sent or not."""
         faults.hit("bridge_taken", job.id)
-        send(self.records, job, payload=payload)
+        send(self.records, job, payload=payload, sender=self.sender)
         faults.hit("bridge_sent", job.id)
         mark_dispatched(self.records, job)
 
@@ -208,6 +213,7 @@ class Bridge:
                     job_type=job_type_of(body),
                     payload=_text(raw),
                     error=error,
+                    sender=self.sender,
                 )
                 return
             except OUTAGES:
@@ -240,23 +246,23 @@ class Bridge:
         self.stopping.set()
 
 
-def make_bridge(settings: Settings) -> Bridge:
+def make_bridge(settings: Settings, sender: Sender) -> Bridge:
     """A bridge whose claims are its host's: restarted after a crash, it takes them back."""
     platform = redis.Redis.from_url(settings.platform_redis_url)
     queue = settings.platform_queue
     records = get_records().for_owner(f"bridge:{processing_list(queue)}")
-    return Bridge(platform, records, queue=queue)
+    return Bridge(platform, records, queue=queue, sender=sender)
 
 
-def main() -> None:
-    """`python -m worker bridge`: serve until SIGTERM or Ctrl-C."""
+def main(sender: Sender) -> None:
+    """`python -m worker bridge`: serve until SIGTERM or Ctrl-C, sending through `sender`."""
     import signal
 
     try:
         faults.rules()
     except ValueError as e:  # a typo must not pass for a fault that never fires
         sys.exit(f"bridge not started: {e}")
-    bridge = make_bridge(get_settings())
+    bridge = make_bridge(get_settings(), sender)
     signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
     try:
         bridge.run()

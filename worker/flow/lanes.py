@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import redis
 
 from worker.clock import redis_now, redis_stamp
-from worker.jobs import Job
-from worker.records import FINAL_STATUSES, JobRecords
+from worker.jobs.model import Job
+from worker.jobs.records import FINAL_STATUSES, JobRecords
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from enum import Enum
 
 from worker.clock import redis_stamp
-from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
-from worker.lanes import WaitingJobs, leave_waiting
-from worker.observe.metrics import CANCELLATIONS, Metrics
-from worker.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords
+from worker.flow import outbox
+from worker.flow.lanes import WaitingJobs, leave_waiting
+from worker.flow.sender import Sender
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.records import ACTIVE_KEY, STAGES, JobRecord, JobRecords, get_records
+from worker.observe.metrics import CANCELLATIONS, DEAD_LETTERS, Metrics
 from worker.settings import get_settings
 
 
@@ -42,12 +44,16 @@ class Answer:
     message: str
 
 
+#: Where WAN_TEST_FAULT may refuse a final callback's first publish (worker/faults.py).
+CALLBACK_PUBLISH = "callback_publish"
+
 #: Statuses of a job that is still on its way (a cancel is taken, a retry is refused).
 RUNNING_STATUSES = frozenset({"queued", "processing"})
 
-#: Atomically: decide what a cancel request does. KEYS: the record; ARGV: now.
-#: `missing`, `cancelled` (before), `refused:<status>`, `stopped` (a queued job, cancelled
-#: here: the caller sends the callback) or `requested` (the worker stops it).
+#: Atomically: decide what a cancel request does. KEYS: the record, the index of active
+#: jobs (a job owing a callback stays in it); ARGV: now, the job id. `missing`, `cancelled`
+#: (before), `refused:<status>`, `stopped` (a queued job, cancelled here with its callback
+#: due: the caller sends it) or `requested` (the worker stops it).
 _CANCEL_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
@@ -55,7 +61,11 @@ if status == 'cancelled' then return 'cancelled' end
 if status ~= 'queued' and status ~= 'processing' then return 'refused:' .. status end
 redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[1])
 if status == 'queued' and redis.call('HSETNX', KEYS[1], 'cancelled_at', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_stage', 'queued')
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_stage', 'queued',
+             'callback_pending', 'cancelled', 'callback_pending_at', string.format('%.6f', now))
   return 'stopped'
 end
 return 'requested'
@@ -84,10 +94,13 @@ OUTCOME_FIELDS = (
 )  # fmt: skip
 
 
-def cancel(records: JobRecords, job_id: str) -> Answer:
-    """Cancel a job: at once if it is queued, else at its next step or stage."""
+def cancel(records: JobRecords, job_id: str, *, sender: Sender) -> Answer:
+    """Cancel a job: at once if it is queued (`sender` sends its callback), else at its next
+    step or stage."""
     script = records.redis.register_script(_CANCEL_SCRIPT)
-    decision = script(keys=[records.key(job_id)], args=[redis_stamp(records.redis)]).decode()
+    decision = script(
+        keys=[records.key(job_id), ACTIVE_KEY], args=[redis_stamp(records.redis), job_id]
+    ).decode()
     if decision == "missing":
         return Answer(Outcome.NOT_FOUND, job_id, None, f"no job {job_id}")
     if decision.startswith("refused:"):
@@ -98,7 +111,7 @@ def cancel(records: JobRecords, job_id: str) -> Answer:
     if decision == "stopped":
         leave_waiting(records, get_settings(), job_id)
         Metrics(records.redis).count(CANCELLATIONS)
-        send_final_callback(job_id, "cancelled")
+        send_final_callback(job_id, "cancelled", sender=sender, records=records)
         return Answer(
             Outcome.DONE, job_id, "cancelled", f"job {job_id} cancelled before it started"
         )
@@ -127,29 +140,45 @@ def finish_cancelled(records: JobRecords, job_id: str, *, stage: str) -> bool:
         records.write(job_id, status="cancelled")
         return False
     progress = (records.redis.hget(key, "progress") or b"{}").decode()
-    records.write(job_id, status="cancelled", cancelled_stage=stage, cancelled_progress=progress)
+    records.write(job_id, status="cancelled", cancelled_stage=stage, cancelled_progress=progress,
+                  **records.final_callback_due(job_id, "cancelled"))  # fmt: skip
     Metrics(records.redis).count(CANCELLATIONS)
     return True
 
 
-def send_final_callback(job_id: str, status: str) -> None:
-    """Queue the final `failed` or `cancelled` callback on the media workers."""
-    from tasks.media import callback  # Celery's app, only once there is something to send
+def send_final_callback(
+    job_id: str, status: str, *, sender: Sender, records: JobRecords | None = None
+) -> bool:
+    """Queue (through `sender`) the final callback that the record says is due
+    (`JobRecords.final_callback_due`, written with the final status) on the media workers;
+    False when the broker refused it: the lost-job sweep sends it within LOST_JOB_TIMEOUT_S
+    (worker/flow/outbox.py)."""
+    return outbox.send(records or get_records(), job_id, status, sender=sender,
+                       fault_point=CALLBACK_PUBLISH)  # fmt: skip
 
-    callback.apply_async((job_id, status), task_id=f"{job_id}:callback:{status}")
+
+def give_up(records: JobRecords, job_id: str) -> None:
+    """Put a job given up on for good (too many deliveries) in the dead letters, counted once
+    in the metrics; `retry` takes it out again."""
+    if DeadLetters(records.redis).add(job_id):
+        Metrics(records.redis).count(DEAD_LETTERS)
 
 
 def retry(
-    records: JobRecords, job_id: str, *, from_start: bool = False, force: bool = False
+    records: JobRecords,
+    job_id: str,
+    *,
+    sender: Sender,
+    from_start: bool = False,
+    force: bool = False,
 ) -> Answer:
-    """Send a job again from the stage it stopped at (or from the start) with new task ids.
+    """Send a job again (through `sender`) from the stage it stopped at (or from the start)
+    with new task ids.
 
     Refuses a job that is running or completed unless `force`, and one that never passed
     validation. A job whose final callback was not delivered gets that callback again;
     nothing else runs. A retried job leaves the dead letters.
     """
-    from tasks.chain import build_chain  # Celery's app, only once there is something to send
-
     record = records.get(job_id)
     if record.status is None:
         return Answer(Outcome.NOT_FOUND, job_id, None, f"no job {job_id}")
@@ -158,16 +187,19 @@ def retry(
     run = int(record.fields.get("retries", 0)) + 1
     if record.status == "delivery_failed" and not from_start:
         stage, outcome = "callback", _outcome(record)
-        records.redis.hdel(records.key(job_id), *DELIVERY_ERROR_FIELDS)
-        records.write_active(job_id, status=outcome, retries=str(run), retried_from=stage)
-        send_final_callback(job_id, outcome)
+        # The callback's attempts start afresh: a new delivery window and deliveries.
+        callback_bookkeeping = [f"{kind}:callback" for kind in STAGE_BOOKKEEPING]
+        records.redis.hdel(records.key(job_id), *DELIVERY_ERROR_FIELDS, *callback_bookkeeping)
+        records.write_active(job_id, status=outcome, retries=str(run), retried_from=stage,
+                             **records.final_callback_due(job_id, outcome))  # fmt: skip
+        send_final_callback(job_id, outcome, sender=sender, records=records)
     else:
         stage = "enhance" if from_start else _restart_stage(record)
         _reset(records, record, stage, run)
         priority = None  # a tail after generate (the final callback) waits in no lane
         if STAGES.index(stage) <= STAGES.index("generate"):
             priority = WaitingJobs(records.redis, get_settings()).enter(record.job)
-        build_chain(job_id, from_stage=stage, run=run, priority=priority).apply_async()
+        sender.chain(job_id, from_stage=stage, run=run, priority=priority)
     DeadLetters(records.redis).remove(job_id)
     status = records.get(job_id).status
     return Answer(
@@ -212,7 +244,8 @@ def run_again_fields(record: JobRecord, stage: str) -> list[str]:
     later = STAGES[STAGES.index(stage) :]
     stale = [*OUTCOME_FIELDS, *(name for s in later for name in STAGE_OUTPUTS[s])]
     stale += [f"{kind}:{s}" for s in later for kind in STAGE_BOOKKEEPING]
-    stale.append("resend_pending")  # a lost-job resend's: this run replaces it
+    # a lost-job resend's, a final callback's due: this run replaces them
+    stale += ["resend_pending", "callback_pending", "callback_pending_at"]
     return stale + [name for name in record.fields if name.startswith("callback_sent:")]
 
 

@@ -14,11 +14,11 @@ import json
 import logging
 from dataclasses import dataclass
 
-from worker.dead_letters import DeadLetters
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.records import MEDIA_HOSTS_KEY, JobRecords
 from worker.observe.loaded_models import KEY as LOADED_MODELS_KEY
 from worker.observe.metrics import KEY_PREFIX as METRICS_PREFIX
 from worker.observe.metrics import PER_WORKER_GAUGES
-from worker.records import MEDIA_HOSTS_KEY, JobRecords
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from worker.dead_letters import DeadLetters
-from worker.records import JobRecord, JobRecords
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.records import JobRecord, JobRecords
 
 #: Every status a job record can hold.
 STATUSES = ("queued", "processing", "completed", "failed", "cancelled", "delivery_failed")

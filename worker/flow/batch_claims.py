@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from worker.jobs import Job
-from worker.lanes import GENERATE_TASK, GPU_QUEUE, KEY_PREFIX, priority_lists
-from worker.records import JobRecords, _pid_namespace, lease_owner, run_of_task
+from worker.flow.lanes import GENERATE_TASK, GPU_QUEUE, KEY_PREFIX, priority_lists
+from worker.jobs.model import Job
+from worker.jobs.records import JobRecords, _pid_namespace, lease_owner, run_of_task
 
 #: How many waiting messages a batch looks through, from the head of the queue.
 LOOK_AHEAD = 200

@@ -9,7 +9,7 @@ back, as it was never noted. The job would wait for ever.
 
 A job is swallowed when it has waited LOST_JOB_TIMEOUT_S for a stage to start (`queued`, or
 a stage finished or let go of and the next not begun) and no message of its run is
-- on a queue: every priority list (worker/lanes.py `priority_lists`) of `enhance`, `gpu`,
+- on a queue: every priority list (worker/flow/lanes.py `priority_lists`) of `enhance`, `gpu`,
   `cpu` and each host's `cpu.<host>`;
 - or held by a worker: kombu's `unacked` hash, where every message a worker has taken sits
   until it is acknowledged, prefetched (Celery's reserved list), counting down a retry or
@@ -34,15 +34,14 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import redis
 
-from worker.job_control import RUNNING_STATUSES
-from worker.lanes import GPU_QUEUE, priority_lists
-from worker.lost_jobs import LostJob, LostJobSweep, restart_stage
-from worker.records import STAGES, JobRecord, JobRecords, get_records, run_of_task
-from worker.settings import get_settings
+from worker.flow.job_control import RUNNING_STATUSES
+from worker.flow.lanes import GPU_QUEUE, priority_lists
+from worker.flow.lost_jobs import LostJob, LostJobSweep, restart_stage
+from worker.flow.sender import Sender
+from worker.jobs.records import STAGES, JobRecord, JobRecords, run_of_task
 
 #: kombu's hash of the messages workers hold: delivery tag -> [message, exchange, key].
 UNACKED_KEY = "unacked"
@@ -147,6 +146,7 @@ class QueuedJobReconciler:
         self,
         records: JobRecords,
         *,
+        sender: Sender,
         timeout_s: float,
         lease_s: float,
         max_deliveries: int,
@@ -155,8 +155,8 @@ class QueuedJobReconciler:
         self.records = records
         self.timeout_s = timeout_s
         self.confirm_s = confirm_s
-        self.lost_jobs = LostJobSweep(records, timeout_s=timeout_s, lease_s=lease_s,
-                                      max_deliveries=max_deliveries)  # fmt: skip
+        self.lost_jobs = LostJobSweep(records, sender=sender, timeout_s=timeout_s,
+                                      lease_s=lease_s, max_deliveries=max_deliveries)  # fmt: skip
         #: (job id, run, stage) -> when this sweeper first found its message missing.
         self._missing_since: dict[tuple[str, int, str], float] = {}
 
@@ -207,15 +207,3 @@ class QueuedJobReconciler:
             if self.lost_jobs.resend(job.record, lost):
                 sent.append(lost)
         return sent
-
-
-@lru_cache(maxsize=1)
-def get_reconciler() -> QueuedJobReconciler:
-    """This process's reconciler on its record store, kept from one pass to the next."""
-    settings = get_settings()
-    return QueuedJobReconciler(
-        get_records(),
-        timeout_s=settings.lost_job_timeout_s,
-        lease_s=settings.stage_lease_s,
-        max_deliveries=settings.max_deliveries,
-    )

@@ -13,7 +13,7 @@ References follow one rule: the references present decide the mode, and a mode f
 names another mode is ignored and reported in the callback's `reference_mode_note`; see
 `_references`.
 
-A body is any valid JSON (`worker.any_json`): a value Python cannot hold, text UTF-8
+A body is any valid JSON (`worker.jobs.any_json`): a value Python cannot hold, text UTF-8
 cannot carry (a lone surrogate) or a number beyond a float's range is refused by name where
 the job reads or keeps it, and ignored where it does not.
 """
@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from worker import any_json
-from worker.any_json import Unreadable
 from worker.errors import InvalidJob
+from worker.jobs import any_json
+from worker.jobs.any_json import Unreadable
 
 #: Job ids and user ids become parts of Redis keys and storage paths: only these characters,
 #: matched against the whole string (`fullmatch`: `$` would let a trailing newline through).
@@ -240,7 +240,7 @@ class Job(BaseModel):
 def decode_body(raw: bytes | str) -> dict[str, Any]:
     """Accept both body shapes of the platform list: an object, or `["<object as JSON>"]`.
 
-    Any valid JSON decodes, whatever its values (`worker.any_json`), so a body with a
+    Any valid JSON decodes, whatever its values (`worker.jobs.any_json`), so a body with a
     usable id can always be answered. Bytes must be UTF-8 (json.loads would also guess
     UTF-16 or UTF-32, text the record could not keep).
     """

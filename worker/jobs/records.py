@@ -22,7 +22,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from worker.clock import redis_now, redis_stamp
-from worker.jobs import Job
+from worker.jobs import fencing
+from worker.jobs.model import Job
 from worker.settings import get_settings
 
 KEY_PREFIX = "wan:job:"
@@ -49,6 +50,8 @@ StageStart = Literal["run", "done", "busy", "too_many", "superseded"]
 #: What `JobRecords.resend_lost` did: `resent` (the caller sends the chain), `too_many` (the
 #: job is failed: the caller reports it) or `gone` (another sweeper, or the job, moved on).
 Resend = Literal["resent", "too_many", "gone"]
+#: What a record write does to the job's place in the index of active jobs.
+IndexChange = Literal["keep", "enter", "leave"]
 #: Media workers' heartbeats: WORKER_HOST -> Redis time of its media worker's last sweep.
 MEDIA_HOSTS_KEY = "wan:media_hosts"
 #: Where a job's frames live: these stages read the spool of the host that generated them.
@@ -154,7 +157,8 @@ local t = redis.call('TIME')
 local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 if deliveries > tonumber(ARGV[5]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'deliveries:' .. ARGV[4], deliveries)
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'deliveries:' .. ARGV[4], deliveries,
+             'callback_pending', 'failed', 'callback_pending_at', now)
   return {'too_many', tostring(deliveries)}
 end
 for i = 7, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
@@ -189,10 +193,22 @@ def stage_task_id(job_id: str, stage: str, run: int = 0) -> str:
     return f"{job_id}:{stage}" if run == 0 else f"{job_id}:{stage}:retry{run}"
 
 
+def final_callback_task_id(job_id: str, status: str, run: int = 0) -> str:
+    """`{job_id}:callback:{status}`, with `:retry{n}` from the job's run 1 on: a final
+    callback belongs to the run whose end it reports, and a later run supersedes it."""
+    base = f"{job_id}:callback:{status}"
+    return base if run == 0 else f"{base}:retry{run}"
+
+
 def run_of_task(task_id: str, job_id: str, stage: str) -> int | None:
-    """The run a stage's task id belongs to (`stage_task_id` read back); None for a message
-    that is not a chain's (a final `failed` callback, `{job_id}:callback:failed`)."""
+    """The run a stage's task id belongs to (`stage_task_id` and `final_callback_task_id`
+    read back); None for any other id (a task applied by hand)."""
     base = f"{job_id}:{stage}"
+    if stage == "callback":
+        for status in FINAL_STATUSES:
+            if task_id.startswith(f"{base}:{status}"):
+                base = f"{base}:{status}"
+                break
     if task_id == base:
         return 0
     run = task_id.removeprefix(f"{base}:retry")
@@ -371,11 +387,15 @@ class JobRecords:
         return int(self.redis.zrem(INDEX_KEY, *gone)) if gone else 0
 
     def write(self, job_id: str, **fields: str) -> None:
-        """Set text fields as they are."""
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.key(job_id), mapping=fields)
-            pipe.expire(self.key(job_id), self.ttl_s)
-            pipe.execute()
+        """Set text fields as they are; inside a stage run, only while that run still owns
+        the job (worker/jobs/fencing.py: RunSuperseded if not)."""
+        self._write(job_id, fields)
+
+    def confirm_run(self, job_id: str) -> None:
+        """Before an effect outside the record (a file, an upload, a callback): raise
+        RunSuperseded unless the stage run in progress here still owns the job."""
+        if (fence := fencing.active(job_id)) is not None:
+            fencing.write(self.redis, self.key(job_id), fence, {}, ttl_s=self.ttl_s)
 
     def update(self, job_id: str, **values: Any) -> None:
         """Set fields to JSON-encoded values, read back with `JobRecord.value`."""
@@ -384,19 +404,25 @@ class JobRecords:
     def write_active(self, job_id: str, **fields: str) -> None:
         """`write`, and the job enters the index of active jobs (`ACTIVE_KEY`) in the same
         step: it is about to be sent, or owes the platform a callback again."""
-        now = self.now()
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.key(job_id), mapping=fields)
-            pipe.expire(self.key(job_id), self.ttl_s)
-            pipe.zadd(ACTIVE_KEY, {job_id: now})
-            pipe.execute()
+        self._write(job_id, fields, index="enter")
 
     def _write_settled(self, job_id: str, **fields: str) -> None:
         """`write`, and the job leaves the index of active jobs in the same step."""
+        self._write(job_id, fields, index="leave")
+
+    def _write(self, job_id: str, fields: dict[str, str], *, index: IndexChange = "keep") -> None:
+        """Set `fields` (fenced inside a stage run) and change the job's place in the index
+        of active jobs. Fenced, the index follows the fenced write: a crash in between
+        leaves a settled job indexed, which `active()` drops when it meets it."""
+        now = self.now() if index == "enter" else 0.0
+        if (fence := fencing.active(job_id)) is not None:
+            fencing.write(self.redis, self.key(job_id), fence, fields, ttl_s=self.ttl_s)
+            _change_index(self.redis, job_id, index, now)
+            return
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(job_id), mapping=fields)
             pipe.expire(self.key(job_id), self.ttl_s)
-            pipe.zrem(ACTIVE_KEY, job_id)
+            _change_index(pipe, job_id, index, now)
             pipe.execute()
 
     def active(self, *, page: int = 500) -> Iterator[tuple[JobRecord, float]]:
@@ -542,8 +568,23 @@ class JobRecords:
         write(job_id, **{f"callback_sent:{status}": redis_stamp(self.redis)})
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
-        """Leave the record saying which stage failed, and why."""
-        self.write(job_id, status="failed", **_error_fields("error", stage, error))
+        """Leave the record saying which stage failed, and why, with the `failed` callback
+        due (`final_callback_due`)."""
+        self.write(
+            job_id,
+            status="failed",
+            **_error_fields("error", stage, error),
+            **self.final_callback_due(job_id, "failed"),
+        )
+
+    def final_callback_due(self, job_id: str, status: str) -> dict[str, str]:
+        """A final status's callback written before it is sent (worker/flow/outbox.py): the fields
+        returned, written with the final status, say which callback is due and since when
+        (Redis time) until it is handed to the broker. The job is in the index of active jobs
+        from here until it settles (already, unless it was recorded before the index was)."""
+        now = self.now()
+        self.redis.zadd(ACTIVE_KEY, {job_id: now}, nx=True)
+        return {"callback_pending": status, "callback_pending_at": f"{now:.6f}"}
 
     def delivery_failed(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """The platform was never told the outcome: say so, keeping the job's own error. The
@@ -551,6 +592,14 @@ class JobRecords:
         self._write_settled(
             job_id, status="delivery_failed", **_error_fields("delivery_error", stage, error)
         )
+
+
+def _change_index(client: redis.Redis, job_id: str, change: IndexChange, now: float) -> None:
+    """Enter the job in the index of active jobs at `now`, drop it from it, or neither."""
+    if change == "enter":
+        client.zadd(ACTIVE_KEY, {job_id: now})
+    elif change == "leave":
+        client.zrem(ACTIVE_KEY, job_id)
 
 
 def settled(record: JobRecord) -> bool:

@@ -20,8 +20,8 @@ import httpx
 
 from worker import faults
 from worker.errors import DeliveryFailed, JobError, TransientError, error_for_status
-from worker.jobs import WAN_TASK
-from worker.records import FINAL_STATUSES, JobRecord, JobRecords, get_records
+from worker.jobs.model import WAN_TASK
+from worker.jobs.records import FINAL_STATUSES, JobRecord, JobRecords, get_records
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

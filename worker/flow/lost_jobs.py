@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from worker.dead_letters import DeadLetters
 from worker.errors import TooManyDeliveries
-from worker.job_control import RUNNING_STATUSES, run_again_fields, send_final_callback
-from worker.records import SPOOL_STAGES, STAGES, JobRecord, JobRecords
+from worker.flow.job_control import RUNNING_STATUSES, give_up, run_again_fields, send_final_callback
+from worker.flow.sender import Sender
+from worker.jobs.records import SPOOL_STAGES, STAGES, JobRecord, JobRecords
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,19 @@ def _waiting_media_stage(fields: dict[str, str], stage: str) -> str | None:
 
 
 class LostJobSweep:
-    """Finds lost jobs and sends them again; one pass per call of `sweep`."""
+    """Finds lost jobs and sends them again through `sender`; one pass per call of `sweep`."""
 
     def __init__(
-        self, records: JobRecords, *, timeout_s: float, lease_s: float, max_deliveries: int
+        self,
+        records: JobRecords,
+        *,
+        sender: Sender,
+        timeout_s: float,
+        lease_s: float,
+        max_deliveries: int,
     ) -> None:
         self.records = records
+        self.sender = sender
         self.timeout_s = timeout_s
         self.lease_s = lease_s
         self.max_deliveries = max_deliveries
@@ -145,8 +152,6 @@ class LostJobSweep:
     def resend(self, record: JobRecord, lost: LostJob) -> bool:
         """Claim the resend on the record, then send the chain (or fail a job out of
         deliveries); False if another sweeper, or the job itself, moved on first."""
-        from tasks.chain import build_chain  # Celery's app, only once there is something to send
-
         forget = [f for f in run_again_fields(record, lost.restart) if f != "cancel_requested_at"]
         outcome, deliveries = self.records.resend_lost(
             record, stage=lost.stage, restart=lost.restart, forget=forget,
@@ -163,12 +168,12 @@ class LostJobSweep:
             error = TooManyDeliveries.of(lost.restart, deliveries, self.max_deliveries)
             log.error("%s; not sent again: %s", why, error)
             self.records.fail(lost.job_id, stage=lost.restart, error=error)
-            DeadLetters(self.records.redis).add(lost.job_id)
-            send_final_callback(lost.job_id, "failed")
+            give_up(self.records, lost.job_id)
+            send_final_callback(lost.job_id, "failed", sender=self.sender, records=self.records)
             return True
         run = int(record.fields.get("retries", "0")) + 1
         log.warning("%s; sent again from %s (run %d, delivery %d)", why, lost.restart, run,
                     deliveries)  # fmt: skip
-        build_chain(lost.job_id, from_stage=lost.restart, run=run).apply_async()
+        self.sender.chain(lost.job_id, from_stage=lost.restart, run=run)
         self.records.resend_sent(lost.job_id)
         return True

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 
-from worker.job_control import send_final_callback
-from worker.jobs import Job
-from worker.lanes import WaitingJobs
-from worker.records import Claim, JobRecords
+from worker.flow import outbox
+from worker.flow.job_control import CALLBACK_PUBLISH
+from worker.flow.lanes import WaitingJobs
+from worker.flow.sender import Sender
+from worker.jobs.model import Job
+from worker.jobs.records import Claim, JobRecords
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -50,21 +52,19 @@ def claim_left_s(records: JobRecords, job_id: str) -> float:
     return max(0.0, float(expires or 0) - records.now())
 
 
-def submit(records: JobRecords, job: Job, *, payload: str) -> None:
+def submit(records: JobRecords, job: Job, *, payload: str, sender: Sender) -> None:
     """Write the record of a claimed job, send its chain and mark it dispatched."""
-    send(records, job, payload=payload)
+    send(records, job, payload=payload, sender=sender)
     mark_dispatched(records, job)
 
 
-def send(records: JobRecords, job: Job, *, payload: str) -> None:
+def send(records: JobRecords, job: Job, *, payload: str, sender: Sender) -> None:
     """Write the record of a claimed job and send its chain (not yet marked dispatched)."""
-    from tasks import build_chain  # Celery's app is needed only once a job arrives
-
     if job.frames != job.frames_requested:
         log.info("job=%s frames %d normalised to %d", job.id, job.frames_requested, job.frames)
     records.create(job, payload=payload)
     priority = WaitingJobs(records.redis, get_settings()).enter(job)
-    build_chain(job.id, priority=priority).apply_async()
+    sender.chain(job.id, priority=priority)
 
 
 def mark_dispatched(records: JobRecords, job: Job) -> None:
@@ -74,14 +74,21 @@ def mark_dispatched(records: JobRecords, job: Job) -> None:
 
 
 def reject(
-    records: JobRecords, job_id: str, *, job_type: str, payload: str, error: Exception
+    records: JobRecords,
+    job_id: str,
+    *,
+    job_type: str,
+    payload: str,
+    error: Exception,
+    sender: Sender,
 ) -> None:
     """Record a claimed job as failed and send its `failed` callback through the media queue.
 
     The record is marked dispatched only once the callback is published: a broker error in
-    between leaves the claim open, so the caller's next attempt sends the callback again.
+    between leaves the claim open, so the caller's next attempt sends the callback again
+    (and the record says the callback is due, for the lost-job sweep: worker/flow/outbox.py).
     """
     records.write_active(job_id, payload=payload, job_type=job_type)  # owes a callback
     records.fail(job_id, stage="validate", error=error)
-    send_final_callback(job_id, "failed")
+    outbox.publish(records, job_id, "failed", sender=sender, fault_point=CALLBACK_PUBLISH)
     records.mark_dispatched(job_id)

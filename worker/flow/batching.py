@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.jobs import Job
+from worker.jobs.model import Job
 
 
 @dataclass(frozen=True)

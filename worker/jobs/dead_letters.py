@@ -10,7 +10,6 @@ from __future__ import annotations
 import redis
 
 from worker.clock import redis_now
-from worker.observe.metrics import DEAD_LETTERS, Metrics
 
 KEY = "wan:dead_letters"
 
@@ -19,9 +18,9 @@ class DeadLetters:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def add(self, job_id: str) -> None:
-        if self.redis.zadd(KEY, {job_id: redis_now(self.redis)}, nx=True):
-            Metrics(self.redis).count(DEAD_LETTERS)
+    def add(self, job_id: str) -> bool:
+        """Put a job in; False if it was in already."""
+        return bool(self.redis.zadd(KEY, {job_id: redis_now(self.redis)}, nx=True))
 
     def remove(self, job_id: str) -> None:
         """Take a job out, e.g. when it is retried."""
