@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, PositiveFloat, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Field names whose values are secrets: shown as set/unset, never printed.
@@ -139,6 +147,12 @@ class Settings(BaseSettings):
     #: A job waiting for generation longer than this goes ahead of every lane, seconds (no
     #: video starves behind a stream of images). Checked every tenth of it (1-30 s).
     promote_after_s: PositiveFloat = 600
+
+    #: Image jobs (text only, one frame) a generation worker runs in one pipeline call: it
+    #: takes compatible waiting ones beside the one it starts. Unset: 4 on CUDA, 1 on a CPU.
+    image_batch_max: PositiveInt | None = None
+    #: How long a batch that is not full waits for more compatible images, milliseconds.
+    image_batch_wait_ms: NonNegativeFloat = 0
 
     def promote_sweep_interval_s(self) -> float:
         """How often each generation worker looks for jobs to promote, seconds."""
