@@ -158,6 +158,12 @@ class Settings(BaseSettings):
     #: video starves behind a stream of images). Checked every tenth of it (1-30 s).
     promote_after_s: PositiveFloat = 600
 
+    #: Image jobs (text only, one frame) a generation worker runs in one pipeline call: it
+    #: takes compatible waiting ones beside the one it starts. Unset: 4 on CUDA, 1 on a CPU.
+    image_batch_max: PositiveInt | None = None
+    #: How long a batch that is not full waits for more compatible images, milliseconds.
+    image_batch_wait_ms: NonNegativeFloat = 0
+
     def promote_sweep_interval_s(self) -> float:
         """How often each generation worker looks for jobs to promote, seconds."""
         return max(1.0, min(30.0, self.promote_after_s / 10))

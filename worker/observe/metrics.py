@@ -99,8 +99,22 @@ GPU_MEMORY = Metric(
     gauge=True,
     known={"kind": frozenset({"in_use", "peak"})},  # `worker`: a node name of this deployment
 )
+#: Images per pipeline call of the image batches (tasks/image_batch.py).
+BATCH_SIZE = Metric(
+    "wan_batch_size", "Images generated in one pipeline call, per batch.", (),
+    (1, 2, 3, 4, 6, 8, 12, 16),
+)  # fmt: skip
+IMAGES_PER_SECOND = Metric(
+    "wan_images_per_second",
+    "Images per second of each generation worker's last image batch.",
+    ("worker",),  # a node name of this deployment
+    gauge=True,
+)
+#: Gauges with one series per generation worker (`<name>@<host>`): dropped with their host
+#: (worker/leftovers.py).
+PER_WORKER_GAUGES = (GPU_MEMORY, IMAGES_PER_SECOND)
 ALL = (JOBS, STAGE_SECONDS, RETRIES, MODEL_LOADS, ENHANCEMENT_FALLBACKS, DEAD_LETTERS,
-       CANCELLATIONS, QUALITY_DEGRADATIONS, GPU_MEMORY)  # fmt: skip
+       CANCELLATIONS, QUALITY_DEGRADATIONS, GPU_MEMORY, BATCH_SIZE, IMAGES_PER_SECOND)  # fmt: skip
 
 
 class Metrics:
