@@ -22,7 +22,7 @@ redis-server:
 		echo "redis-server missing: installing Debian's package"; \
 		apt-get update -qq && apt-get install -y -qq redis-server; }
 
-# The Flower browser test drives Debian's Chromium (Playwright cannot fetch browsers here).
+# The browser tests (Flower, the job and fleet pages) drive Debian's Chromium (Playwright cannot fetch browsers here).
 chromium:
 	@command -v chromium >/dev/null || { \
 		echo "chromium missing: installing Debian's package"; \

@@ -48,6 +48,7 @@ def generate(self: GenerateTask, job_id: str) -> None:
     from worker.generation import gpu_memory, speed
     from worker.generation.fallback import generate_within_memory
     from worker.generation.load import vace_model_dir
+    from worker.generation.previews import Previewer
 
     settings = get_settings()
     records = get_records()
@@ -73,10 +74,14 @@ def generate(self: GenerateTask, job_id: str) -> None:
         notify_every_s=settings.progress_callback_every_s,
     )  # fmt: skip
 
+    previewer = Previewer(records.redis, job_id, every_s=settings.preview_every_s,
+                          max_px=settings.preview_max_px)  # fmt: skip
+
     def on_step(quality: PresetName) -> StepHook:
         def step_done(done: int, total: int) -> None:
             fencing.raise_if_lost()  # the lease went to another run: stop denoising here
             progress.step("generate", done, total)
+            previewer.step(done, total)  # returns at once: made in a thread of its own
             raise_if_cancelled(records, job_id)  # raised out of the pipeline: no VAE decode
             faults.hit(faults.step_point(done), job_id, preset=quality)
 

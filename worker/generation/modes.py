@@ -23,7 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from worker.generation import speed
+from worker.generation import previews, speed
 from worker.generation.load import Pipelines
 from worker.jobs.model import Job
 
@@ -212,6 +212,7 @@ def _run_batch(
     _set_shift(pipe, shift)
 
     def step_end(pipeline: DiffusionPipeline, step: int, timestep: int, kwargs: dict) -> dict:
+        previews.hand(pipeline, kwargs["latents"])  # for the step hook's live preview
         if on_step is not None:
             on_step(step + 1, pipeline.num_timesteps)
         return kwargs
