@@ -1,16 +1,20 @@
-"""Benchmarks: each module prints a table (`make bench` runs them all)."""
+"""Benchmarks: each module prints a table (`make bench` runs them all).
+
+The stack's modules are imported where a stack is made: `bench.gpu` runs on a GPU host that
+carries only the generation's packages (bench/device.sh).
+"""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import redis
-
-from worker.jobs.records import JobRecords
-from worker.local.platform import LocalPlatform
-from worker.local.stack import WORKERS_AND_BRIDGE, LocalStack, RedisServer
+if TYPE_CHECKING:
+    from worker.jobs.records import JobRecords
+    from worker.local.platform import LocalPlatform
+    from worker.local.stack import LocalStack, RedisServer
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,12 @@ def tiny_stack(
     all stopped by `cleanup`; the jobs' platform list is `queue`. `aof`: Redis keeps an
     append-only file, so a restart after a kill finds its data; `settings` go on top of the
     workers' environment."""
+    import redis
+
+    from worker.jobs.records import JobRecords
+    from worker.local.platform import LocalPlatform
+    from worker.local.stack import RedisServer
+
     server = RedisServer(workdir / "redis", aof=aof).start()
     cleanup.callback(server.stop)
     platform = cleanup.enter_context(LocalPlatform())

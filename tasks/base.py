@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import redis
@@ -126,7 +126,7 @@ class StageTask(Task):
             leave_waiting(records, settings, job_id)
         progress = Progress(records, job_id, task=self)  # skipped deliveries report nothing
         progress.stage_started(self.stage)
-        with _leased(records, job_id, self.stage, settings.stage_lease_s, run=run):
+        with leased(records, job_id, self.stage, settings.stage_lease_s, run=run):
             if self.cancellable:  # after the start is noted: a cancel sees this stage started
                 raise_if_cancelled(records, job_id)
             result = super().__call__(job_id, *args, **kwargs)
@@ -191,8 +191,14 @@ class StageTask(Task):
 
 
 @contextmanager
-def _leased(
-    records: JobRecords, job_id: str, stage: str, lease_s: float, *, run: int | None
+def leased(
+    records: JobRecords,
+    job_id: str,
+    stage: str,
+    lease_s: float,
+    *,
+    run: int | None,
+    fence_writes: bool = True,
 ) -> Iterator[None]:
     """Keep this process's lease on the stage alive while the block runs (a daemon thread
     renews it every third of the lease), and release it however the block ends: success,
@@ -200,7 +206,9 @@ def _leased(
 
     Every record write in the block is fenced by the run and the lease (worker/jobs/fencing.py);
     once one is refused, or the heartbeat finds the lease gone, the run stops: its message
-    is dropped (Celery's Ignore), so neither its chain nor its failure handler go on."""
+    is dropped (Celery's Ignore), so neither its chain nor its failure handler go on.
+    `fence_writes=False` keeps the lease alone: the other jobs of an image batch, held by the
+    batch's head, whose own run is what a lost lease stops."""
     stop = threading.Event()
     fence = Fence(job_id, stage, run, owner=lease_owner())
 
@@ -221,7 +229,7 @@ def _leased(
     heartbeat = threading.Thread(target=renew, name=f"lease-{stage}", daemon=True)
     heartbeat.start()
     try:
-        with fencing.fenced(fence):
+        with fencing.fenced(fence) if fence_writes else nullcontext():
             yield
     except RunSuperseded as e:
         log.warning("%s", e)

@@ -11,146 +11,35 @@ Out of GPU memory, the generation runs again at a lower quality preset
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
-from celery.utils.time import get_exponential_backoff_interval
 
-from media import references, spool
+from tasks import image_batch
 from tasks.app import app
-from tasks.base import NETWORK_RETRY, StageTask
+from tasks.generation_stage import (
+    GenerateTask,
+    progress_callback,
+    record_generation,
+    start_processing,
+)
 from worker import faults
-from worker.errors import JobCancelled, ReferenceUnusable, TransientError
+from worker.errors import JobCancelled
 from worker.flow.callback import notify_processing
 from worker.flow.job_control import raise_if_cancelled
 from worker.jobs import fencing
-from worker.jobs.model import SEED_MAX, Job, PresetName
-from worker.jobs.records import JobRecords, get_records, run_of_task
-from worker.observe.loaded_models import LoadedModels
+from worker.jobs.model import SEED_MAX, PresetName
+from worker.jobs.records import get_records, run_of_task
 from worker.observe.metrics import QUALITY_DEGRADATIONS, Metrics
-from worker.observe.progress import Notify, Progress
-from worker.settings import Settings, get_settings
+from worker.observe.progress import Progress
+from worker.settings import get_settings
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from worker.generation import Pipelines, StepHook
+    from worker.generation import StepHook
 
 log = get_task_logger(__name__)
-
-#: Atomically: the job is `processing` now, unless a cancel came first (a job cancelled
-#: while `queued` has had its `cancelled` callback). KEYS: the record; ARGV: TTL. 1 if so.
-_START_PROCESSING_SCRIPT = """
-if redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'processing')
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-
-
-class GenerateTask(StageTask):
-    """Loads the pipelines on first use in the pool child, after the fork, and keeps them.
-
-    Never at import (the API, the media worker and tests would pay) and never in
-    `worker_process_init` (Celery gives it 4 s). Job N+1 reuses what job N loaded.
-    """
-
-    abstract = True
-    _pipelines: Pipelines | None = None
-    #: Pipelines already reported to the loaded-models registry by this child.
-    _noted: set[str] = set()
-
-    @property
-    def pipelines(self) -> Pipelines:
-        if self._pipelines is None:
-            from worker.generation import Pipelines  # torch comes in here, in the GPU child only
-
-            type(self)._pipelines = Pipelines(get_settings())
-        return self._pipelines
-
-    def note_loaded(self, settings: Settings, hostname: str) -> None:
-        """Tell /health which pipelines this child holds now (written when that changes) and
-        the speed options they run with."""
-        from worker.generation import speed
-
-        paths = {"t2v": settings.wan_model_path, "vace": settings.wan_vace_model_path,
-                 "v2v": settings.wan_model_path}  # fmt: skip
-        registry = LoadedModels(get_records().redis)
-        options = speed.in_force(settings, self.pipelines.device)
-        for name in self.pipelines.loaded():
-            if name not in self._noted:
-                registry.note(hostname, f"wan_{name}", path=str(paths[name]), loaded=True,
-                              details={"speed_options": options})  # fmt: skip
-                self._noted.add(name)
-
-    def references(self, job: Job, settings: Settings) -> tuple[dict[str, Image.Image], str | None]:
-        """The job's prepared references, or none and the reason to run text-only."""
-        if not job.reference_urls:
-            return {}, None
-        guard = references.Guard(references.parse_hosts(settings.reference_allowed_hosts))
-        try:
-            images = references.load_references(
-                job.reference_urls,
-                width=job.width,
-                height=job.height,
-                guard=guard,
-                timeout_s=settings.reference_timeout_s,
-            )
-        except ReferenceUnusable as e:
-            return {}, str(e)
-        except TransientError as e:
-            retries = self.request.retries
-            if retries >= settings.reference_retries:
-                return {}, f"{e} (still failing after {retries} retries)"
-            countdown = get_exponential_backoff_interval(
-                NETWORK_RETRY["retry_backoff"],
-                retries,
-                NETWORK_RETRY["retry_backoff_max"],
-                NETWORK_RETRY["retry_jitter"],
-            )
-            log.warning("job=%s %s: retry %d in %d s", job.id, e, retries + 1, countdown)
-            raise self.retry(
-                exc=e, countdown=countdown, max_retries=settings.reference_retries
-            ) from e
-        return images, None
-
-    def on_failure(
-        self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
-    ) -> None:
-        """A failed generation (a time limit, out of memory) leaves no GPU cache behind. At
-        the hard time limit this runs in the worker's main process (the child that held the
-        GPU is gone): nothing to free, and torch stays out of the main process."""
-        if not isinstance(exc, TimeLimitExceeded):
-            from worker.generation import gpu_memory
-
-            gpu_memory.free()
-        super().on_failure(exc, task_id, args, kwargs, einfo)
-
-
-def start_processing(records: JobRecords, job_id: str) -> bool:
-    """Mark the job `processing`; False when it was cancelled meanwhile (its references were
-    downloading, say): then it stops here, and no `processing` follows its `cancelled`."""
-    script = records.redis.register_script(_START_PROCESSING_SCRIPT)
-    return bool(script(keys=[records.key(job_id)], args=[records.ttl_s]))
-
-
-def progress_callback(settings: Settings, job_id: str, run: int | None) -> Notify | None:
-    """With PROGRESS_CALLBACKS, `processing` callbacks carrying the progress, sent from a
-    thread of their own: the denoising loop never waits for the platform."""
-    if not settings.progress_callbacks:
-        return None
-
-    def notify(progress: dict) -> None:
-        threading.Thread(
-            target=notify_processing, args=(settings, job_id, progress), kwargs={"run": run},
-            daemon=True,
-        ).start()  # fmt: skip
-
-    return notify
 
 
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
@@ -159,7 +48,7 @@ def generate(self: GenerateTask, job_id: str) -> None:
     from worker.generation import gpu_memory, speed
     from worker.generation.fallback import generate_within_memory
     from worker.generation.load import vace_model_dir
-    from worker.generation.provenance import describe
+    from worker.generation.previews import Previewer
 
     settings = get_settings()
     records = get_records()
@@ -185,10 +74,14 @@ def generate(self: GenerateTask, job_id: str) -> None:
         notify_every_s=settings.progress_callback_every_s,
     )  # fmt: skip
 
+    previewer = Previewer(records.redis, job_id, every_s=settings.preview_every_s,
+                          max_px=settings.preview_max_px)  # fmt: skip
+
     def on_step(quality: PresetName) -> StepHook:
         def step_done(done: int, total: int) -> None:
             fencing.raise_if_lost()  # the lease went to another run: stop denoising here
             progress.step("generate", done, total)
+            previewer.step(done, total)  # returns at once: made in a thread of its own
             raise_if_cancelled(records, job_id)  # raised out of the pipeline: no VAE decode
             faults.hit(faults.step_point(done), job_id, preset=quality)
 
@@ -203,6 +96,8 @@ def generate(self: GenerateTask, job_id: str) -> None:
     enhancement = record.value("enhancement") or {}
     job = job.model_copy(update={"prompt": enhancement.get("enhanced_prompt") or job.prompt})
     job = speed.as_run(job, settings)  # a fast type may run on the turbo checkpoint
+    if image_batch.run_with_waiting(self, settings, records, job, seed=seed, progress=progress):
+        return  # made in one pipeline call with compatible waiting images (tasks/image_batch.py)
     produced = generate_within_memory(
         job,
         lambda run_as: run(
@@ -215,32 +110,9 @@ def generate(self: GenerateTask, job_id: str) -> None:
         ),
         on_degrade=on_degrade,
     )
-    generated, job = produced.generated, produced.job
     self.note_loaded(settings, self.request.hostname)
     peak_mib = gpu_memory.report(Metrics(records.redis), self.request.hostname)
-    frames = generated.frames
-    records.confirm_run(job_id)  # a superseded run must not overwrite the new run's frames
-    path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
-    frame_num, height, width, _ = frames.shape
-    records.update(
-        job_id,
-        generation={
-            "seed": seed,
-            "width": width,
-            "height": height,
-            "frame_num": frame_num,
-            "frames_path": str(path.resolve()),
-            "host": settings.worker_host,  # whose spool: the media stages go there
-            "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
-            "peak_gpu_memory_mib": peak_mib,
-            "metadata": job.reference_notes | generated.metadata,
-            "asset_metadata": produced.asset_metadata(),
-            "provenance": describe(
-                self.pipelines, job, seed=seed, wan_task=generated.metadata["wan_task"],
-                settings=settings,
-            ),
-        },
-    )  # fmt: skip
+    record_generation(self, settings, records, produced, seed=seed, peak_mib=peak_mib)
 
 
 @worker_process_init.connect

@@ -25,7 +25,7 @@ import redis
 from worker.flow.lanes import priority_lists, queue_depth
 from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port
+from worker.local.stack import FULL_STACK, ROOT, LocalStack, RedisServer, free_port
 
 
 def _test_secret(name: str) -> str:
@@ -66,6 +66,14 @@ def pauses(prefix: str, seconds: float, steps: Iterable[int]) -> str:
     of these denoising steps, so a test sees what happens between steps on any machine."""
     return ";".join(f"{prefix}:pause{seconds}@step{step}" for step in steps)
 
+
+#: Where browser tests keep their screenshots after the run (ignored by git).
+ARTIFACTS = ROOT / ".artifacts"
+#: Debian's headless Chromium, as the browser tests launch it (Playwright cannot fetch one).
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 
 #: After step 1, past the record's throttle (its `progress` then shows step 2); after step 2,
 #: long enough for a test to open a stream and read the record while the job generates.

@@ -274,7 +274,9 @@ def test_a_job_posted_over_http_runs_and_its_record_reads_back(
     view = httpx.get(f"{api_url(stack_env)}/jobs/{job['id']}", headers=auth(), timeout=10)
 
     assert posted.status_code == 202
-    assert posted.json() == {"job_id": job["id"], "status": "queued", "created": True}
+    answer = posted.json()
+    assert answer == {"job_id": job["id"], "status": "queued", "created": True,
+                      "watch_token": answer["watch_token"]}  # fmt: skip
     assert final["status"] == "completed"
     record = view.json()
     assert record["job_id"] == job["id"] and record["job_type"] == "video_fast"

@@ -298,13 +298,13 @@ def test_a_lease_released_on_purpose_stops_nothing_but_another_owner_does(
 def test_a_stage_run_whose_lease_was_taken_over_stops_and_writes_nothing(
     records: JobRecords,
 ) -> None:
-    from tasks.base import _leased
+    from tasks.base import leased
 
     # Given a generation running as run 0, its lease renewed by its heartbeat
     lease_s = 0.3
     job_id = running(records, lease_s=lease_s)
 
-    with pytest.raises(Ignore), _leased(records, job_id, "generate", lease_s, run=0):
+    with pytest.raises(Ignore), leased(records, job_id, "generate", lease_s, run=0):
         # When its job is sent again while it runs (its host was cut off, and is back)
         resend(records, job_id)
 

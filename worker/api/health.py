@@ -199,12 +199,12 @@ class HealthMonitor:
         await self._redis.aclose()
 
 
-def _monitor(request: Request) -> HealthMonitor:
+def monitor_of(request: Request) -> HealthMonitor:
     return request.app.state.health
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
-async def health(monitor: Annotated[HealthMonitor, Depends(_monitor)]) -> Health | JSONResponse:
+async def health(monitor: Annotated[HealthMonitor, Depends(monitor_of)]) -> Health | JSONResponse:
     """Liveness for the platform and load balancers: cheap, no auth, no node names."""
     return await monitor.answer(details=False)
 
@@ -216,7 +216,7 @@ async def health(monitor: Annotated[HealthMonitor, Depends(_monitor)]) -> Health
     responses={503: {"model": Health}},
 )
 async def health_details(
-    monitor: Annotated[HealthMonitor, Depends(_monitor)],
+    monitor: Annotated[HealthMonitor, Depends(monitor_of)],
 ) -> HealthDetails | JSONResponse:
     """/health with every worker node, its queues and the models it loaded (their paths)."""
     return await monitor.answer(details=True)

@@ -149,6 +149,12 @@ class WaitingJobs:
             states[lane] = LaneState(int(waiting), age_s)
         return states
 
+    def waiting(self, lane: str, *, limit: int) -> list[tuple[str, float]]:
+        """The lane's `limit` longest-waiting job ids, with seconds waited, oldest first."""
+        now = redis_now(self.redis)
+        entries = self.redis.zrange(_lane_key(lane), 0, limit - 1, withscores=True)
+        return [(member.decode(), max(0.0, now - at)) for member, at in entries]
+
     def overdue(self, older_than_s: float) -> list[str]:
         """Waiting job ids sent more than `older_than_s` ago, oldest first, all lanes."""
         cutoff = redis_now(self.redis) - older_than_s

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from worker.jobs.dead_letters import DeadLetters
 from worker.jobs.records import MEDIA_HOSTS_KEY, JobRecords
 from worker.observe.loaded_models import KEY as LOADED_MODELS_KEY
-from worker.observe.metrics import GPU_MEMORY
 from worker.observe.metrics import KEY_PREFIX as METRICS_PREFIX
+from worker.observe.metrics import PER_WORKER_GAUGES
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,17 @@ def drop_leftovers(records: JobRecords) -> Dropped:
 
 def forget_silent_hosts(records: JobRecords, *, silent_for_s: float) -> list[str]:
     """Forget hosts whose media worker has not been seen for `silent_for_s`: its heartbeat,
-    its queue's binding (its worker binds it again if it ever starts), and the loaded models
-    and GPU memory of its workers (`<name>@<host>`). No record still names such a host."""
+    its queue's binding (its worker binds it again if it ever starts), and the loaded models,
+    GPU memory and image rate of its workers (`<name>@<host>`). No record still names such a
+    host."""
     cutoff = records.now() - silent_for_s
     silent = [host for host, seen in records.media_hosts().items() if seen < cutoff]
     if not silent:
         return []
     client = records.redis
     nodes = [n.decode() for n in client.hkeys(LOADED_MODELS_KEY)]
-    gauge_key = METRICS_PREFIX + GPU_MEMORY.name
-    gauges = [f.decode() for f in client.hkeys(gauge_key)]
+    gauges = {key: [f.decode() for f in client.hkeys(key)]
+              for key in (METRICS_PREFIX + gauge.name for gauge in PER_WORKER_GAUGES)}  # fmt: skip
     with client.pipeline() as pipe:
         for host in silent:
             pipe.hdel(MEDIA_HOSTS_KEY, host)
@@ -70,8 +71,9 @@ def forget_silent_hosts(records: JobRecords, *, silent_for_s: float) -> list[str
             for node in nodes:
                 if node.endswith(f"@{host}"):
                     pipe.hdel(LOADED_MODELS_KEY, node)
-            for field in gauges:
-                if json.loads(field)[0][0].endswith(f"@{host}"):  # [[worker, kind], part]
-                    pipe.hdel(gauge_key, field)
+            for key, fields in gauges.items():
+                for field in fields:
+                    if json.loads(field)[0][0].endswith(f"@{host}"):  # [[worker, ...], part]
+                        pipe.hdel(key, field)
         pipe.execute()
     return silent

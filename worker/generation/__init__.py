@@ -6,13 +6,14 @@ load; speed (pyproject.toml's contract).
 """
 
 from worker.generation.load import Pipelines, load_t2v, model_dir
-from worker.generation.modes import Generated, StepHook, generate
+from worker.generation.modes import Generated, StepHook, generate, generate_images
 
 __all__ = [
     "Generated",
     "Pipelines",
     "StepHook",
     "generate",
+    "generate_images",
     "load_t2v",
     "model_dir",
 ]

@@ -104,8 +104,23 @@ REDIS_FAILOVERS = Metric(
     "Redis Sentinel failovers seen: the master the sentinels name changed.",
     (),
 )
+#: Images per pipeline call of the image batches (tasks/image_batch.py).
+BATCH_SIZE = Metric(
+    "wan_batch_size", "Images generated in one pipeline call, per batch.", (),
+    (1, 2, 3, 4, 6, 8, 12, 16),
+)  # fmt: skip
+IMAGES_PER_SECOND = Metric(
+    "wan_images_per_second",
+    "Images per second of each generation worker's last image batch.",
+    ("worker",),  # a node name of this deployment
+    gauge=True,
+)
+#: Gauges with one series per generation worker (`<name>@<host>`): dropped with their host
+#: (worker/leftovers.py).
+PER_WORKER_GAUGES = (GPU_MEMORY, IMAGES_PER_SECOND)
 ALL = (JOBS, STAGE_SECONDS, RETRIES, MODEL_LOADS, ENHANCEMENT_FALLBACKS, DEAD_LETTERS,
-       CANCELLATIONS, QUALITY_DEGRADATIONS, GPU_MEMORY, REDIS_FAILOVERS)  # fmt: skip
+       CANCELLATIONS, QUALITY_DEGRADATIONS, GPU_MEMORY, BATCH_SIZE, IMAGES_PER_SECOND,
+       REDIS_FAILOVERS)  # fmt: skip
 
 #: The Redis master (`host:port`) the sentinels named when last looked at (`note_master`).
 MASTER_KEY = "wan:redis:master"
