@@ -77,6 +77,8 @@ def tiny_env(
 
 def start_stack(cleanup: ExitStack, workdir: Path, env: dict[str, str]) -> LocalStack:
     """The workers and the bridge with `env`, started, and stopped by `cleanup`."""
+    from worker.local.stack import WORKERS_AND_BRIDGE, LocalStack
+
     stack = LocalStack(env, log_dir=workdir / "logs", names=WORKERS_AND_BRIDGE)
     cleanup.callback(stack.stop)
     return stack.start()
