@@ -57,6 +57,7 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.faults
 	$(PY) -m bench.lanes
 	$(PY) -m bench.api
+	$(PY) -m bench.failover
 
 # The wheels bench/device.sh installs on a lent GPU host (Python 3.12; PyTorch, transformers,
 # accelerate and peft are there): the other packages bench.gpu imports, at this venv's

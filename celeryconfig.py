@@ -1,17 +1,19 @@
 """Celery settings, and only those: queues, routes, reliability and time limits.
 
-Loaded by `tasks.app` with `config_from_object`; Redis comes from REDIS_URL.
+Loaded by `tasks.app` with `config_from_object`; Redis comes from REDIS_URL (or its
+Sentinel set, worker/connections.py).
 """
 
 from kombu import Exchange, Queue
 
+from worker.connections import celery_redis
 from worker.flow.lanes import PRIORITY_STEPS
 from worker.settings import get_settings
 
-_redis_url = get_settings().redis_url
+_redis = celery_redis(get_settings())
 
-broker_url = _redis_url
-result_backend = _redis_url
+broker_url = _redis.url
+result_backend = _redis.url
 # Task results and PROGRESS states (`celery-task-meta-<task id>`): a day, or the records'
 # life when that is shorter (README, "Keys in Redis").
 result_expires = min(24 * 3600, get_settings().job_record_ttl_s)
@@ -27,6 +29,16 @@ broker_connection_max_retries = None
 task_publish_retry_policy = {
     "max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
 }  # fmt: skip
+
+# A task's state and result writes (STARTED, PROGRESS, SUCCESS) ride out a Redis restart or
+# a Sentinel failover as a record write does (about 20-30 s of jittered backoff), instead of
+# failing the task at the first connection error: Celery's result backend reads the old state
+# with no retry at all, and a task whose STARTED write failed failed its job (what
+# celery/celery#6348 and #10096 report of failovers). Off by default in Celery.
+result_backend_always_retry = True
+result_backend_max_retries = 12
+result_backend_base_sleep_between_retries_ms = 100
+result_backend_max_sleep_between_retries_ms = 4000
 
 task_serializer = "json"
 result_serializer = "json"
@@ -100,6 +112,14 @@ broker_transport_options = {
     "visibility_timeout": _visibility_timeout_s,
     "unacked_restore_interval": max(1, min(10, _visibility_timeout_s // 5)),
     "unacked_restore_throttle": 1,
+    **_redis.transport_options,
+}
+# The result backend's own options: under Sentinel the master's name and how to reach the
+# sentinels, and the same visibility timeout as the broker's (Celery's Redis caveats: the
+# two option sets must agree).
+result_backend_transport_options = {
+    "visibility_timeout": _visibility_timeout_s,
+    **_redis.transport_options,
 }
 
 # Visible in Flower: started state and events from workers and senders.

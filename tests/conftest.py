@@ -47,6 +47,12 @@ SERVICE_KEY = _test_secret("SERVICE_KEY")
 CALLBACK_SECRET = _test_secret("CALLBACK_SECRET")
 API_KEY = _test_secret("API_KEY")
 CALLBACK_BEARER = _test_secret("CALLBACK_BEARER")
+#: The Sentinel stack's passwords (tests/test_sentinel.py): its data nodes', its sentinels'.
+REDIS_PASSWORD = _test_secret("REDIS_PASSWORD")
+REDIS_SENTINEL_PASSWORD = _test_secret("REDIS_SENTINEL_PASSWORD")
+#: Every secret the tests hand to the processes they start: none may appear in a log.
+ALL_SECRETS = [SERVICE_KEY, CALLBACK_SECRET, API_KEY, CALLBACK_BEARER, REDIS_PASSWORD,
+               REDIS_SENTINEL_PASSWORD]  # fmt: skip
 PLATFORM_QUEUE = "wan_queue"
 #: Long enough for a job on a loaded 2-core machine, short enough to fail a hung test.
 JOB_TIMEOUT_S = 120
@@ -123,7 +129,7 @@ def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     texts = {"this process": "\n".join(recorder.lines)}
     for path in tmp_path_factory.getbasetemp().rglob("*.log"):
         texts[str(path)] = path.read_text(errors="replace")
-    leaks = secret_leaks(texts, [SERVICE_KEY, CALLBACK_SECRET, API_KEY, CALLBACK_BEARER])
+    leaks = secret_leaks(texts, ALL_SECRETS)
     assert not leaks, f"secrets in logs: {leaks[:5]}"
 
 

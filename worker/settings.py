@@ -26,14 +26,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: Field names whose values are secrets: shown as set/unset, never printed.
 SECRET_FIELDS = (
     "supabase_service_key", "job_callback_secret", "callback_bearer", "wan_worker_api_key",
-    "ui_basic_auth",
+    "redis_password", "redis_sentinel_password", "ui_basic_auth",
 )  # fmt: skip
 #: Field names holding URLs that may carry credentials (`redis://:password@host`).
 URL_FIELDS = ("redis_url", "platform_redis_url", "supabase_url", "callback_url", "public_url")
 
 
 def mask_url_credentials(url: str) -> str:
-    """The URL with any user name and password replaced by `***`, for printing."""
+    """The URL with any user name and password replaced by `***`, for printing; each URL of
+    a `;` list (`sentinel://...;sentinel://...`) on its own."""
+    if ";" in url:
+        return ";".join(mask_url_credentials(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
@@ -69,6 +72,20 @@ class Settings(BaseSettings):
     worker_host: str = Field(default_factory=socket.gethostname)
     platform_redis_url: str | None = None
     platform_queue: str = "wan_queue"
+    #: Redis Sentinel (worker/connections.py): the sentinels' `host:port`, comma list. Set,
+    #: every client of REDIS_URL's Redis asks them for the master of REDIS_MASTER_NAME and
+    #: uses REDIS_URL's database; REDIS_URL's host and port are not used. (Or: REDIS_URL as
+    #: `sentinel://host:port;sentinel://host:port/0` URLs.)
+    redis_sentinels: str = ""
+    redis_master_name: str = "mymaster"
+    #: The password of REDIS_URL's data nodes (AUTH), in place of one inside REDIS_URL.
+    redis_password: SecretStr | None = None
+    #: The sentinels' own password (their `requirepass`), for every Sentinel set.
+    redis_sentinel_password: SecretStr | None = None
+    #: With Sentinel, how long the writes the platform relies on (a job taken off its list,
+    #: a stage completed, a final status) wait for one replica to have them, milliseconds
+    #: (`WAIT 1`); 0: never wait.
+    redis_wait_replica_ms: int = Field(default=500, ge=0)
 
     wan_model_path: Path | None = None
     wan_vace_model_path: Path | None = None

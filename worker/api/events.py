@@ -30,6 +30,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
+from worker import connections
 from worker.api.paths import JobId
 from worker.api.watch import REFUSED, Watching
 from worker.errors import InvalidJob
@@ -146,10 +147,9 @@ class EventHub:
 
 def make_hub(settings: Settings) -> EventHub:
     """The hub of this process's event streams, on the job records' Redis."""
-    client = aioredis.Redis.from_url(settings.redis_url)
-    platform = client
-    if settings.platform_redis_url != settings.redis_url:
-        platform = aioredis.Redis.from_url(settings.platform_redis_url)
+    records, waiting = connections.records_target(settings), connections.platform_target(settings)
+    client = connections.async_client(records)
+    platform = client if waiting == records else connections.async_client(waiting)
     return EventHub(client, platform)
 
 

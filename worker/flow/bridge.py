@@ -33,7 +33,7 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
-from worker import faults
+from worker import connections, faults
 from worker.errors import InvalidJob
 from worker.flow.dispatch import claim, mark_dispatched, reject, send
 from worker.flow.sender import Sender
@@ -248,7 +248,7 @@ class Bridge:
 
 def make_bridge(settings: Settings, sender: Sender) -> Bridge:
     """A bridge whose claims are its host's: restarted after a crash, it takes them back."""
-    platform = redis.Redis.from_url(settings.platform_redis_url)
+    platform = connections.client(connections.platform_target(settings))
     queue = settings.platform_queue
     records = get_records().for_owner(f"bridge:{processing_list(queue)}")
     return Bridge(platform, records, queue=queue, sender=sender)

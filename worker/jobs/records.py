@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import socket
 import threading
@@ -21,10 +22,13 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from worker import connections
 from worker.clock import redis_now, redis_stamp
 from worker.jobs import fencing
 from worker.jobs.model import Job
 from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "wan:job:"
 #: Every job id with a record, scored by when it was first claimed: `jobs list` reads it
@@ -47,6 +51,9 @@ CLAIM_LEASE_S = 300
 Claim = Literal["claimed", "dispatched", "held"]
 #: What a stage's start finds; see `JobRecords.begin_stage`.
 StageStart = Literal["run", "done", "busy", "too_many", "superseded"]
+#: How often an acknowledged write lost in a Redis failover is written again before the
+#: writer gives up (`JobRecords.replicated`): once per failover met.
+REWRITES = 3
 #: What `JobRecords.resend_lost` did: `resent` (the caller sends the chain), `too_many` (the
 #: job is failed: the caller reports it) or `gone` (another sweeper, or the job, moved on).
 Resend = Literal["resent", "too_many", "gone"]
@@ -187,6 +194,11 @@ return dropped
 """
 
 
+class WriteLost(redis.ConnectionError):
+    """A write the platform relies on was lost in a Redis failover (the master died before
+    a replica had it): an outage to the caller, which does its step again."""
+
+
 def stage_task_id(job_id: str, stage: str, run: int = 0) -> str:
     """`{job_id}:{stage}`; each later run of the chain (an operator's retry, the lost-job
     sweep's resend) gets fresh ids, `{job_id}:{stage}:retry{n}`."""
@@ -307,11 +319,14 @@ class JobRecords:
         ttl_s: int,
         owner: str | None = None,
         claim_lease_s: float = CLAIM_LEASE_S,
+        replica_wait: connections.ReplicaWait | None = None,
     ) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self._owner = owner
         self.claim_lease_s = claim_lease_s
+        #: Under Sentinel, the writes the platform relies on wait for a replica.
+        self.replica_wait = replica_wait
         self._claim = client.register_script(_CLAIM_SCRIPT)
         self._begin_stage = client.register_script(_BEGIN_STAGE_SCRIPT)
         self._renew_stage = client.register_script(_RENEW_STAGE_SCRIPT)
@@ -328,7 +343,11 @@ class JobRecords:
     def for_owner(self, owner: str) -> JobRecords:
         """The same store, claiming under another owner's name."""
         return JobRecords(
-            self.redis, ttl_s=self.ttl_s, owner=owner, claim_lease_s=self.claim_lease_s
+            self.redis,
+            ttl_s=self.ttl_s,
+            owner=owner,
+            claim_lease_s=self.claim_lease_s,
+            replica_wait=self.replica_wait,
         )
 
     def key(self, job_id: str) -> str:
@@ -349,7 +368,31 @@ class JobRecords:
         return None if owner is None else owner.decode()
 
     def mark_dispatched(self, job_id: str) -> None:
-        self.write(job_id, dispatched_at=redis_stamp(self.redis))
+        """Close the claim, once a replica has the job's record and chain (`replicated`):
+        the bridge takes the item off the platform's list only after this. Lost in a
+        failover, the mark is not written again: the record and the chain sent before it may
+        be lost too, so it raises WriteLost and the caller dispatches the job again."""
+        fields = {"dispatched_at": redis_stamp(self.redis)}
+        self.write(job_id, **fields)
+        self.replicated(job_id, fields, rewrite=False)
+
+    def replicated(self, job_id: str, fields: dict[str, str], *, rewrite: bool = True) -> None:
+        """Under Sentinel, wait until a replica has `fields` as just written, and every write
+        before them: what the platform was told survives a failover (worker/connections.py
+        `ReplicaWait`). Fields that a failover in between lost are written again on the new
+        master (`rewrite`: facts that stand alone, a finished stage or a delivered callback)
+        or raise WriteLost. Nothing without Sentinel."""
+        if self.replica_wait is None:
+            return
+        for _ in range(REWRITES):
+            if self.replica_wait.confirm(self.redis, self.key(job_id), fields, ttl_s=self.ttl_s):
+                return
+            if not rewrite:
+                raise WriteLost(f"job {job_id}: {', '.join(fields)} lost in a Redis failover")
+            log.warning("job=%s %s lost in a Redis failover: written again", job_id,
+                        ", ".join(fields))  # fmt: skip
+            self.write(job_id, **fields)
+        raise WriteLost(f"job {job_id}: {', '.join(fields)} lost in Redis failovers")
 
     def is_dispatched(self, job_id: str) -> bool:
         return bool(self.redis.hexists(self.key(job_id), "dispatched_at"))
@@ -558,24 +601,31 @@ class JobRecords:
     def stage_finished(self, job_id: str, stage: str) -> None:
         """Note the stage done (later deliveries skip it) and release its lease. On Redis's
         clock, as `started:<stage>` is: a stage's seconds never mix two hosts' clocks."""
-        self.write(job_id, **{f"finished:{stage}": redis_stamp(self.redis)})
+        fields = {f"finished:{stage}": redis_stamp(self.redis)}
+        self.write(job_id, **fields)
         self.release_stage(job_id, stage)
+        self.replicated(job_id, fields)
 
     def callback_sent(self, job_id: str, status: str) -> None:
         """Note when the platform accepted a callback of this status; a final one settles
         the job (it leaves the index of active jobs)."""
-        write = self._write_settled if status in FINAL_STATUSES else self.write
-        write(job_id, **{f"callback_sent:{status}": redis_stamp(self.redis)})
+        fields = {f"callback_sent:{status}": redis_stamp(self.redis)}
+        if status in FINAL_STATUSES:
+            self._write_settled(job_id, **fields)
+            self.replicated(job_id, fields)
+        else:
+            self.write(job_id, **fields)
 
     def fail(self, job_id: str, *, stage: str, error: BaseException) -> None:
         """Leave the record saying which stage failed, and why, with the `failed` callback
         due (`final_callback_due`)."""
-        self.write(
-            job_id,
-            status="failed",
+        fields = {
+            "status": "failed",
             **_error_fields("error", stage, error),
             **self.final_callback_due(job_id, "failed"),
-        )
+        }
+        self.write(job_id, **fields)
+        self.replicated(job_id, fields)
 
     def final_callback_due(self, job_id: str, status: str) -> dict[str, str]:
         """A final status's callback written before it is sent (worker/flow/outbox.py): the fields
@@ -633,8 +683,14 @@ REDIS_OUTAGE_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20)
 
 @lru_cache(maxsize=1)
 def get_records() -> JobRecords:
-    """The process's record store on `REDIS_URL` (redis-py reconnects safely after a fork);
-    its commands wait out a short Redis outage (`REDIS_OUTAGE_RETRY`)."""
+    """The process's record store on `REDIS_URL` or its Sentinel set (redis-py reconnects
+    safely after a fork); its commands wait out a short Redis outage or a failover
+    (`REDIS_OUTAGE_RETRY`)."""
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url, retry=REDIS_OUTAGE_RETRY)
-    return JobRecords(client, ttl_s=settings.job_record_ttl_s, claim_lease_s=settings.claim_lease_s)
+    client = connections.client(connections.records_target(settings), retry=REDIS_OUTAGE_RETRY)
+    return JobRecords(
+        client,
+        ttl_s=settings.job_record_ttl_s,
+        claim_lease_s=settings.claim_lease_s,
+        replica_wait=connections.replica_wait(settings),
+    )
