@@ -121,7 +121,7 @@ def main() -> None:
         "--interval", type=float, help="seconds between pushes (default: a lone generate / 4)"
     )
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=110)
     rounds = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as cleanup:
         real = {name: os.environ[name] for name in REAL if name in os.environ}
@@ -130,8 +130,9 @@ def main() -> None:
         for batch_max in BATCH_MAXES:
             tiny.stack.kill("gpu")
             tiny.stack.restart("gpu", env={"IMAGE_BATCH_MAX": str(batch_max)})
+            stream(tiny, [image(-1)], 0)  # loads the model
             warm = image(-1)
-            stream(tiny, [warm], 0)  # loads the model
+            stream(tiny, [warm], 0)  # a lone image on the loaded model
             if interval_s is None:
                 interval_s = generate_s(tiny, warm["id"]) / 4
             console.print(f"IMAGE_BATCH_MAX={batch_max}: {args.jobs} images, "
@@ -145,15 +146,16 @@ def main() -> None:
 def table(rounds: list[Round], interval_s: float, what: str) -> Table:
     result = Table(title=f"Image batches under a stream (one image every {interval_s:.2f} s), "
                    f"{what}", min_width=60)  # fmt: skip
-    for column in ("IMAGE_BATCH_MAX", "images", "images/min", "p50 s", "p95 s",
-                   "batch sizes", "idle gap p50 ms", "idle gap max ms"):  # fmt: skip
+    for column in ("IMAGE_BATCH_MAX", "images", "img/min", "p50 s", "p95 s", "batches",
+                   "mean size", "gap p50 ms", "gap max ms"):  # fmt: skip
         result.add_column(column, justify="right")
+    result.caption = "latency: RPUSH to completed callback; gap: GPU idle between batches"
     for run in rounds:
         gaps_ms = [1000 * gap for gap in run.gaps_s] or [0.0]
         result.add_row(str(run.batch_max), str(len(run.latencies_s)),
                        f"{run.images_per_min:.1f}", f"{statistics.median(run.latencies_s):.2f}",
                        f"{percentile(run.latencies_s, 95):.2f}",
-                       " ".join(map(str, run.batch_sizes)),
+                       str(len(run.batch_sizes)), f"{statistics.mean(run.batch_sizes):.1f}",
                        f"{statistics.median(gaps_ms):.0f}", f"{max(gaps_ms):.0f}")  # fmt: skip
     return result
 
