@@ -58,6 +58,7 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.lanes
 	$(PY) -m bench.api
 	$(PY) -m bench.failover
+	$(PY) -m bench.batch
 
 # The wheels bench/device.sh installs on a lent GPU host (Python 3.12; PyTorch, transformers,
 # accelerate and peft are there): the other packages bench.gpu imports, at this venv's
