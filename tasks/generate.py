@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 
-from tasks import image_batch
 from tasks.app import app
 from tasks.generation_stage import (
     GenerateTask,
@@ -44,6 +43,7 @@ log = get_task_logger(__name__)
 
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
 def generate(self: GenerateTask, job_id: str) -> None:
+    from tasks import image_batch  # torch comes in with it, in the GPU pool child only
     from worker.generation import generate as run
     from worker.generation import gpu_memory, speed
     from worker.generation.fallback import generate_within_memory
