@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench redis-server chromium faketime clean
+.PHONY: demo test lint bench device-wheels redis-server chromium faketime clean
 
 # The project itself is installed (editable, no dependencies: requirements.txt pins them)
 # for its entry points: `celery -A tasks jobs ...` is found through `celery.commands`.
@@ -22,7 +22,7 @@ redis-server:
 		echo "redis-server missing: installing Debian's package"; \
 		apt-get update -qq && apt-get install -y -qq redis-server; }
 
-# The Flower browser test drives Debian's Chromium (Playwright cannot fetch browsers here).
+# The browser tests (Flower, the job and fleet pages) drive Debian's Chromium (Playwright cannot fetch browsers here).
 chromium:
 	@command -v chromium >/dev/null || { \
 		echo "chromium missing: installing Debian's package"; \
@@ -46,6 +46,7 @@ test: $(INSTALLED) redis-server chromium faketime lint
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 bench: $(INSTALLED) redis-server
 	$(PY) -m bench.job
@@ -56,7 +57,21 @@ bench: $(INSTALLED) redis-server
 	$(PY) -m bench.faults
 	$(PY) -m bench.lanes
 	$(PY) -m bench.api
+	$(PY) -m bench.failover
+	$(PY) -m bench.batch
 	$(PY) -m bench.long
+
+# The wheels bench/device.sh installs on a lent GPU host (Python 3.12; PyTorch, transformers,
+# accelerate and peft are there): the other packages bench.gpu imports, at this venv's
+# versions ('.' stands for '-' or '_'), and torchao for the fp8 set.
+DEVICE_WHEELS := diffusers|pydantic|pydantic.(core|settings)|python.dotenv|ftfy|wcwidth|typing.(inspection|extensions)|annotated.types|importlib.metadata
+device-wheels: $(INSTALLED)
+	{ $(PY) -m pip freeze | grep -iE '^($(DEVICE_WHEELS))=='; \
+	  grep '^torchao==' requirements-gpu.txt; } > .device-wheels.txt
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .device-wheels -r .device-wheels.txt
+	rm .device-wheels.txt
 
 clean:
 	rm -rf $(VENV) .demo spool outputs

@@ -1,17 +1,19 @@
 """Celery settings, and only those: queues, routes, reliability and time limits.
 
-Loaded by `tasks.app` with `config_from_object`; Redis comes from REDIS_URL.
+Loaded by `tasks.app` with `config_from_object`; Redis comes from REDIS_URL (or its
+Sentinel set, worker/connections.py).
 """
 
 from kombu import Exchange, Queue
 
-from worker.lanes import PRIORITY_STEPS
+from worker.connections import celery_redis
+from worker.flow.lanes import PRIORITY_STEPS
 from worker.settings import get_settings
 
-_redis_url = get_settings().redis_url
+_redis = celery_redis(get_settings())
 
-broker_url = _redis_url
-result_backend = _redis_url
+broker_url = _redis.url
+result_backend = _redis.url
 # Task results and PROGRESS states (`celery-task-meta-<task id>`): a day, or the records'
 # life when that is shorter (README, "Keys in Redis").
 result_expires = min(24 * 3600, get_settings().job_record_ttl_s)
@@ -21,12 +23,22 @@ broker_connection_retry_on_startup = True
 broker_connection_retry = True
 broker_connection_max_retries = None
 # A message sent while Redis restarts (the next stage of a chain, a retry, a final
-# callback) waits for it about as long as a record write does (worker/records.py,
+# callback) waits for it about as long as a record write does (worker/jobs/records.py,
 # REDIS_OUTAGE_RETRY: about 30 s), instead of kombu's default 0.6 s after which the chain
 # was cut.
 task_publish_retry_policy = {
     "max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
 }  # fmt: skip
+
+# A task's state and result writes (STARTED, PROGRESS, SUCCESS) ride out a Redis restart or
+# a Sentinel failover as a record write does (about 20-30 s of jittered backoff), instead of
+# failing the task at the first connection error: Celery's result backend reads the old state
+# with no retry at all, and a task whose STARTED write failed failed its job (what
+# celery/celery#6348 and #10096 report of failovers). Off by default in Celery.
+result_backend_always_retry = True
+result_backend_max_retries = 12
+result_backend_base_sleep_between_retries_ms = 100
+result_backend_max_sleep_between_retries_ms = 4000
 
 task_serializer = "json"
 result_serializer = "json"
@@ -90,7 +102,7 @@ task_annotations = {
 _visibility_timeout_s = get_settings().broker_visibility_timeout_s or 2 * max(
     hard for _, hard in STAGE_TIME_LIMITS_S.values()
 )
-# Priorities (worker/lanes.py): each step of a queue is a Redis list, step 0 taken first;
+# Priorities (worker/flow/lanes.py): each step of a queue is a Redis list, step 0 taken first;
 # only generate messages carry one (images ahead of videos, fair share between users).
 # `priority` order: a worker of several queues takes them in its -Q order at each step,
 # not round robin.
@@ -100,6 +112,14 @@ broker_transport_options = {
     "visibility_timeout": _visibility_timeout_s,
     "unacked_restore_interval": max(1, min(10, _visibility_timeout_s // 5)),
     "unacked_restore_throttle": 1,
+    **_redis.transport_options,
+}
+# The result backend's own options: under Sentinel the master's name and how to reach the
+# sentinels, and the same visibility timeout as the broker's (Celery's Redis caveats: the
+# two option sets must agree).
+result_backend_transport_options = {
+    "visibility_timeout": _visibility_timeout_s,
+    **_redis.transport_options,
 }
 
 # Visible in Flower: started state and events from workers and senders.

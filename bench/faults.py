@@ -36,13 +36,14 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import TinyStack, tiny_stack
-from worker.jobs import parse_job
-from worker.lanes import WaitingJobs, priority_lists, queue_depth
+from tasks.chain import SENDER
+from worker.flow.lanes import WaitingJobs, priority_lists, queue_depth
+from worker.flow.reconcile import QueuedJobReconciler
+from worker.jobs.model import parse_job
+from worker.jobs.records import JobRecords
 from worker.local.many_records import add_finished, finished_record, sweep_pass
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.reconcile import QueuedJobReconciler
-from worker.records import JobRecords
 from worker.settings import Settings
 
 QUEUE = "wan_queue"
@@ -207,7 +208,8 @@ def sweep_pass_s(workdir: Path) -> tuple[float, float, float]:
                 records.begin_stage(active.id, "generate", lease_s=60, max_deliveries=3)
             else:
                 WaitingJobs(records.redis, settings).enter(active)
-        reconciler = QueuedJobReconciler(records, timeout_s=settings.lost_job_timeout_s,
+        reconciler = QueuedJobReconciler(records, sender=SENDER,
+                                         timeout_s=settings.lost_job_timeout_s,
                                          lease_s=settings.stage_lease_s,
                                          max_deliveries=settings.max_deliveries)  # fmt: skip
         passes = []

@@ -31,8 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import tiny_stack
+from worker.jobs.records import JobRecords
 from worker.local.platform import queue_body
-from worker.records import JobRecords
 
 JOBS = 10
 #: Runs of the media stages and of the bare encode; the table shows medians.
@@ -170,7 +170,7 @@ def media_stages_s(records: JobRecords, frames: np.ndarray, spool_dir: Path) -> 
 
     from media import spool
     from tasks.media import encode, thumbnail, upload
-    from worker.jobs import parse_job
+    from worker.jobs.model import parse_job
 
     job = parse_job({"id": str(uuid.uuid4()), "type": "video_fast", "prompt": "bench",
                      "user_id": "bench", "config": {"frame_num": FRAMES}})  # fmt: skip

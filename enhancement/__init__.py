@@ -1,10 +1,10 @@
-"""Prompt enhancement for the `*_enhanced` job types with Qwen 2.5-7B Base.
+"""Prompt enhancement with Qwen 2.5-7B Base: prompts, loading, deadline, output hygiene, cache.
 
-`Enhancer.enhance` returns an `Enhancement`: the prompt WAN receives and the callback
-metadata saying whether Qwen rewrote it, or why not. Nothing here knows Celery; torch and
-transformers are imported only where the model is loaded (`enhancement.model`).
+May import worker.jobs and the root; knows no Celery. torch and transformers come in only
+where the model loads (`enhancement.model`); `enhancement.result` is what readers need.
 """
 
-from enhancement.enhancer import Enhancement, Enhancer, FallbackReason
+from enhancement.enhancer import Enhancer
+from enhancement.result import Enhancement, FallbackReason
 
 __all__ = ["Enhancement", "Enhancer", "FallbackReason"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from enhancement.prompts import ANSWER_LABEL, IDEA_LABEL
-from worker.jobs import PROMPT_MAX_CHARS
+from worker.jobs.model import PROMPT_MAX_CHARS
 
 #: Shorter than this is no enhancement of anything.
 MIN_CHARS = 10

@@ -1,4 +1,5 @@
-"""Media stages' work: frames in the spool, encoding, thumbnails, file checks, storage.
+"""Media stages' work: reference download and preparation, spool, encoding, thumbnails, storage.
 
-Nothing here imports torch: the media worker stays small.
+May import only worker/'s root (errors, settings); never torch or a model: the media worker
+stays small.
 """

@@ -1,7 +1,8 @@
 """Storage backends: where finished files go, at the paths of CONTRACT.md section 3.
 
 `local` writes under OUTPUT_DIR/{bucket}/{path}; `supabase` uploads with supabase-py.
-Both overwrite (upsert), so a retried upload never leaves a second copy.
+Both overwrite (upsert), so a retried upload never leaves a second copy. A stored file is
+shown to a browser (the job page) from its local path, or by a signed URL of Supabase's.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class LocalStorage:
         shutil.copyfile(source, partial)
         os.replace(partial, target)
 
+    def path(self, bucket: str, key: str) -> Path:
+        return self.root / bucket / key
+
 
 class SupabaseStorage:
     """Supabase Storage through supabase-py, errors translated into retry-or-fail."""
@@ -54,6 +58,19 @@ class SupabaseStorage:
             self.client.storage.from_(bucket).upload(
                 key, source, file_options={"content-type": content_type, "upsert": "true"}
             )
+        except StorageApiError as e:
+            status = int(e.status) if str(e.status).isdigit() else 500
+            raise error_for_status(status, f"{what}: {e.message}") from e
+        except httpx.TransportError as e:
+            raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
+
+    def signed_url(self, bucket: str, key: str, *, expires_s: int) -> str:
+        """A URL that reads the file without a key for `expires_s` (the bucket stays private)."""
+        from storage3.exceptions import StorageApiError
+
+        what = f"sign {bucket}/{key}"
+        try:
+            return self.client.storage.from_(bucket).create_signed_url(key, expires_s)["signedURL"]
         except StorageApiError as e:
             status = int(e.status) if str(e.status).isdigit() else 500
             raise error_for_status(status, f"{what}: {e.message}") from e

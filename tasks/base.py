@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import redis
@@ -13,25 +14,59 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, Time
 from celery.utils.log import get_task_logger
 
 from media import spool
-from worker.dead_letters import DeadLetters
+from tasks.chain import SENDER
 from worker.errors import (
     DeliveryFailed,
     JobCancelled,
+    RunSuperseded,
     StageTimedOut,
     TooManyDeliveries,
     TransientError,
 )
-from worker.job_control import finish_cancelled, raise_if_cancelled, send_final_callback
-from worker.lanes import leave_waiting
+from worker.flow.job_control import (
+    finish_cancelled,
+    give_up,
+    raise_if_cancelled,
+    send_final_callback,
+)
+from worker.flow.lanes import leave_waiting
+from worker.jobs import fencing
+from worker.jobs.fencing import Fence
+from worker.jobs.records import JobRecords, get_records, lease_owner, run_of_task
 from worker.observe.progress import Progress
-from worker.records import JobRecords, get_records, run_of_task
 from worker.settings import get_settings, soft_limit_setting
 
 log = get_task_logger(__name__)
 
+#: A stage task's `on_failure`.
+FailureHandler = Callable[["StageTask", Exception, str, tuple, dict, Any], None]
+
 #: Backoff of every network retry (reference download, upload, callback): exponential from
 #: 2 s with full jitter, capped far below the broker's visibility_timeout.
 NETWORK_RETRY = {"retry_backoff": 2, "retry_backoff_max": 300, "retry_jitter": True}
+
+
+def _unless_superseded(on_failure: FailureHandler) -> FailureHandler:
+    """A failure handler that acts only while the failed run still owns its job, every
+    write of it fenced by that run (worker/jobs/fencing.py): a run whose job was sent again
+    meanwhile (its host cut off, then back) frees no spool, writes nothing into the new
+    run's record and sends no callback."""
+
+    @functools.wraps(on_failure)
+    def handler(
+        self: StageTask, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
+    ) -> None:
+        job_id = args[0]
+        fence = Fence(job_id, self.stage, run_of_task(task_id, job_id, self.stage), owner=None)
+        try:
+            with fencing.fenced(fence):
+                get_records().confirm_run(job_id)
+                on_failure(self, exc, task_id, args, kwargs, einfo)
+        except RunSuperseded as e:
+            log.warning("job=%s stage %s failed (%s: %s) in a superseded run: %s", job_id,
+                        self.stage, type(exc).__name__, exc, e)  # fmt: skip
+
+    return handler
 
 
 class StageTask(Task):
@@ -58,10 +93,10 @@ class StageTask(Task):
 
     def __call__(self, job_id: str, *args: Any, **kwargs: Any) -> Any:
         records, settings = get_records(), get_settings()
+        run = run_of_task(self.request.id or "", job_id, self.stage)
         start = records.begin_stage(
             job_id, self.stage, lease_s=settings.stage_lease_s,
-            max_deliveries=settings.max_deliveries,
-            run=run_of_task(self.request.id or "", job_id, self.stage),
+            max_deliveries=settings.max_deliveries, run=run,
         )  # fmt: skip
         if start.outcome == "superseded":
             # The job was sent again (the lost-job sweep, an operator's retry) with new task
@@ -87,11 +122,11 @@ class StageTask(Task):
         if start.outcome == "too_many":
             raise TooManyDeliveries.of(self.stage, start.deliveries, settings.max_deliveries)
         log.info("job=%s stage %s started (delivery %d)", job_id, self.stage, start.deliveries)
-        if self.stage == "generate":  # it waits in its lane no more (worker/lanes.py)
+        if self.stage == "generate":  # it waits in its lane no more (worker/flow/lanes.py)
             leave_waiting(records, settings, job_id)
         progress = Progress(records, job_id, task=self)  # skipped deliveries report nothing
         progress.stage_started(self.stage)
-        with _leased(records, job_id, self.stage, settings.stage_lease_s):
+        with leased(records, job_id, self.stage, settings.stage_lease_s, run=run):
             if self.cancellable:  # after the start is noted: a cancel sees this stage started
                 raise_if_cancelled(records, job_id)
             result = super().__call__(job_id, *args, **kwargs)
@@ -110,6 +145,7 @@ class StageTask(Task):
             raise Reject(e, requeue=False) from e
         return Retry(when=countdown, sig=again)
 
+    @_unless_superseded
     def on_failure(
         self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
     ) -> None:
@@ -123,7 +159,7 @@ class StageTask(Task):
         if isinstance(exc, JobCancelled):
             log.info("job=%s cancelled at stage %s", job_id, self.stage)
             if finish_cancelled(get_records(), job_id, stage=self.stage):
-                send_final_callback(job_id, "cancelled")
+                send_final_callback(job_id, "cancelled", sender=SENDER)
             return
         log.error("job=%s stage %s failed: %s: %s", job_id, self.stage, type(exc).__name__, exc)
         if not self.reports_failure:  # the final callback itself: the job's own outcome stays
@@ -131,8 +167,8 @@ class StageTask(Task):
             return
         get_records().fail(job_id, stage=self.stage, error=exc)
         if isinstance(exc, TooManyDeliveries):
-            DeadLetters(get_records().redis).add(job_id)
-        send_final_callback(job_id, "failed")
+            give_up(get_records(), job_id)
+        send_final_callback(job_id, "failed", sender=SENDER)
 
     def timed_out(self) -> StageTimedOut:
         """What the user reads when this stage ran past its soft time limit."""
@@ -155,25 +191,49 @@ class StageTask(Task):
 
 
 @contextmanager
-def _leased(records: JobRecords, job_id: str, stage: str, lease_s: float) -> Iterator[None]:
+def leased(
+    records: JobRecords,
+    job_id: str,
+    stage: str,
+    lease_s: float,
+    *,
+    run: int | None,
+    fence_writes: bool = True,
+) -> Iterator[None]:
     """Keep this process's lease on the stage alive while the block runs (a daemon thread
     renews it every third of the lease), and release it however the block ends: success,
-    failure, Celery retry or cancel. A killed process renews nothing: its lease runs out."""
+    failure, Celery retry or cancel. A killed process renews nothing: its lease runs out.
+
+    Every record write in the block is fenced by the run and the lease (worker/jobs/fencing.py);
+    once one is refused, or the heartbeat finds the lease gone, the run stops: its message
+    is dropped (Celery's Ignore), so neither its chain nor its failure handler go on.
+    `fence_writes=False` keeps the lease alone: the other jobs of an image batch, held by the
+    batch's head, whose own run is what a lost lease stops."""
     stop = threading.Event()
+    fence = Fence(job_id, stage, run, owner=lease_owner())
 
     def renew() -> None:
         while not stop.wait(lease_s / 3):
             try:
-                if not records.renew_stage(job_id, stage, lease_s=lease_s):
-                    log.warning("job=%s stage %s: lease lost to another run", job_id, stage)
-                    return
+                if records.renew_stage(job_id, stage, lease_s=lease_s):
+                    continue
+                if fencing.holds(records.redis, records.key(job_id), fence):
+                    return  # released on purpose (handed back at shutdown): nothing to stop
+                log.warning("job=%s stage %s: lease lost to another run: stopping",
+                            job_id, stage)  # fmt: skip
+                fence.lost.set()
+                return
             except redis.RedisError as e:  # Redis restarting: try again at the next beat
                 log.warning("job=%s stage %s: lease not renewed: %s", job_id, stage, e)
 
     heartbeat = threading.Thread(target=renew, name=f"lease-{stage}", daemon=True)
     heartbeat.start()
     try:
-        yield
+        with fencing.fenced(fence) if fence_writes else nullcontext():
+            yield
+    except RunSuperseded as e:
+        log.warning("%s", e)
+        raise Ignore() from e
     finally:
         stop.set()
         records.release_stage(job_id, stage)
@@ -210,6 +270,9 @@ class DeliveryTask(StageTask):
                 f"{now - first:.0f} s (DELIVERY_RETRY_WINDOW_S={window_s:g}); "
                 f"last error: {exc}"
             ) from exc
-        if options.get("countdown") is not None:
+        if exc is not None and options.get("countdown") is not None:
+            # A retry after an error ends with the window; a wait for a live run (`busy`,
+            # no error) is not an attempt, and a window already run out must not turn it
+            # into an immediate loop.
             options["countdown"] = min(options["countdown"], left_s)
         return super().retry(*args, exc=exc, **options)

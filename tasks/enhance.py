@@ -20,10 +20,10 @@ from enhancement.model import QwenModel, Sampling
 from enhancement.prompts import Content, Quality
 from tasks.app import app
 from tasks.base import StageTask
-from worker.jobs import Job
+from worker.jobs.model import Job
+from worker.jobs.records import get_records
 from worker.observe.loaded_models import LoadedModels
 from worker.observe.metrics import ENHANCEMENT_FALLBACKS, Metrics
-from worker.records import get_records
 from worker.settings import get_settings
 
 log = get_task_logger(__name__)

@@ -5,218 +5,58 @@ sent: a transient failure (timeout, connection error, 429, 5xx) retries this tas
 Celery's exponential backoff and jitter; a reference that is refused, undecodable or still
 failing after `REFERENCE_RETRIES` retries makes the job text-only, and the callback says why.
 Out of GPU memory, the generation runs again at a lower quality preset
-(`worker.generation.fallback`); `WAN_TEST_FAULT` can make any denoising step fail.
+(`worker.generation.fallback`); `WAN_TEST_FAULT` can make any denoising step fail. A video
+longer than one pass is made window by window (`worker.generation.continuation`), each
+window noted in the record as it is done, so a later delivery on this host goes on at the
+first window not done.
 """
 
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
-from celery.utils.time import get_exponential_backoff_interval
 
-from media import references, spool
+from media import spool
 from tasks.app import app
-from tasks.base import NETWORK_RETRY, StageTask
-from worker import faults
-from worker.callback import notify_processing
-from worker.errors import (
-    JobCancelled,
-    ModelNotConfigured,
-    ReferenceUnusable,
-    StageTimedOut,
-    TransientError,
+from tasks.generation_stage import (
+    GenerateTask,
+    progress_callback,
+    record_generation,
+    start_processing,
 )
-from worker.job_control import raise_if_cancelled
-from worker.jobs import SEED_MAX, Job, PresetName
-from worker.observe.loaded_models import LoadedModels
+from worker import faults
+from worker.errors import JobCancelled, ModelNotConfigured
+from worker.flow.callback import notify_processing
+from worker.flow.job_control import raise_if_cancelled
+from worker.jobs import fencing
+from worker.jobs.model import SEED_MAX, Job, PresetName
+from worker.jobs.records import JobRecord, JobRecords, get_records, run_of_task
 from worker.observe.metrics import QUALITY_DEGRADATIONS, Metrics
-from worker.observe.progress import Notify, Progress
-from worker.records import JobRecord, JobRecords, get_records, run_of_task
-from worker.settings import Settings, get_settings, soft_limit_setting
+from worker.observe.progress import Progress
+from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from PIL import Image
-
-    from worker.generation import Pipelines, StepHook
+    from worker.generation import StepHook
     from worker.generation.continuation import WindowStepHook
     from worker.generation.windows import Continuation, Window
 
 log = get_task_logger(__name__)
 
-#: Atomically: the job is `processing` now, unless a cancel came first (a job cancelled
-#: while `queued` has had its `cancelled` callback). KEYS: the record; ARGV: TTL. 1 if so.
-_START_PROCESSING_SCRIPT = """
-if redis.call('HEXISTS', KEYS[1], 'cancel_requested_at') == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'processing')
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-
-
-class GenerateTask(StageTask):
-    """Loads the pipelines on first use in the pool child, after the fork, and keeps them.
-
-    Never at import (the API, the media worker and tests would pay) and never in
-    `worker_process_init` (Celery gives it 4 s). Job N+1 reuses what job N loaded.
-    """
-
-    abstract = True
-    _pipelines: Pipelines | None = None
-    #: Pipelines already reported to the loaded-models registry by this child.
-    _noted: set[str] = set()
-
-    @property
-    def pipelines(self) -> Pipelines:
-        if self._pipelines is None:
-            from worker.generation import Pipelines  # torch comes in here, in the GPU child only
-
-            type(self)._pipelines = Pipelines(get_settings())
-        return self._pipelines
-
-    def note_loaded(self, settings: Settings, hostname: str) -> None:
-        """Tell /health which pipelines this child holds now (written when that changes) and
-        the speed options they run with."""
-        from worker.generation import speed
-
-        paths = {"t2v": settings.wan_model_path, "vace": settings.wan_vace_model_path,
-                 "v2v": settings.wan_model_path}  # fmt: skip
-        registry = LoadedModels(get_records().redis)
-        options = speed.in_force(settings, self.pipelines.device)
-        for name in self.pipelines.loaded():
-            if name not in self._noted:
-                registry.note(hostname, f"wan_{name}", path=str(paths[name]), loaded=True,
-                              details={"speed_options": options})  # fmt: skip
-                self._noted.add(name)
-
-    def references(self, job: Job, settings: Settings) -> tuple[dict[str, Image.Image], str | None]:
-        """The job's prepared references, or none and the reason to run text-only."""
-        if not job.reference_urls:
-            return {}, None
-        guard = references.Guard(references.parse_hosts(settings.reference_allowed_hosts))
-        try:
-            images = references.load_references(
-                job.reference_urls,
-                width=job.width,
-                height=job.height,
-                guard=guard,
-                timeout_s=settings.reference_timeout_s,
-            )
-        except ReferenceUnusable as e:
-            return {}, str(e)
-        except TransientError as e:
-            retries = self.request.retries
-            if retries >= settings.reference_retries:
-                return {}, f"{e} (still failing after {retries} retries)"
-            countdown = get_exponential_backoff_interval(
-                NETWORK_RETRY["retry_backoff"],
-                retries,
-                NETWORK_RETRY["retry_backoff_max"],
-                NETWORK_RETRY["retry_jitter"],
-            )
-            log.warning("job=%s %s: retry %d in %d s", job.id, e, retries + 1, countdown)
-            raise self.retry(
-                exc=e, countdown=countdown, max_retries=settings.reference_retries
-            ) from e
-        return images, None
-
-    def apply_async(
-        self, args: tuple | None = None, kwargs: dict | None = None, **options: Any
-    ) -> Any:
-        """A long video's generation runs under the stage's time limits once per window
-        (GENERATE_SOFT_LIMIT_S x windows, then HARD_LIMIT_GRACE_S): whoever sends it (the
-        chain after enhance, a retry, the lost-job sweep, a resume) reads its windows from
-        the job record, as the media stages' router reads their host."""
-        if args and (limits := window_limits(str(args[0]))) is not None:
-            _, soft_s, hard_s = limits
-            options |= {"soft_time_limit": soft_s, "time_limit": hard_s}
-        return super().apply_async(args, kwargs, **options)
-
-    def timed_out(self) -> StageTimedOut:
-        limits = window_limits(self.request.args[0])
-        if limits is None:
-            return super().timed_out()
-        count, soft_s, _ = limits
-        return StageTimedOut(
-            f"generate ran past its soft time limit of {soft_s:g} s "
-            f"({soft_limit_setting('generate')}={soft_s / count:g} per window x {count} windows)"
-        )
-
-    def killed_at_hard_limit(self) -> StageTimedOut:
-        limits = window_limits(self.request.args[0])
-        if limits is None:
-            return super().killed_at_hard_limit()
-        count, soft_s, hard_s = limits
-        return StageTimedOut(
-            f"generate was killed at its hard time limit of {hard_s:g} s "
-            f"({soft_limit_setting('generate')}={soft_s / count:g} per window x {count} windows "
-            "+ HARD_LIMIT_GRACE_S): it did not stop at the soft limit"
-        )
-
-    def on_failure(
-        self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: Any
-    ) -> None:
-        """A failed generation (a time limit, out of memory) leaves no GPU cache behind. At
-        the hard time limit this runs in the worker's main process (the child that held the
-        GPU is gone): nothing to free, and torch stays out of the main process."""
-        if not isinstance(exc, TimeLimitExceeded):
-            from worker.generation import gpu_memory
-
-            gpu_memory.free()
-        super().on_failure(exc, task_id, args, kwargs, einfo)
-
-
-def window_limits(job_id: str) -> tuple[int, float, float] | None:
-    """(windows, soft, hard) time limits of a long video's generation, seconds; None for a
-    job made in one pass (the stage's own limits) or one with no valid job recorded."""
-    from worker.generation.windows import window_count  # arithmetic: no torch comes in
-
-    record = get_records().get(job_id)
-    if "job" not in record.fields:
-        return None
-    settings = get_settings()
-    count = window_count(record.job, settings)
-    if count == 1:
-        return None
-    soft_s, _ = settings.stage_time_limits()["generate"]
-    return count, soft_s * count, soft_s * count + settings.hard_limit_grace_s
-
-
-def start_processing(records: JobRecords, job_id: str) -> bool:
-    """Mark the job `processing`; False when it was cancelled meanwhile (its references were
-    downloading, say): then it stops here, and no `processing` follows its `cancelled`."""
-    script = records.redis.register_script(_START_PROCESSING_SCRIPT)
-    return bool(script(keys=[records.key(job_id)], args=[records.ttl_s]))
-
-
-def progress_callback(settings: Settings, job_id: str, run: int | None) -> Notify | None:
-    """With PROGRESS_CALLBACKS, `processing` callbacks carrying the progress, sent from a
-    thread of their own: the denoising loop never waits for the platform."""
-    if not settings.progress_callbacks:
-        return None
-
-    def notify(progress: dict) -> None:
-        threading.Thread(
-            target=notify_processing, args=(settings, job_id, progress), kwargs={"run": run},
-            daemon=True,
-        ).start()  # fmt: skip
-
-    return notify
-
 
 @app.task(base=GenerateTask, bind=True, name="wan.generate", stage="generate")
 def generate(self: GenerateTask, job_id: str) -> None:
+    from tasks import image_batch  # torch comes in with it, in the GPU pool child only
     from worker.generation import generate as run
     from worker.generation import gpu_memory, speed, windows
     from worker.generation.fallback import generate_within_memory
-    from worker.generation.provenance import describe
+    from worker.generation.previews import Previewer
 
     settings = get_settings()
     records = get_records()
@@ -246,9 +86,14 @@ def generate(self: GenerateTask, job_id: str) -> None:
         notify_every_s=settings.progress_callback_every_s,
     )  # fmt: skip
 
+    previewer = Previewer(records.redis, job_id, every_s=settings.preview_every_s,
+                          max_px=settings.preview_max_px)  # fmt: skip
+
     def on_window_step(quality: PresetName, count: int) -> WindowStepHook:
         def step_done(window: int, done: int, total: int) -> None:
+            fencing.raise_if_lost()  # the lease went to another run: stop denoising here
             progress.step("generate", done, total, window=(window, count))
+            previewer.step(done, total, window=window if count > 1 else None)  # in a thread
             raise_if_cancelled(records, job_id)  # raised out of the pipeline: no VAE decode
             faults.hit(faults.step_point(done), job_id, preset=quality)
             faults.hit(faults.window_step_point(window, done), job_id, preset=quality)
@@ -268,6 +113,9 @@ def generate(self: GenerateTask, job_id: str) -> None:
     job = as_enhanced(job, record.value("enhancement") or {})
     job = speed.as_run(job, settings)  # a fast type may run on the turbo checkpoint
     if continuation is None:
+        if image_batch.run_with_waiting(self, settings, records, job, seed=seed,
+                                        progress=progress):  # fmt: skip
+            return  # made in one pipeline call with waiting images (tasks/image_batch.py)
         produced = generate_within_memory(
             job,
             lambda run_as: run(
@@ -280,9 +128,6 @@ def generate(self: GenerateTask, job_id: str) -> None:
             ),
             on_degrade=on_degrade,
         )
-        frames = produced.generated.frames
-        path = spool.write_frames(spool.frames_path(settings.spool_dir, job_id), frames)
-        frame_num, made = len(frames), produced.generated
     else:
         from worker.generation.continuation import generate_long
 
@@ -313,33 +158,10 @@ def generate(self: GenerateTask, job_id: str) -> None:
                         "window %d in a new delivery", job_id, done.finished_here,
                         done.first_unfinished())  # fmt: skip
             raise self.wait_for_other_run(countdown=0) from None
-        path, frame_num, made = frames_dir, produced.generated.frame_num, produced.generated
-    job = produced.job
     self.note_loaded(settings, self.request.hostname)
     peak_mib = gpu_memory.report(Metrics(records.redis), self.request.hostname)
-    provenance = describe(self.pipelines, job, seed=seed, wan_task=made.metadata["wan_task"],
-                          settings=settings)  # fmt: skip
-    if continuation is not None:
-        provenance["continuation"] = made.metadata["continuation"]
-    if job.segments:  # what WAN received, segment by segment
-        provenance["segment_prompts"] = [segment.prompt for segment in job.segments]
-    records.update(
-        job_id,
-        generation={
-            "seed": seed,
-            "width": job.width,
-            "height": job.height,
-            "frame_num": frame_num,
-            "frames_path": str(path.resolve()),
-            "host": settings.worker_host,  # whose spool: the media stages go there
-            "prompt": job.prompt,  # what WAN received: the enhanced prompt, if any
-            "peak_gpu_memory_mib": peak_mib,
-            "metadata": job.reference_notes | job.length_notes | made.metadata
-            | storyboard(record.job),
-            "asset_metadata": produced.asset_metadata(),
-            "provenance": provenance,
-        },
-    )  # fmt: skip
+    record_generation(self, settings, records, produced, seed=seed, peak_mib=peak_mib,
+                      notes=storyboard(record.job))  # fmt: skip
 
 
 def as_enhanced(job: Job, enhancement: dict[str, Any]) -> Job:
@@ -426,17 +248,17 @@ def warm_up(sender: str, **_: Any) -> None:
     reports up, which it does when this signal's handlers have returned; so the warm-up runs
     before any job, and again in every replacement child (after a crash or
     max_tasks_per_child), in the process that keeps the model. The 4 s Celery allows here
-    is raised for WARMUP at start (`tasks.app.check_speed_options`). A warm-up task sent on
-    `worker_ready` could be taken by another GPU worker or wait behind queued jobs; a
-    bootstep runs in the parent, which must not touch CUDA before the fork.
+    is raised for WARMUP at start (`tasks.worker_signals.check_speed_options`). A warm-up
+    task sent on `worker_ready` could be taken by another GPU worker or wait behind queued
+    jobs; a bootstep runs in the parent, which must not touch CUDA before the fork.
     """
     settings = get_settings()
     if not settings.warmup or "gpu" not in app.amqp.queues.consume_from:
         return
-    from worker.generation import speed
+    from worker.generation.warmup import warm_up as run_warm_up
 
     started = time.perf_counter()
-    runs = speed.warm_up(generate.pipelines)
+    runs = run_warm_up(generate.pipelines)
     generate.note_loaded(settings, sender)
     log.info("warm-up done in %.1f s: pipelines %s loaded, ran %s; taking jobs now",
              time.perf_counter() - started, ", ".join(generate.pipelines.loaded()),

@@ -14,13 +14,14 @@ from media.storage import Storage, make_storage
 from media.thumbnail import make_thumbnail, middle_frame
 from tasks.app import app
 from tasks.base import DeliveryTask, StageTask
-from worker.callback import FINAL_BODIES, CallbackGate, post_callback
+from worker import faults
 from worker.errors import FramesMissing
-from worker.jobs import BUCKET
+from worker.flow.callback import FINAL_BODIES, CallbackGate, post_callback
+from worker.jobs.model import BUCKET
+from worker.jobs.records import JobRecord, get_records
 from worker.observe.logs import job_summary
 from worker.observe.metrics import JOBS, Metrics
 from worker.observe.progress import Progress
-from worker.records import JobRecord, get_records
 from worker.settings import get_settings
 
 log = get_task_logger(__name__)
@@ -91,6 +92,7 @@ def upload(self: DeliveryTask, job_id: str) -> None:
         return
     job = record.job
     storage = _storage()
+    records.confirm_run(job_id)  # a superseded run uploads nothing over the new run's files
     storage.upload(
         BUCKET,
         job.asset_key,
@@ -121,6 +123,8 @@ def callback(self: DeliveryTask, job_id: str, status: str = "completed") -> None
     callback of the job goes out after it (`CallbackGate`)."""
     records = get_records()
     settings = get_settings()
+    faults.hit("callback_post", job_id)
+    records.confirm_run(job_id)  # a superseded run (or a taken-over lease) tells nothing
     CallbackGate(records, settings).close(job_id)
     record = records.get(job_id)
     post_callback(settings, FINAL_BODIES[status](record))

@@ -22,7 +22,7 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from worker.records import get_records
+from worker.jobs.records import get_records
 
 #: The tasks that read the spool of the host that generated the job.
 SPOOL_TASKS = frozenset({"wan.encode", "wan.thumbnail", "wan.upload"})

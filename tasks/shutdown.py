@@ -19,7 +19,7 @@ from typing import Any
 from celery.signals import celeryd_after_setup, worker_shutting_down
 from celery.worker import state
 
-from worker.records import get_records, lease_owner
+from worker.jobs.records import get_records, lease_owner
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)

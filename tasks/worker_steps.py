@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from typing import Any
 
 from celery import bootsteps
 
 from media import spool
-from worker.lanes import GPU_QUEUE, promote_overdue
-from worker.leftovers import drop_leftovers
-from worker.lost_jobs import LostJobSweep
-from worker.reconcile import get_reconciler
-from worker.records import FINAL_STATUSES, get_records
+from tasks.app import app
+from tasks.chain import SENDER
+from worker.flow.lanes import GPU_QUEUE, promote_overdue
+from worker.flow.leftovers import drop_leftovers
+from worker.flow.lost_jobs import LostJobSweep
+from worker.flow.outbox import FinalCallbackSweep
+from worker.flow.reconcile import QueuedJobReconciler
+from worker.jobs.records import FINAL_STATUSES, get_records
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -98,8 +102,9 @@ class SpoolSweep(MediaWorkerChore):
 
 
 class LostJobSweeper(MediaWorkerChore):
-    """Says this host's media worker lives, then sends lost jobs again (worker/lost_jobs.py),
-    every fifth of LOST_JOB_TIMEOUT_S (at most a minute).
+    """Says this host's media worker lives, then sends lost jobs again (worker/flow/lost_jobs.py)
+    and final callbacks unsent or lost (worker/flow/outbox.py), every fifth of
+    LOST_JOB_TIMEOUT_S (at most a minute).
 
     In the media workers because there is one per host and they need no GPU: every live
     host sweeps, so a job is rescued as long as any host lives; the resend is atomic on the
@@ -108,7 +113,7 @@ class LostJobSweeper(MediaWorkerChore):
     host for LOST_JOB_TIMEOUT_S" from one read, without waiting on a broadcast.
 
     The same pass sends again the jobs whose message a dying consumer swallowed
-    (worker/reconcile.py) and drops what outlived its job or host (worker/leftovers.py).
+    (worker/flow/reconcile.py) and drops what outlived its job or host (worker/flow/leftovers.py).
     """
 
     what = "lost-job sweep"
@@ -122,17 +127,37 @@ class LostJobSweeper(MediaWorkerChore):
         records.media_heartbeat(settings.worker_host)
         LostJobSweep(
             records,
+            sender=SENDER,
             timeout_s=settings.lost_job_timeout_s,
             lease_s=settings.stage_lease_s,
             max_deliveries=settings.max_deliveries,
+        ).sweep()
+        FinalCallbackSweep(
+            records,
+            sender=SENDER,
+            timeout_s=settings.lost_job_timeout_s,
+            lease_s=settings.stage_lease_s,
         ).sweep()
         get_reconciler().sweep()
         drop_leftovers(records)
 
 
+@lru_cache(maxsize=1)
+def get_reconciler() -> QueuedJobReconciler:
+    """This process's reconciler on its record store, kept from one pass to the next."""
+    settings = get_settings()
+    return QueuedJobReconciler(
+        get_records(),
+        sender=SENDER,
+        timeout_s=settings.lost_job_timeout_s,
+        lease_s=settings.stage_lease_s,
+        max_deliveries=settings.max_deliveries,
+    )
+
+
 class PromotionSweep(WorkerChore):
     """Every `Settings.promote_sweep_interval_s()`, moves the generate messages of jobs
-    waiting longer than PROMOTE_AFTER_S to the top priority step (worker/lanes.py), so no
+    waiting longer than PROMOTE_AFTER_S to the top priority step (worker/flow/lanes.py), so no
     video starves behind a stream of images.
 
     In every worker that consumes the `gpu` queue: the ones whose takes it orders. Several
@@ -147,3 +172,6 @@ class PromotionSweep(WorkerChore):
 
     def run(self) -> None:
         promote_overdue(get_records(), get_settings())
+
+
+app.steps["worker"].update({SpoolSweep, LostJobSweeper, PromotionSweep})

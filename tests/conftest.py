@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import redis
 
-from worker.lanes import priority_lists, queue_depth
+from worker.flow.lanes import priority_lists, queue_depth
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
-from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port
-from worker.records import JobRecords
+from worker.local.stack import FULL_STACK, ROOT, LocalStack, RedisServer, free_port
 
 
 def _test_secret(name: str) -> str:
@@ -47,6 +47,12 @@ SERVICE_KEY = _test_secret("SERVICE_KEY")
 CALLBACK_SECRET = _test_secret("CALLBACK_SECRET")
 API_KEY = _test_secret("API_KEY")
 CALLBACK_BEARER = _test_secret("CALLBACK_BEARER")
+#: The Sentinel stack's passwords (tests/test_sentinel.py): its data nodes', its sentinels'.
+REDIS_PASSWORD = _test_secret("REDIS_PASSWORD")
+REDIS_SENTINEL_PASSWORD = _test_secret("REDIS_SENTINEL_PASSWORD")
+#: Every secret the tests hand to the processes they start: none may appear in a log.
+ALL_SECRETS = [SERVICE_KEY, CALLBACK_SECRET, API_KEY, CALLBACK_BEARER, REDIS_PASSWORD,
+               REDIS_SENTINEL_PASSWORD]  # fmt: skip
 PLATFORM_QUEUE = "wan_queue"
 #: Long enough for a job on a loaded 2-core machine, short enough to fail a hung test.
 JOB_TIMEOUT_S = 120
@@ -60,6 +66,14 @@ def pauses(prefix: str, seconds: float, steps: Iterable[int]) -> str:
     of these denoising steps, so a test sees what happens between steps on any machine."""
     return ";".join(f"{prefix}:pause{seconds}@step{step}" for step in steps)
 
+
+#: Where browser tests keep their screenshots after the run (ignored by git).
+ARTIFACTS = ROOT / ".artifacts"
+#: Debian's headless Chromium, as the browser tests launch it (Playwright cannot fetch one).
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 
 #: After step 1, past the record's throttle (its `progress` then shows step 2); after step 2,
 #: long enough for a test to open a stream and read the record while the job generates.
@@ -115,7 +129,7 @@ def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     texts = {"this process": "\n".join(recorder.lines)}
     for path in tmp_path_factory.getbasetemp().rglob("*.log"):
         texts[str(path)] = path.read_text(errors="replace")
-    leaks = secret_leaks(texts, [SERVICE_KEY, CALLBACK_SECRET, API_KEY, CALLBACK_BEARER])
+    leaks = secret_leaks(texts, ALL_SECRETS)
     assert not leaks, f"secrets in logs: {leaks[:5]}"
 
 

@@ -1,4 +1,4 @@
-"""Any valid JSON decodes (worker/any_json.py): what Python's decoder gives, and placeholders
+"""Any valid JSON decodes (worker/jobs/any_json.py): what Python's decoder gives, and placeholders
 where it gives up; text that is not JSON is refused, however deep it is nested."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.payloads import json_values
-from worker import any_json
-from worker.any_json import DEPTH_MAX, Unreadable, _Parser
+from worker.jobs import any_json
+from worker.jobs.any_json import DEPTH_MAX, Unreadable, _Parser
 
 #: Deeper than Python's decoder goes (its recursion limit, about 1,000).
 DEEP = 5_000

@@ -21,9 +21,9 @@ import redis
 
 from bench.api import HEALTH_BURST, posts_during_health_burst
 from tests.conftest import API_KEY, JOB_TIMEOUT_S, PLATFORM_QUEUE, api_url, auth, new_job
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, free_port, wait_until
-from worker.records import JobRecords
 
 
 @contextmanager
@@ -274,7 +274,9 @@ def test_a_job_posted_over_http_runs_and_its_record_reads_back(
     view = httpx.get(f"{api_url(stack_env)}/jobs/{job['id']}", headers=auth(), timeout=10)
 
     assert posted.status_code == 202
-    assert posted.json() == {"job_id": job["id"], "status": "queued", "created": True}
+    answer = posted.json()
+    assert answer == {"job_id": job["id"], "status": "queued", "created": True,
+                      "watch_token": answer["watch_token"]}  # fmt: skip
     assert final["status"] == "completed"
     record = view.json()
     assert record["job_id"] == job["id"] and record["job_type"] == "video_fast"

@@ -86,6 +86,8 @@ def test_the_schema_documents_every_endpoint(api_schema: schemathesis.BaseSchema
     assert paths == {
         "/health", "/health/details", "/metrics", "/enhance", "/jobs", "/jobs/{job_id}",
         "/jobs/{job_id}/events", "/jobs/{job_id}/cancel", "/jobs/{job_id}/retry", "/debug/env",
+        "/jobs/{job_id}/watch-token", "/jobs/{job_id}/preview", "/jobs/{job_id}/result",
+        "/jobs/{job_id}/thumbnail",
     }  # fmt: skip
 
 

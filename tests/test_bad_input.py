@@ -9,10 +9,10 @@ import redis
 
 from tests.conftest import JOB_TIMEOUT_S, PLATFORM_QUEUE, new_job, push
 from tests.payloads import json_object
-from worker.bridge import rejected_list
+from worker.flow.bridge import rejected_list
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform
 from worker.local.stack import LocalStack
-from worker.records import JobRecords
 
 
 def without(job: dict, key: str) -> dict:

@@ -17,18 +17,24 @@ from pathlib import Path
 import pytest
 import redis
 
+from tasks.chain import SENDER
 from tests.conftest import new_job, sent_job_ids
 from tests.payloads import json_object
-from worker.bridge import RECONNECT_S, Bridge, rejected_list
+from worker.flow.bridge import RECONNECT_S, Bridge, rejected_list
+from worker.jobs.records import JobRecords
 from worker.local.stack import RedisServer, wait_until
-from worker.records import JobRecords
 
 QUEUE = "bridge_test_queue"
 
 
 @pytest.fixture
 def bridge(idle_broker: redis.Redis) -> Bridge:
-    return Bridge(idle_broker, JobRecords(idle_broker, ttl_s=600, owner="this-host"), queue=QUEUE)
+    return Bridge(
+        idle_broker,
+        JobRecords(idle_broker, ttl_s=600, owner="this-host"),
+        queue=QUEUE,
+        sender=SENDER,
+    )
 
 
 def test_jobs_are_dispatched_oldest_first(idle_broker: redis.Redis, bridge: Bridge) -> None:
@@ -72,8 +78,8 @@ def test_a_job_id_seen_twice_starts_one_chain(idle_broker: redis.Redis, bridge: 
 def draining(bridge: Bridge, monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Thread]:
     """The bridge draining its list in a thread (stopped after the test), asking again
     about held jobs every 0.05 s."""
-    monkeypatch.setattr("worker.bridge.POLL_S", 0.05)
-    monkeypatch.setattr("worker.bridge.HELD_RECHECK_S", 0.05)
+    monkeypatch.setattr("worker.flow.bridge.POLL_S", 0.05)
+    monkeypatch.setattr("worker.flow.bridge.HELD_RECHECK_S", 0.05)
     serving = threading.Thread(target=bridge.run, kwargs={"drain": True})
     yield serving
     bridge.stop()
@@ -152,7 +158,7 @@ def test_a_held_item_goes_back_on_the_list_when_the_bridge_restarts(
 
     # When it starts again, the item is still in its processing list: it is put back first
     assert idle_broker.llen(bridge.processing) == 1
-    restarted = Bridge(idle_broker, bridge.records, queue=QUEUE)
+    restarted = Bridge(idle_broker, bridge.records, queue=QUEUE, sender=SENDER)
     assert restarted.recover() == 1
     assert idle_broker.lrange(QUEUE, 0, -1) == [json.dumps(job).encode()]
 
@@ -182,7 +188,9 @@ def test_a_bridge_restarted_after_a_crash_takes_back_its_own_claim_at_once(
     idle_broker.rpush(bridge.processing, json.dumps(job))
 
     # When the bridge of this host starts again (same owner), well within the lease
-    restarted = Bridge(idle_broker, bridge.records.for_owner(bridge.records.owner), queue=QUEUE)
+    restarted = Bridge(
+        idle_broker, bridge.records.for_owner(bridge.records.owner), queue=QUEUE, sender=SENDER
+    )
     restarted.run(drain=True)
 
     assert sent_job_ids(idle_broker, "enhance") == [job["id"]]
@@ -192,7 +200,12 @@ def test_two_bridges_given_the_same_jobs_send_each_chain_once(idle_broker: redis
     # Given the same 40 jobs on the lists of two bridges of two hosts
     jobs = [new_job("image_fast") for _ in range(40)]
     bridges = [
-        Bridge(idle_broker, JobRecords(idle_broker, ttl_s=600, owner=f"host-{n}"), queue=queue)
+        Bridge(
+            idle_broker,
+            JobRecords(idle_broker, ttl_s=600, owner=f"host-{n}"),
+            queue=queue,
+            sender=SENDER,
+        )
         for n, queue in enumerate(("queue_a", "queue_b"))
     ]
     for b in bridges:
@@ -313,7 +326,7 @@ def test_an_item_without_a_usable_id_is_parked_with_the_reason(
 def test_the_rejected_list_keeps_only_the_newest_entries(
     idle_broker: redis.Redis, bridge: Bridge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.bridge.REJECTED_MAX", 3)
+    monkeypatch.setattr("worker.flow.bridge.REJECTED_MAX", 3)
     idle_broker.rpush(QUEUE, *(f"junk {n}" for n in range(5)))
 
     bridge.run(drain=True)
@@ -383,7 +396,7 @@ def test_valid_json_with_extreme_values_and_a_usable_id_gets_a_failed_callback_n
     item: str,
     field: str,
 ) -> None:
-    monkeypatch.setattr("worker.bridge.POLL_S", 0.05)  # drain ends without a 1 s wait
+    monkeypatch.setattr("worker.flow.bridge.POLL_S", 0.05)  # drain ends without a 1 s wait
     # Given a valid JSON job whose values Python's decoder refuses or cannot keep, and a
     # good job behind it
     good = new_job("image_fast")

@@ -19,10 +19,11 @@ import redis
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tasks.chain import SENDER
 from tests.conftest import new_job, sent_job_ids
 from tests.payloads import CONFIG_KEYS, FIELDS, extreme_jobs, json_values, usable_id
-from worker.bridge import Bridge, rejected_list
-from worker.records import JobRecords
+from worker.flow.bridge import Bridge, rejected_list
+from worker.jobs.records import JobRecords
 
 QUEUE = "fuzz_queue"
 
@@ -73,8 +74,10 @@ items = st.lists(
 
 @pytest.fixture
 def bridge(idle_broker: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Bridge:
-    monkeypatch.setattr("worker.bridge.POLL_S", 0.01)  # drain ends without a 1 s wait
-    return Bridge(idle_broker, JobRecords(idle_broker, ttl_s=600, owner="fuzz"), queue=QUEUE)
+    monkeypatch.setattr("worker.flow.bridge.POLL_S", 0.01)  # drain ends without a 1 s wait
+    return Bridge(
+        idle_broker, JobRecords(idle_broker, ttl_s=600, owner="fuzz"), queue=QUEUE, sender=SENDER
+    )
 
 
 @settings(

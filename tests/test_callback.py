@@ -15,12 +15,12 @@ import pytest
 import redis
 
 from tests.conftest import CALLBACK_BEARER, SERVICE_KEY, new_job
-from worker.callback import CallbackGate, post_callback, processing_body, sends_service_key
 from worker.errors import DeliveryFailed, DeliveryRejected, TransientError
-from worker.jobs import parse_job
+from worker.flow.callback import CallbackGate, post_callback, processing_body, sends_service_key
+from worker.jobs.model import parse_job
+from worker.jobs.records import JobRecords, get_records
 from worker.local.platform import LocalPlatform
 from worker.local.stack import RedisServer, wait_until
-from worker.records import JobRecords, get_records
 from worker.settings import Settings, get_settings
 
 

@@ -30,10 +30,10 @@ from tests.conftest import (
     settled,
 )
 from tests.test_reference_jobs import picture
+from worker.jobs.records import JobRecords
 from worker.local.image_server import ImageServer, Route
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, free_port, wait_until
-from worker.records import JobRecords
 
 QUEUE = "wan_queue_callbacks"
 #: Jobs whose progress callbacks each stay in flight this long, seconds: longer than the

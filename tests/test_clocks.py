@@ -22,11 +22,11 @@ import redis
 
 from tests.conftest import JOB_TIMEOUT_S, module_env, new_job
 from tests.test_load import TINY_CONFIG
-from worker.lanes import WaitingJobs
+from worker.flow.lanes import WaitingJobs
+from worker.flow.lost_jobs import lost_stage
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import ROOT, LocalStack, RedisServer
-from worker.lost_jobs import lost_stage
-from worker.records import JobRecords
 from worker.settings import Settings
 
 #: How far a skewed host's clock is off, as libfaketime reads it: ten minutes slow.
@@ -72,7 +72,7 @@ def on_skewed_host(redis_url: str, code: str, *, skew: str = SKEW) -> None:
     `settings` of the test's Redis at hand, and check that it really was skewed."""
     prelude = textwrap.dedent(f"""
         import time, redis
-        from worker.records import JobRecords
+        from worker.jobs.records import JobRecords
         from worker.settings import Settings
         client = redis.Redis.from_url({redis_url!r})
         records = JobRecords(client, ttl_s=600)
@@ -130,8 +130,8 @@ def test_a_job_waiting_sent_by_a_skewed_host_is_not_promoted_before_its_time(
     job = new_job("image_fast", id=f"skewed-{uuid.uuid4()}")
     on_skewed_host(clock_redis.url, f"""
         import json
-        from worker.jobs import parse_job
-        from worker.lanes import WaitingJobs
+        from worker.jobs.model import parse_job
+        from worker.flow.lanes import WaitingJobs
         WaitingJobs(client, settings).enter(parse_job(json.loads({json.dumps(job)!r})))
     """)  # fmt: skip
 

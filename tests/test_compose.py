@@ -366,6 +366,11 @@ FLEET_COMMANDS = {
 }  # fmt: skip
 #: The services of the one hub host; every other host runs the rest.
 HUB_SERVICES = {"redis", "enhance", "bridge", "api", "flower"}
+#: The Sentinel variant (profile `sentinel`): replicas of the hub's Redis and three sentinels.
+SENTINEL_SERVICES = {"redis-replica1", "redis-replica2", "sentinel1", "sentinel2", "sentinel3"}
+#: How a worker reaches Redis through the sentinels; the passwords are secrets.
+SENTINEL_SETTINGS = ("REDIS_SENTINELS", "REDIS_MASTER_NAME", "REDIS_PASSWORD",
+                     "REDIS_SENTINEL_PASSWORD")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -373,15 +378,20 @@ def fleet() -> dict[str, dict[str, Any]]:
     return _load_compose(FLEET_FILE)["services"]
 
 
+def _is_redis(service: dict[str, Any]) -> bool:
+    """A Redis node or a sentinel, not a process of ours."""
+    return str(service.get("image", "")).startswith("redis:")
+
+
 def _role(service: dict[str, Any]) -> str | None:
-    """Which process of the table a service runs (None for redis)."""
+    """Which process of the table a service runs (None for Redis and sentinels)."""
     command = _command(service)
     return next((name for name, rx in FLEET_COMMANDS.items() if rx.fullmatch(command)), None)
 
 
 def test_every_fleet_service_runs_a_process_of_the_table(fleet):
     for name, service in fleet.items():
-        assert name == "redis" or _role(service) is not None, (name, _command(service))
+        assert _is_redis(service) or _role(service) is not None, (name, _command(service))
 
 
 def test_each_generation_worker_of_a_fleet_host_pins_one_distinct_gpu(fleet):
@@ -401,7 +411,7 @@ def test_each_generation_worker_of_a_fleet_host_pins_one_distinct_gpu(fleet):
 
 def test_every_worker_of_a_fleet_host_shares_one_required_worker_host_and_one_spool(fleet):
     with_host = {name: _environment(s).get("WORKER_HOST") for name, s in fleet.items()
-                 if name not in ("redis", "flower")}  # fmt: skip
+                 if not _is_redis(s) and name != "flower"}  # fmt: skip
     assert set(with_host.values()) == {with_host["cpu"]}, with_host
     assert with_host["cpu"].startswith("${WORKER_HOST:?"), "WORKER_HOST must be required"
     spools = set()
@@ -430,4 +440,46 @@ def test_the_fleet_file_writes_no_secret(fleet):
         for secret in (*SECRET_NAMES, "REDIS_URL"):
             if env.get(secret) is not None:
                 assert re.fullmatch(rf"\$\{{{secret}:\?[^}}]*\}}", env[secret]), (name, secret)
+        for secret in ("REDIS_PASSWORD", "REDIS_SENTINEL_PASSWORD"):  # required, or empty
+            if env.get(secret) is not None:
+                reference = rf"\$\{{{secret}(:\?[^}}]*|:-)\}}"
+                assert re.fullmatch(reference, env[secret]), (name, secret)
     assert not re.search(r"eyJ[\w-]{10,}|sb_secret_", FLEET_FILE.read_text(encoding="utf-8"))
+
+
+def test_the_sentinel_variant_adds_two_replicas_and_three_sentinels_to_the_hub_redis(fleet):
+    variant = {name for name, s in fleet.items() if "sentinel" in (s.get("profiles") or [])}
+    assert variant == SENTINEL_SERVICES, variant
+    # Every data node may be promoted: an append-only file, the master of the day's
+    # password, and (when asked) no writes while no replica is in sight
+    for name in ("redis", "redis-replica1", "redis-replica2"):
+        command = _command(fleet[name])
+        assert "--appendonly yes" in command, name
+        assert "--masterauth ${REDIS_PASSWORD:?" in command, name
+        assert "--min-replicas-to-write ${REDIS_MIN_REPLICAS_TO_WRITE:-" in command, name
+    for name in ("redis-replica1", "redis-replica2"):
+        assert "--replicaof ${REDIS_MASTER_HOST:-redis} 6379" in _command(fleet[name]), name
+    # Three sentinels with a quorum of two watch the hub's Redis, each behind its password
+    ports = set()
+    for name in ("sentinel1", "sentinel2", "sentinel3"):
+        config = _command(fleet[name])
+        assert "sentinel monitor $${REDIS_MASTER_NAME} $${REDIS_MASTER_HOST} 6379 2" in config
+        assert "sentinel auth-pass $${REDIS_MASTER_NAME} $${REDIS_PASSWORD}" in config
+        assert "requirepass $${REDIS_SENTINEL_PASSWORD}" in config
+        assert "exec redis-server /data/sentinel.conf --sentinel" in config
+        env = _environment(fleet[name])
+        assert env["REDIS_MASTER_HOST"] == "${REDIS_MASTER_HOST:-redis}"
+        ports |= {str(port).split(":")[0] for port in fleet[name]["ports"]}
+    assert len(ports) == 3, ports
+
+
+def test_every_fleet_process_can_reach_redis_through_the_sentinels(fleet):
+    from worker.settings import Settings
+
+    assert all(name.lower() in Settings.model_fields for name in SENTINEL_SETTINGS)
+    for name, service in fleet.items():
+        if _role(service) is None:
+            continue
+        env = _environment(service)
+        assert all(setting in env for setting in SENTINEL_SETTINGS), name
+        assert env["REDIS_SENTINELS"] == "${REDIS_SENTINELS:-}", name

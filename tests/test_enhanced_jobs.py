@@ -17,10 +17,10 @@ import redis
 from PIL import Image
 
 from tests.conftest import JOB_TIMEOUT_S, new_job
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, wait_until
 from worker.local.tiny_qwen import ENHANCED_TEXT, make_tiny_qwen
-from worker.records import JobRecords
 
 QUEUE = "wan_queue_enhanced"
 

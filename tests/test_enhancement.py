@@ -18,7 +18,7 @@ from enhancement.cache import EnhancementCache
 from enhancement.model import QwenModel, Sampling
 from enhancement.output import RejectedOutput, clean_continuation
 from enhancement.prompts import ANSWER_LABEL, completion_prompt
-from worker.jobs import PROMPT_MAX_CHARS
+from worker.jobs.model import PROMPT_MAX_CHARS
 from worker.local.stack import RedisServer, wait_until
 from worker.local.tiny_qwen import ENHANCED_TEXT, make_tiny_qwen
 from worker.model_files import model_revision

@@ -17,15 +17,19 @@ import pytest
 import redis
 
 from tests.conftest import JOB_TIMEOUT_S, module_env, new_job
+from tests.test_job_control import cli
+from worker.jobs.model import parse_job
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.records import JobRecords
 
 QUEUE = "fault_queue"
 #: Long enough for two refused attempts (backoff 2 s, full jitter: at most 2 + 4 s).
 WINDOW_S = 10
 #: More refusals than any job here makes within the window: "the platform stays down".
 FOREVER = 10_000
+#: How long another live run still holds a final callback that a delivery finds busy.
+BUSY_S = 4
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +96,70 @@ def test_a_final_callback_refused_past_the_window_leaves_the_job_marked_undelive
     assert f"callback completed for job {job['id']}: HTTP 503" in error
     assert "will retry" not in error
     assert "error" not in record.fields and "final_callback" not in record.fields
+
+
+def failed_job(records: JobRecords, **fields: str) -> str:
+    """A job that failed in generation, its record as the stages leave it, plus `fields`."""
+    job = parse_job(new_job("image_fast"))
+    records.create(job, payload=job.model_dump_json())
+    failed = {"status": "failed", "error": "the GPU caught fire", "error_stage": "generate",
+              "error_type": "RuntimeError"}  # fmt: skip
+    records.write(job.id, **(failed | fields))
+    return job.id
+
+
+def test_a_retried_undelivered_callback_has_a_window_of_its_own_and_rides_out_an_error(
+    fault_stack: LocalStack, platform_down: LocalPlatform, records: JobRecords, env: dict[str, str]
+) -> None:
+    # Given a failed job whose `failed` callback was given up, its first attempt two
+    # DELIVERY_RETRY_WINDOW_S ago
+    long_ago = f"{records.now() - 2 * WINDOW_S:.6f}"
+    job_id = failed_job(records, status="delivery_failed", delivery_error="HTTP 503",
+                        delivery_error_stage="callback", delivery_error_type="DeliveryFailed",
+                        **{"first_started:callback": long_ago, "started:callback": long_ago,
+                           "attempts:callback": "3", "deliveries:callback": "1"})  # fmt: skip
+
+    # When an operator retries it, and the platform answers its first attempt with a 503
+    platform_down.fail_next_callbacks(1)
+    retried = cli(env, "retry", job_id)
+    assert retried.returncode == 0, retried.stderr
+
+    # Then the callback is tried again within a window of its own, and delivered once
+    def settled() -> bool:  # delivered, or given up again
+        return bool(platform_down.callbacks_for(job_id)) or (
+            "delivery_error" in records.get(job_id).fields
+        )
+
+    wait_until(settled, timeout_s=JOB_TIMEOUT_S, what="the retried callback delivered")
+    assert [c.body["status"] for c in platform_down.callbacks_for(job_id)] == ["failed"]
+    assert platform_down.rejected_callbacks_for(job_id) == ["failed"]
+
+
+def test_a_callback_finding_a_live_run_after_its_window_waits_for_it_instead_of_looping(
+    fault_stack: LocalStack, platform: LocalPlatform, records: JobRecords, env: dict[str, str]
+) -> None:
+    from tasks import app
+    from tasks.media import callback
+
+    # Given a failed job whose final callback another live run holds for BUSY_S more, its
+    # delivery window long run out
+    now = records.now()
+    held = {"lease:callback": "another-host:1", "lease_pidns:callback": "another",
+            "lease_until:callback": f"{now + BUSY_S:.6f}",
+            "first_started:callback": f"{now - 2 * WINDOW_S:.6f}"}  # fmt: skip
+    job_id = failed_job(records, **held)
+
+    # When a delivery of the same callback reaches the media worker
+    with app.connection_for_write(env["REDIS_URL"]) as connection:
+        callback.apply_async((job_id, "failed"), task_id=f"{job_id}:callback:failed",
+                             connection=connection)  # fmt: skip
+
+    # Then it waits once for the lease to end, and is delivered once
+    assert platform.wait_for_final(job_id, timeout_s=JOB_TIMEOUT_S).body["status"] == "failed"
+    waits = [line for line in fault_stack.log("cpu").splitlines()
+             if f"job={job_id} stage callback is running elsewhere" in line]  # fmt: skip
+    assert len(waits) == 1
+    assert [c.body["status"] for c in platform.callbacks_for(job_id)] == ["failed"]
 
 
 def test_an_upload_refused_past_the_window_fails_the_job_and_frees_its_spool(

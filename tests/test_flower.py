@@ -17,19 +17,13 @@ import pytest
 import redis
 from celery import states
 
-from tests.conftest import JOB_TIMEOUT_S, new_job, push
+from tests.conftest import ARTIFACTS, CHROMIUM_ARGS, JOB_TIMEOUT_S, new_job, push
 from worker.local.platform import LocalPlatform
-from worker.local.stack import ROOT, LocalStack, free_port, wait_until
+from worker.local.stack import LocalStack, free_port, wait_until
 
 STAGES = ("wan.enhance", "wan.generate", "wan.encode", "wan.thumbnail", "wan.upload")
 #: A runtime as Flower's tasks page shows it ("16.46 ms", "2.31 s", "1m 05s"); empty: none.
 DURATION = re.compile(r"\d+\.\d\d m?s|(\d+h )?\d+m \d\ds")
-#: Where the browser's screenshot is kept after the run (ignored by git).
-ARTIFACTS = ROOT / ".artifacts"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from worker.errors import ModelNotConfigured
-from worker.jobs import parse_job
+from worker.jobs.model import parse_job
 from worker.settings import Settings
 
 SIZE = 256

@@ -27,12 +27,12 @@ from worker import faults
 from worker.errors import OutOfGpuMemory
 from worker.generation.fallback import generate_within_memory
 from worker.generation.modes import Generated
-from worker.jobs import BUCKET, Job, PresetName, parse_job
+from worker.jobs.model import BUCKET, Job, PresetName, parse_job
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer
 from worker.observe.metrics import QUALITY_DEGRADATIONS, Metrics
 from worker.observe.progress import channel
-from worker.records import JobRecords
 from worker.settings import Settings
 
 QUEUE = "genfault_queue"

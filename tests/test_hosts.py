@@ -21,9 +21,9 @@ import redis
 from pydantic import ValidationError
 
 from tests.conftest import JOB_TIMEOUT_S, PLATFORM_QUEUE, host_stacks, new_job, push
+from worker.jobs.records import FINAL_STATUSES, JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import ROOT, LocalStack, wait_until
-from worker.records import FINAL_STATUSES, JobRecords
 from worker.settings import Settings
 
 HOSTS = ("host-a", "host-b")

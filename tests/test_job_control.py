@@ -22,13 +22,13 @@ import redis
 
 from tests.conftest import JOB_TIMEOUT_S, api_url, auth, new_job, pauses
 from tests.test_metrics import scrape
-from worker import dead_letters
-from worker.dead_letters import DeadLetters
 from worker.errors import JobCancelled
-from worker.jobs import parse_job
+from worker.jobs import dead_letters
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.model import parse_job
+from worker.jobs.records import STAGES, JobRecord, JobRecords
 from worker.local.platform import LocalPlatform
 from worker.local.stack import ROOT, LocalStack, free_port, wait_until
-from worker.records import STAGES, JobRecord, JobRecords
 from worker.settings import Settings
 
 #: Denoising steps of a job meant to be cancelled, each paused for PACE_S (`LONG`), so it

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 
 from tests.payloads import FRONTEND_FIELDS, extreme_jobs, json_object
 from worker.errors import InvalidJob
-from worker.jobs import (
+from worker.jobs.model import (
     SEED_MAX,
     Job,
     decode_body,

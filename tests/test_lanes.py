@@ -28,11 +28,11 @@ from tests.conftest import (
     sent_job_ids,
 )
 from tests.test_load import TINY_CONFIG
-from worker.jobs import Job, parse_job
-from worker.lanes import WaitingJobs, promote_overdue, queue_depth
+from worker.flow.lanes import WaitingJobs, promote_overdue, queue_depth
+from worker.jobs.model import Job, parse_job
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port, wait_until
-from worker.records import JobRecords
 from worker.settings import Settings
 
 QUEUE = "lanes_queue"

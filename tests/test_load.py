@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import JOB_TIMEOUT_S, module_env, new_job, settled
 from tests.payloads import CONFIG_KEYS, FIELDS, json_values, usable_id
-from worker.bridge import rejected_list
+from worker.flow.bridge import rejected_list
+from worker.jobs.records import FINAL_STATUSES, JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.records import FINAL_STATUSES, JobRecords
 
 QUEUE = "load_queue"
 BURST = 200

@@ -4,12 +4,14 @@ First the lost-job sweep's decision and its atomic resend, against a real Redis.
 simulated hosts on a private redis-server, each with a generation and a media worker (the
 bridge on host B), LOST_JOB_TIMEOUT_S shortened to seconds and Redis's visibility timeout
 left at an hour, so only the sweep can rescue a job within a test. Jobs are the cheapest
-there are (one 256x256 image, one step); WAN_TEST_FAULT makes generations slow, stuck or
-(host A only) hang.
+there are (one 256x256 image, one step); WAN_TEST_FAULT makes generations slow, stuck,
+out of memory or (host A only) hang, refuses a failed callback's publish, and makes a media
+worker hold a final callback a moment before posting it.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,10 +21,10 @@ import pytest
 import redis
 
 from tests.conftest import JOB_TIMEOUT_S, host_stacks, new_job
+from worker.flow.lost_jobs import LostJob, lost_stage
+from worker.jobs.records import FINAL_STATUSES, JobRecord, JobRecords, stage_task_id
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.lost_jobs import LostJob, lost_stage
-from worker.records import FINAL_STATUSES, JobRecord, JobRecords, stage_task_id
 from worker.settings import get_settings
 
 QUEUE = "lost_host_queue"
@@ -39,6 +41,17 @@ GENERATE_SOFT_LIMIT_S = 18
 HARD_LIMIT_GRACE_S = 2
 #: Host A's generation hangs at its step on jobs with this id prefix, until it is killed.
 HELD = "held-on-a-"
+#: A media worker holds the final callback of these jobs for FINAL_HELD_S before posting it:
+#: long enough to be killed in the middle of it.
+FINAL_HELD = "final-held-"
+FINAL_HELD_S = 5
+#: The generation of these jobs pauses at its step for CUT_OFF_PAUSE_S: long enough to be
+#: cut off (SIGSTOP) in the middle of it.
+CUT_OFF = "cut-off-"
+CUT_OFF_PAUSE_S = 6
+#: These jobs' generation runs out of memory (they fail), and the broker refuses their
+#: failed callback's first publish.
+REFUSED = "refused-"
 TINY_CONFIG = {"resolution": "256x256", "num_inference_steps": 1, "guidance_scale": 1.0}
 
 
@@ -193,11 +206,16 @@ def test_a_resend_past_max_deliveries_fails_the_job_instead(records: JobRecords)
 
 
 def test_task_ids_name_their_run(records: JobRecords) -> None:
-    from worker.records import run_of_task
+    from worker.jobs.records import final_callback_task_id, run_of_task
 
     for run in (0, 1, 12):
         assert run_of_task(stage_task_id("a:b", "encode", run), "a:b", "encode") == run
-    assert run_of_task("a:b:callback:failed", "a:b", "callback") is None
+        assert run_of_task(stage_task_id("a:b", "callback", run), "a:b", "callback") == run
+        for status in FINAL_STATUSES:  # a final callback belongs to the run it reports
+            task_id = final_callback_task_id("a:b", status, run)
+            assert run_of_task(task_id, "a:b", "callback") == run
+    assert final_callback_task_id("a:b", "failed") == "a:b:callback:failed"
+    assert run_of_task("a:b:callback:by-hand", "a:b", "callback") is None
 
 
 # --- Two hosts with real workers ---
@@ -215,7 +233,9 @@ def envs(
         "BROKER_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
         "GENERATE_SOFT_LIMIT_S": str(GENERATE_SOFT_LIMIT_S),
         "HARD_LIMIT_GRACE_S": str(HARD_LIMIT_GRACE_S),
-        "WAN_TEST_FAULT": f"long-:pause{PAUSE_S}@step1;stuck-:stuck@step1",
+        "WAN_TEST_FAULT": f"long-:pause{PAUSE_S}@step1;stuck-:stuck@step1;"
+        f"{REFUSED}:oom@step1;{REFUSED}:refuse@callback_publish;"
+        f"{FINAL_HELD}:pause{FINAL_HELD_S}@callback_post;{CUT_OFF}:pause{CUT_OFF_PAUSE_S}@step1",
         # The model loads before a worker reports up, not inside the first job's generate:
         # on a loaded machine a load could push the paused job past its soft limit.
         "WARMUP": "1",
@@ -299,6 +319,118 @@ def test_a_stage_killed_at_its_hard_time_limit_fails_the_job_naming_stage_and_li
     assert final_statuses(platform, job["id"]) == ["failed"]
     assert records.get(job["id"]).fields["deliveries:generate"] == "1"
     assert lost_lines(hosts, job["id"]) == []
+
+
+def test_a_failed_callback_the_broker_refused_is_delivered_by_the_sweep_once(
+    hosts: dict[str, LocalStack], client: redis.Redis, platform: LocalPlatform
+) -> None:
+    # Given a job that fails (out of memory), and a broker that refuses to take its failed
+    # callback from the generation worker
+    job = tiny_job(REFUSED)
+
+    # When it runs
+    client.rpush(QUEUE, queue_body(job))
+
+    # Then the record kept the callback due, and a sweep sent it: the platform hears once
+    final = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S + LOST_JOB_TIMEOUT_S)
+    assert final.body["metadata"]["error_type"] == "OutOfGpuMemory"
+    assert final_statuses(platform, job["id"]) == ["failed"]
+    refused = f"job={job['id']} failed callback not handed to the broker: OperationalError"
+    assert logs(hosts, "gpu+enhance").count(refused) == 1
+    (line,) = [line for line in logs(hosts, "cpu").splitlines()
+               if f"job={job['id']} final callback failed never handed" in line]  # fmt: skip
+    assert f"LOST_JOB_TIMEOUT_S={LOST_JOB_TIMEOUT_S}" in line
+
+
+def test_a_final_callback_whose_media_worker_died_whole_goes_out_within_the_timeout_once(
+    hosts: dict[str, LocalStack],
+    client: redis.Redis,
+    records: JobRecords,
+    platform: LocalPlatform,
+) -> None:
+    # Given a job the bridge refuses, whose failed callback a media worker holds, not yet
+    # posted
+    job = new_job("video_fast", id=f"{FINAL_HELD}{uuid.uuid4()}") | {"config": {"frame_num": 500}}
+    client.rpush(QUEUE, queue_body(job))
+    wait_until(
+        lambda: records.get(job["id"]).host("callback") is not None,
+        timeout_s=JOB_TIMEOUT_S,
+        what=f"a media worker holding the failed callback of {job['id']}",
+    )
+    held_on = records.get(job["id"]).host("callback")
+    other = next(host for host in HOSTS if host != held_on)
+
+    # When that media worker is killed whole (its pool child too) before it posts
+    killed_at = records.now()
+    hosts[held_on].kill("cpu")
+
+    # Then the other host's media worker sends the callback again about the timeout after
+    # the kill (a sweep interval or a few on a loaded machine), not Redis's visibility
+    # timeout (an hour here), and the platform hears it once
+    final = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
+    assert final.body["status"] == "failed" and "frame_num" in final.body["error_message"]
+    assert final_statuses(platform, job["id"]) == ["failed"]
+    record = records.get(job["id"])
+    resent_after_s = float(record.fields["lost:callback"]) - killed_at
+    assert LOST_JOB_TIMEOUT_S - STAGE_LEASE_S < resent_after_s < LOST_JOB_TIMEOUT_S + 10
+    assert (record.host("callback"), record.fields["deliveries:callback"]) == (other, "2")
+    (line,) = [line for line in logs(hosts, "cpu").splitlines()
+               if f"job={job['id']} final callback failed lost" in line]  # fmt: skip
+    assert f"on host {held_on}" in line and f"LOST_JOB_TIMEOUT_S={LOST_JOB_TIMEOUT_S}" in line
+    hosts[held_on].restart("cpu")  # for the tests after this one
+
+
+def test_a_run_cut_off_past_the_timeout_and_back_writes_nothing_and_the_job_completes_once(
+    hosts: dict[str, LocalStack],
+    client: redis.Redis,
+    records: JobRecords,
+    platform: LocalPlatform,
+) -> None:
+    # Given a job in the middle of its generation
+    job = tiny_job(CUT_OFF)
+    client.rpush(QUEUE, queue_body(job))
+    wait_until(
+        lambda: (records.get(job["id"]).value("progress") or {}).get("step") == 1,
+        timeout_s=JOB_TIMEOUT_S,
+        what=f"the generation of {job['id']} at its step",
+    )
+    cut_off = records.get(job["id"]).host("generate")
+    other = next(host for host in HOSTS if host != cut_off)
+
+    # When that generation worker is cut off (stopped: it renews no lease and writes
+    # nothing) past LOST_JOB_TIMEOUT_S
+    hosts[cut_off].kill("gpu+enhance", signal.SIGSTOP)
+    try:
+        # Then the job is sent again as run 1 and completes on the other host
+        final = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S)
+        assert final.body["status"] == "completed"
+
+        def done() -> bool:  # the last write of the job: the callback stage's end
+            progress = records.get(job["id"]).value("progress") or {}
+            return (progress.get("event"), progress.get("stage")) == ("stage_finished", "callback")
+
+        wait_until(done, timeout_s=JOB_TIMEOUT_S, what="the callback stage's end")
+        completed = records.get(job["id"]).fields
+    finally:
+        # When the cut-off worker comes back, its old run going on from where it stopped
+        hosts[cut_off].kill("gpu+enhance", signal.SIGCONT)
+
+    # Then the old run stops (at its next write, or at its time limit when it was stopped
+    # for longer) having written nothing into the new run's record and sent no callback
+    stopped = f"job {job['id']} stage generate (run 0) no longer owns the job"
+
+    def old_run_done() -> bool:  # it stopped, or (had it gone on) wrote or reported
+        wrote = records.get(job["id"]).fields != completed
+        reported = len(final_statuses(platform, job["id"])) > 1
+        return stopped in hosts[cut_off].log("gpu+enhance") or wrote or reported
+
+    wait_until(old_run_done, timeout_s=JOB_TIMEOUT_S, what="the old run stopped")
+    assert records.get(job["id"]).fields == completed
+    assert final_statuses(platform, job["id"]) == ["completed"]
+    # And the job completed once, as run 1, on the other host
+    assert completed["retries"] == "1" and "error" not in completed
+    hosts_run = [records.get(job["id"]).host(s) for s in ("generate", "encode", "upload")]
+    assert hosts_run == [other] * 3
 
 
 def test_a_lost_hosts_job_completes_on_another_host_within_the_timeout(

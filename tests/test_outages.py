@@ -27,9 +27,9 @@ from kombu.transport import redis as kombu_redis
 
 from tasks.kombu_fix import close_channels_past_a_lost_brpop
 from tests.conftest import JOB_TIMEOUT_S, api_url, module_env, new_job, settled
+from worker.jobs.records import JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import FULL_STACK, LocalStack, RedisServer, free_port, wait_until
-from worker.records import JobRecords
 
 QUEUE = "outage_queue"
 #: Seconds before Redis hands out again the message of a worker killed whole; well above
@@ -38,7 +38,7 @@ VISIBILITY_TIMEOUT_S = 20
 #: The Celery workers of the module's stack.
 WORKERS = ("gpu", "enhance", "cpu")
 #: How long Redis stays away in the restart tests: well within what a record write or a
-#: send waits for it (worker/records.py REDIS_OUTAGE_RETRY, celeryconfig's publish retry).
+#: send waits for it (worker/jobs/records.py REDIS_OUTAGE_RETRY, celeryconfig's publish retry).
 OUTAGE_S = 3
 #: The generation of a job with this id prefix pauses at its first step for PAUSE_S.
 PAUSED = "paused-"

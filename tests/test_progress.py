@@ -21,9 +21,9 @@ from tests.conftest import (
     pauses,
     push,
 )
+from worker.jobs.records import FINAL_STATUSES, JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, wait_until
-from worker.records import FINAL_STATUSES, JobRecords
 
 STAGES = ("enhance", "generate", "encode", "thumbnail", "upload")
 

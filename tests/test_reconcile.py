@@ -20,16 +20,16 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.chain import build_chain
+from tasks.chain import SENDER, build_chain
 from tests.conftest import JOB_TIMEOUT_S, celery_broker, module_env, new_job, sent_job_ids
-from worker.dead_letters import DeadLetters
-from worker.dispatch import submit
-from worker.jobs import Job, parse_job
-from worker.lanes import priority_lists
+from worker.flow.dispatch import submit
+from worker.flow.lanes import priority_lists
+from worker.flow.reconcile import UNACKED_KEY, QueuedJobReconciler, waiting_stage
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.model import Job, parse_job
+from worker.jobs.records import ACTIVE_KEY, FINAL_STATUSES, STAGES, JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.reconcile import UNACKED_KEY, QueuedJobReconciler, waiting_stage
-from worker.records import ACTIVE_KEY, FINAL_STATUSES, STAGES, JobRecords
 
 QUEUE = "reconcile_queue"
 #: The unit tests' timeout (production's default), and the stack's.
@@ -72,7 +72,7 @@ def records(broker: redis.Redis) -> JobRecords:
 
 def reconciler(records: JobRecords, *, max_deliveries: int = 3) -> QueuedJobReconciler:
     """A sweeper for whom two passes in a row are far enough apart to confirm a miss."""
-    return QueuedJobReconciler(records, timeout_s=TIMEOUT_S, lease_s=60,
+    return QueuedJobReconciler(records, sender=SENDER, timeout_s=TIMEOUT_S, lease_s=60,
                                max_deliveries=max_deliveries, confirm_s=0)  # fmt: skip
 
 
@@ -81,7 +81,7 @@ def sent(records: JobRecords) -> Job:
     body = tiny_job()
     job = parse_job(body)
     assert records.claim(job.id) == "claimed"
-    submit(records, job, payload=json.dumps(body))
+    submit(records, job, payload=json.dumps(body), sender=SENDER)
     return job
 
 

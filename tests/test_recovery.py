@@ -24,10 +24,10 @@ import redis
 
 from tests.conftest import JOB_TIMEOUT_S, module_env, new_job, point_celery_at
 from tests.test_job_control import cli
-from worker.lanes import queue_depth
+from worker.flow.lanes import queue_depth
+from worker.jobs.records import JobRecord, JobRecords
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import ROOT, LocalStack, RedisServer, wait_until
-from worker.records import JobRecord, JobRecords
 
 QUEUE = "recovery_queue"
 VISIBILITY_TIMEOUT_S = 15
@@ -72,7 +72,7 @@ def other_process_starts(
     killed) or exits at once without releasing it (as a killed worker would)."""
     url = records.redis.get_connection_kwargs()
     code = (
-        "import sys, time, redis; from worker.records import JobRecords; "
+        "import sys, time, redis; from worker.jobs.records import JobRecords; "
         f"r = JobRecords(redis.Redis(port={url['port']}, db={url['db']}), ttl_s=600); "
         f"print(r.begin_stage({job_id!r}, 'generate', lease_s={lease_s}, max_deliveries=3)"
         f".outcome, flush=True); time.sleep({stay_s})"

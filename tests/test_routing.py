@@ -11,8 +11,8 @@ import redis
 
 from tests.conftest import sent_job_ids
 from worker.errors import FramesMissing
+from worker.jobs.records import JobRecords, get_records
 from worker.local.stack import RedisServer
-from worker.records import JobRecords, get_records
 from worker.settings import get_settings
 
 QUEUE_OF_STAGE = {
@@ -103,3 +103,14 @@ def test_the_chain_has_the_six_stages_in_order_with_ids_from_the_job() -> None:
 
     assert [t.task for t in tasks] == [f"wan.{stage}" for stage in QUEUE_OF_STAGE]
     assert [t.options["task_id"] for t in tasks] == [f"job-1:{stage}" for stage in QUEUE_OF_STAGE]
+
+
+def test_each_stage_is_sent_by_the_name_of_its_own_task() -> None:
+    from tasks import app
+    from tasks.chain import STAGE_TASK_NAMES
+
+    # The chain and the final callbacks are sent by task name (tasks/chain.py): each name
+    # must be a registered task, and the task of the stage it is sent for
+    assert {stage: app.tasks[name].stage for stage, name in STAGE_TASK_NAMES.items()} == {
+        stage: stage for stage in STAGE_TASK_NAMES
+    }

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.jobs import Job, parse_job
+from worker.jobs.model import Job, parse_job
 from worker.settings import Settings
 
 SIZE = "256x256"

@@ -20,9 +20,10 @@ def _config(_: argparse.Namespace) -> None:
 
 
 def _bridge(_: argparse.Namespace) -> None:
-    from worker.bridge import main
+    from tasks.chain import SENDER
+    from worker.flow.bridge import main
 
-    main()
+    main(SENDER)
 
 
 def _api(_: argparse.Namespace) -> None:

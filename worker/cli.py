@@ -17,10 +17,11 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from worker.dead_letters import DeadLetters
-from worker.job_control import Answer, cancel, retry
-from worker.job_views import STATUSES, JobSummary, dead_jobs, job_view, list_jobs
-from worker.records import get_records
+from worker.flow.job_control import Answer, cancel, retry
+from worker.flow.sender import Sender
+from worker.jobs.dead_letters import DeadLetters
+from worker.jobs.records import get_records
+from worker.jobs.views import STATUSES, JobSummary, dead_jobs, job_view, list_jobs
 
 #: A duration as people write it: 90, 90s, 30m, 12h, 7d.
 DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
@@ -120,7 +121,8 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
 @click.pass_context
 def retry_(ctx: click.Context, job_id: str, from_start: bool, force: bool, as_json: bool) -> None:
     """Send a failed or cancelled job again from the stage it stopped at."""
-    _finish(ctx, retry(get_records(), job_id, from_start=from_start, force=force), as_json)
+    answer = retry(get_records(), job_id, sender=_sender(), from_start=from_start, force=force)
+    _finish(ctx, answer, as_json)
 
 
 @jobs.command("cancel")
@@ -129,7 +131,16 @@ def retry_(ctx: click.Context, job_id: str, from_start: bool, force: bool, as_js
 @click.pass_context
 def cancel_(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Cancel a job: a queued one at once, a running one at its next step or stage."""
-    _finish(ctx, cancel(get_records(), job_id), as_json)
+    _finish(ctx, cancel(get_records(), job_id, sender=_sender()), as_json)
+
+
+def _sender() -> Sender:
+    """What sends the job again, or its callback: the app's, by task name. Imported here, not
+    at the top: celery imports this module for each of its commands, before `-A` loads the
+    app."""
+    from tasks.chain import SENDER
+
+    return SENDER
 
 
 @jobs.command()

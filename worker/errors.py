@@ -39,6 +39,12 @@ class JobCancelled(JobError):
     """The job was cancelled: it stops where it is and reports `cancelled`; never retried."""
 
 
+class RunSuperseded(JobError):
+    """This run of a stage no longer owns its job (the job was sent again as a new run, or
+    the stage's lease was taken over while this host was cut off): it stops, writing and
+    reporting nothing (worker/jobs/fencing.py)."""
+
+
 class StageTimedOut(JobError):
     """A stage ran past its soft time limit: the job fails naming the stage, limit and setting."""
 

@@ -12,12 +12,17 @@ Actions:
 - `hang`: sleep until a time limit or a signal ends it (a stuck kernel, a dead NFS mount);
 - `stuck`: sleep through the soft time limit too, until the hard one kills the process (a
   CUDA kernel that no signal interrupts);
-- `pause<seconds>`: sleep that long, then go on (a slow but healthy stage).
+- `pause<seconds>`: sleep that long, then go on (a slow but healthy stage);
+- `refuse`: raise kombu's OperationalError (what a publish raises when the broker stays
+  away past its retries).
 
 Points: `step<k>` (the end of denoising step k, counted from 1, in every window of a long
 video), `window<n>_step<k>` (the same, in window n only), `bridge_taken` (the bridge
 holds an item it has not dispatched yet), `bridge_sent` (its chain is sent, not yet marked),
-`progress_callback` (a progress callback is in flight, not yet posted: a slow network).
+`callback_publish` (a final status is written with its callback due, which is about to be
+handed to the broker; not the lost-job sweep's resend), `callback_post` (a final callback's
+worker holds its lease and has not posted it yet), `progress_callback` (a progress callback
+is in flight, not yet posted: a slow network).
 
 Unset, nothing here does anything; a malformed rule is refused when the process starts, so
 a typo never passes for a fault that did not fire. Production never sets it.
@@ -34,9 +39,9 @@ from functools import lru_cache
 from typing import Literal
 
 ENV = "WAN_TEST_FAULT"
-Action = Literal["crash", "oom", "hang", "stuck", "pause"]
+Action = Literal["crash", "oom", "hang", "stuck", "pause", "refuse"]
 #: The actions written as they are; `pause` carries its seconds: `pause12`.
-PLAIN_ACTIONS: tuple[Action, ...] = ("crash", "oom", "hang", "stuck")
+PLAIN_ACTIONS: tuple[Action, ...] = ("crash", "oom", "hang", "stuck", "refuse")
 PAUSE = re.compile(r"pause(\d+(?:\.\d+)?)")
 
 
@@ -108,6 +113,10 @@ def _act(rule: Rule, job_id: str) -> None:
     if rule.action == "pause":
         time.sleep(rule.pause_s)
         return
+    if rule.action == "refuse":
+        from kombu.exceptions import OperationalError  # only publishing points raise this
+
+        raise OperationalError(what)
     while True:  # hang: a Celery time limit (or a signal) is the only way out
         try:
             time.sleep(1)

@@ -12,19 +12,31 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, PositiveFloat, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Field names whose values are secrets: shown as set/unset, never printed.
 SECRET_FIELDS = (
     "supabase_service_key", "job_callback_secret", "callback_bearer", "wan_worker_api_key",
+    "redis_password", "redis_sentinel_password", "ui_basic_auth",
 )  # fmt: skip
 #: Field names holding URLs that may carry credentials (`redis://:password@host`).
 URL_FIELDS = ("redis_url", "platform_redis_url", "supabase_url", "callback_url", "public_url")
 
 
 def mask_url_credentials(url: str) -> str:
-    """The URL with any user name and password replaced by `***`, for printing."""
+    """The URL with any user name and password replaced by `***`, for printing; each URL of
+    a `;` list (`sentinel://...;sentinel://...`) on its own."""
+    if ";" in url:
+        return ";".join(mask_url_credentials(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
@@ -60,6 +72,20 @@ class Settings(BaseSettings):
     worker_host: str = Field(default_factory=socket.gethostname)
     platform_redis_url: str | None = None
     platform_queue: str = "wan_queue"
+    #: Redis Sentinel (worker/connections.py): the sentinels' `host:port`, comma list. Set,
+    #: every client of REDIS_URL's Redis asks them for the master of REDIS_MASTER_NAME and
+    #: uses REDIS_URL's database; REDIS_URL's host and port are not used. (Or: REDIS_URL as
+    #: `sentinel://host:port;sentinel://host:port/0` URLs.)
+    redis_sentinels: str = ""
+    redis_master_name: str = "mymaster"
+    #: The password of REDIS_URL's data nodes (AUTH), in place of one inside REDIS_URL.
+    redis_password: SecretStr | None = None
+    #: The sentinels' own password (their `requirepass`), for every Sentinel set.
+    redis_sentinel_password: SecretStr | None = None
+    #: With Sentinel, how long the writes the platform relies on (a job taken off its list,
+    #: a stage completed, a final status) wait for one replica to have them, milliseconds
+    #: (`WAIT 1`); 0: never wait.
+    redis_wait_replica_ms: int = Field(default=500, ge=0)
 
     wan_model_path: Path | None = None
     wan_vace_model_path: Path | None = None
@@ -95,6 +121,15 @@ class Settings(BaseSettings):
     #: The longest one `GET /jobs/{id}/events` stream lasts, seconds; the client's EventSource
     #: then reconnects and starts again from a snapshot.
     event_stream_max_s: PositiveFloat = 3600
+    #: How long a watch token (the job page's `?token=`) is good for, seconds.
+    ui_token_ttl_s: PositiveInt = 7200
+    #: `user:password` of the fleet page (`GET /ui/`; without a `:`, the password of any user
+    #: name); unset: any user name with WAN_WORKER_API_KEY as the password.
+    ui_basic_auth: SecretStr | None = None
+    #: Origins (comma list, e.g. `https://app.example.com`) whose pages may read a job's event
+    #: stream, preview and result with its watch token from their own script (CORS, GET
+    #: only, no cookies); empty: none (embedding the job page needs none).
+    ui_allowed_origins: str = ""
     runpod_pod_id: str | None = None
     #: Hosts (or addresses) whose references may be private, e.g. an internal CDN: comma list.
     reference_allowed_hosts: str = ""
@@ -140,6 +175,12 @@ class Settings(BaseSettings):
     #: video starves behind a stream of images). Checked every tenth of it (1-30 s).
     promote_after_s: PositiveFloat = 600
 
+    #: Image jobs (text only, one frame) a generation worker runs in one pipeline call: it
+    #: takes compatible waiting ones beside the one it starts. Unset: 4 on CUDA, 1 on a CPU.
+    image_batch_max: PositiveInt | None = None
+    #: How long a batch that is not full waits for more compatible images, milliseconds.
+    image_batch_wait_ms: NonNegativeFloat = 0
+
     def promote_sweep_interval_s(self) -> float:
         """How often each generation worker looks for jobs to promote, seconds."""
         return max(1.0, min(30.0, self.promote_after_s / 10))
@@ -148,6 +189,11 @@ class Settings(BaseSettings):
     progress_callbacks: bool = False
     #: ... at most one per 10 % of the job and per this many seconds.
     progress_callback_every_s: float = 5.0
+    #: A live preview of the forming image every this many seconds of denoising, and at
+    #: the last step; 0: none.
+    preview_every_s: NonNegativeFloat = 1.0
+    #: The preview's longest edge, pixels.
+    preview_max_px: int = Field(default=256, ge=16, le=1024)
 
     #: `json` (one object per line, with job_id) or `text`; unset: text on a terminal only.
     log_format: Literal["json", "text"] | None = None

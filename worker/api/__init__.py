@@ -1,8 +1,7 @@
-"""The worker's HTTP API (CONTRACT.md section 6): `python -m worker api`, FastAPI on uvicorn.
+"""The HTTP API (CONTRACT.md section 6), `python -m worker api`: one module per concern.
 
-Nothing heavy lives here: enhancement goes through the `enhance` queue, jobs through the
-same submit path as the bridge. One module per concern: auth, health, enhance, jobs,
-debug, registration; `app` puts them together.
+An entry point: may import any room and the Celery app and sender (tasks.app, tasks.chain),
+never a stage task or a model library (enhancement goes through the `enhance` queue).
 """
 
 from worker.api.app import create_app, main

@@ -9,7 +9,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from worker.api import debug, enhance, events, health, jobs, metrics
+from worker.api import (
+    debug,
+    enhance,
+    events,
+    fleet_page,
+    health,
+    job_page,
+    jobs,
+    metrics,
+    previews,
+    results,
+    ui,
+)
 from worker.api.registration import register
 from worker.settings import Settings, get_settings
 
@@ -58,8 +70,12 @@ def create_app() -> FastAPI:
         version="0.1.0",
         lifespan=_lifespan,
     )
-    for module in (health, metrics, enhance, jobs, events, debug):
+    routers = (health, metrics, enhance, jobs, events, previews, results, job_page, fleet_page,
+               debug)  # fmt: skip
+    for module in routers:
         app.include_router(module.router)
+    ui.mount_static(app)
+    ui.allow_origins(app, get_settings())
     return app
 
 

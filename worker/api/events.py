@@ -3,8 +3,8 @@
 The stream subscribes first, then sends the job's current state (`snapshot`), so a late
 subscriber misses nothing that matters (a job not seen yet, still on the platform's list,
 has status null and its events follow as it starts); then every `stage_started`, `step`
-(with `percent` and `eta_seconds`) and `stage_finished` event, and ends with `final` (the
-job's status).
+(with `percent` and `eta_seconds`), `preview` and `stage_finished` event, and ends with
+`final` (the job's status). It takes the API key or the job's watch token (`?token=`).
 Comment pings every HEARTBEAT_S keep proxies from closing an idle stream.
 
 Every stream ends: with the published `final` event, with a final status found in the
@@ -30,17 +30,18 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
-from worker.api.auth import Authorized
-from worker.api.jobs import JobId
+from worker import connections
+from worker.api.paths import JobId
+from worker.api.watch import REFUSED, Watching
 from worker.errors import InvalidJob
-from worker.jobs import decode_body, job_id_of
+from worker.jobs.model import decode_body, job_id_of
+from worker.jobs.records import FINAL_STATUSES, KEY_PREFIX
 from worker.observe.progress import channel
-from worker.records import FINAL_STATUSES, KEY_PREFIX
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(dependencies=[Authorized], tags=["jobs"])
+router = APIRouter(tags=["jobs"])
 
 #: Seconds between keep-alive comments on an idle stream.
 HEARTBEAT_S = 15
@@ -146,10 +147,9 @@ class EventHub:
 
 def make_hub(settings: Settings) -> EventHub:
     """The hub of this process's event streams, on the job records' Redis."""
-    client = aioredis.Redis.from_url(settings.redis_url)
-    platform = client
-    if settings.platform_redis_url != settings.redis_url:
-        platform = aioredis.Redis.from_url(settings.platform_redis_url)
+    records, waiting = connections.records_target(settings), connections.platform_target(settings)
+    client = connections.async_client(records)
+    platform = client if waiting == records else connections.async_client(waiting)
     return EventHub(client, platform)
 
 
@@ -160,10 +160,12 @@ def _hub(request: Request) -> EventHub:
 @router.get(
     "/jobs/{job_id}/events",
     response_class=EventSourceResponse,
+    dependencies=[Watching],  # the key, or this job's watch token: the job page's stream
     responses={
         200: {"content": {"text/event-stream": {}}},
         404: {"description": "no such job, recorded or waiting on the platform list"},
         503: {"description": "Redis unreachable"},
+        **REFUSED,
     },
 )
 async def job_events(

@@ -12,23 +12,36 @@ import logging
 import math
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Path, status
+from fastapi import APIRouter, Body, Depends, HTTPException, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.api.auth import Authorized
-from worker.dispatch import claim, claim_left_s, submit
+from worker.api import watch
+from worker.api.auth import Authorized, configured_key
+from worker.api.paths import JobId
 from worker.errors import InvalidJob
-from worker.job_control import Answer, Outcome, cancel, retry
-from worker.job_views import JobView, job_view
-from worker.jobs import PROMPT_MAX_CHARS, SAFE_ID, JobType, parse_job
-from worker.records import get_records
+from worker.flow.dispatch import claim, claim_left_s, submit
+from worker.flow.job_control import Answer, Outcome, cancel, retry
+from worker.flow.sender import Sender
+from worker.jobs.model import PROMPT_MAX_CHARS, SAFE_ID, JobType, parse_job
+from worker.jobs.records import get_records
+from worker.jobs.views import JobView, job_view
+from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Authorized], tags=["jobs"])
 
-JobId = Annotated[str, Path(pattern=SAFE_ID.pattern, description="the job's uuid")]
+
+def get_sender() -> Sender:
+    """What sends the chains and final callbacks of jobs started, cancelled or retried here."""
+    from tasks.chain import SENDER  # the Celery app, only once a request comes
+
+    return SENDER
+
+
+#: The sender, as a request's dependency.
+SenderFor = Annotated[Sender, Depends(get_sender)]
 
 
 class Accepted(BaseModel):
@@ -36,6 +49,18 @@ class Accepted(BaseModel):
     status: str
     #: False when the id was seen before: nothing new started, `status` is the job's own.
     created: bool
+    #: Opens this job's page, event stream, preview and result for UI_TOKEN_TTL_S
+    #: (`?token=`); nothing else.
+    watch_token: str
+
+
+class WatchToken(BaseModel):
+    job_id: str
+    watch_token: str
+    #: When the token stops working, Unix seconds.
+    expires_at: int
+    #: The job page, token included (a path on this API).
+    page_url: str
 
 
 class JobBody(BaseModel):
@@ -86,7 +111,11 @@ JOB_EXAMPLE = {
         }
     },
 )
-def post_job(body: Annotated[dict[str, Any], Body()]) -> Accepted | JSONResponse:
+def post_job(
+    body: Annotated[dict[str, Any], Body()],
+    sender: SenderFor,
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> Accepted | JSONResponse:
     """Start a job from the body the platform list takes (CONTRACT.md section 1)."""
     try:
         job = parse_job(body)
@@ -105,12 +134,26 @@ def post_job(body: Annotated[dict[str, Any], Body()]) -> Accepted | JSONResponse
             f"before sending it: send it again in {left_s} s, when its claim has run out",
             headers={"Retry-After": str(max(left_s, 1))},
         )
+    token = _watch_token(settings, job.id)
     if outcome == "dispatched":
         status_now = records.get(job.id).status or "queued"
-        existing = Accepted(job_id=job.id, status=status_now, created=False)
+        existing = Accepted(job_id=job.id, status=status_now, created=False, watch_token=token)
         return JSONResponse(existing.model_dump(), status_code=status.HTTP_200_OK)
-    submit(records, job, payload=json.dumps(body))
-    return Accepted(job_id=job.id, status="queued", created=True)
+    submit(records, job, payload=json.dumps(body), sender=sender)
+    return Accepted(job_id=job.id, status="queued", created=True, watch_token=token)
+
+
+def _watch_token(settings: Settings, job_id: str) -> str:
+    return watch.issue(configured_key(settings), job_id, ttl_s=settings.ui_token_ttl_s)
+
+
+@router.post("/jobs/{job_id}/watch-token")
+def watch_token(job_id: JobId, settings: Annotated[Settings, Depends(get_settings)]) -> WatchToken:
+    """A fresh watch token for the job's page (`GET /ui/jobs/{id}?token=`), its event stream,
+    preview and result: for a browser, which cannot send the API key. Valid UI_TOKEN_TTL_S."""
+    token = _watch_token(settings, job_id)
+    return WatchToken(job_id=job_id, watch_token=token, expires_at=watch.expires_at(token),
+                      page_url=f"/ui/jobs/{job_id}?token={token}")  # fmt: skip
 
 
 @router.get("/jobs/{job_id}", responses={404: {"description": "no such job"}})
@@ -144,24 +187,27 @@ REFUSALS = {
 
 
 @router.post("/jobs/{job_id}/cancel", responses=REFUSALS)
-def cancel_job(job_id: JobId) -> ControlAnswer:
+def cancel_job(job_id: JobId, sender: SenderFor) -> ControlAnswer:
     """Cancel a job: a queued one at once, a running one at its next denoising step or stage.
 
     Both end with the `cancelled` callback, nothing uploaded. A job that already ended
     (completed, failed) is refused with 409.
     """
-    return _answer(cancel(get_records(), job_id))
+    return _answer(cancel(get_records(), job_id, sender=sender))
 
 
 @router.post("/jobs/{job_id}/retry", responses=REFUSALS)
-def retry_job(job_id: JobId, options: RetryOptions | None = None) -> ControlAnswer:
+def retry_job(
+    job_id: JobId, sender: SenderFor, options: RetryOptions | None = None
+) -> ControlAnswer:
     """Send a failed or cancelled job again from the stage it stopped at, with new task ids.
 
     A running or completed job is refused with 409 unless `force`. An undelivered final
     callback is sent again; nothing else runs.
     """
     options = options or RetryOptions()
-    return _answer(retry(get_records(), job_id, from_start=options.from_start, force=options.force))
+    return _answer(retry(get_records(), job_id, sender=sender, from_start=options.from_start,
+                         force=options.force))  # fmt: skip
 
 
 def _answer(answer: Answer) -> ControlAnswer:

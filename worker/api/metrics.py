@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.api.health import QUEUES, redis_client
-from worker.lanes import WaitingJobs, queue_depth
+from worker.api.health import QUEUES, broker_client, platform_client
+from worker.flow.lanes import WaitingJobs, queue_depth
 from worker.observe.metrics import Metrics
 from worker.settings import Settings, get_settings
 
@@ -35,10 +35,10 @@ class _QueueDepths(Collector):
         depth = GaugeMetricFamily(
             "wan_queue_depth", "Messages waiting, by queue (all priority steps).", labels=["queue"]
         )
-        broker = redis_client(self.settings.redis_url)
+        broker = broker_client(self.settings)
         for queue in QUEUES:
             depth.add_metric([queue], queue_depth(broker, queue))
-        platform = redis_client(self.settings.platform_redis_url or self.settings.redis_url)
+        platform = platform_client(self.settings)
         depth.add_metric(["platform"], platform.llen(self.settings.platform_queue))
         yield depth
         waiting = GaugeMetricFamily(
@@ -66,7 +66,7 @@ class _QueueDepths(Collector):
 def metrics(settings: Annotated[Settings, Depends(get_settings)]) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_QueueDepths(settings))
-    registry.register(Metrics(redis_client(settings.redis_url)).collector())
+    registry.register(Metrics(broker_client(settings)).collector())
     try:
         body = generate_latest(registry)
     except redis.RedisError as e:

@@ -1,9 +1,11 @@
-"""WAN generation: load the pipelines once, run them per job, window by window for long videos.
+"""WAN generation: load the pipelines once, speed them up, run a mode per job, window by window
+for long videos; warm-up, fallback.
 
-Imported only by the generation worker's pool child (and tools), never by the media
-worker: torch and diffusers come in with `load`, `speed`, `modes` and `continuation`. The
-names below are imported lazily, on first use (as diffusers' own packages do), so
-`worker.generation.windows`, plain arithmetic, is read by any process without torch.
+May import worker.observe, worker.jobs and the root; torch and diffusers come in with `load`,
+`speed`, `modes` and `continuation`, in the GPU worker's pool child only. The names below are
+imported lazily, on first use (as diffusers' own packages do), so `worker.generation.windows`,
+plain arithmetic, is read by any process without torch. Inside, top to bottom: warmup,
+fallback, provenance, continuation; modes; load; speed; windows (pyproject.toml's contract).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from worker.generation.load import Pipelines, load_t2v, model_dir
-    from worker.generation.modes import Generated, StepHook, generate
+    from worker.generation.modes import Generated, StepHook, generate, generate_images
 
 #: Each name this package offers, and the module that defines it.
 _HOMES = {
@@ -23,9 +25,18 @@ _HOMES = {
     "Generated": "modes",
     "StepHook": "modes",
     "generate": "modes",
+    "generate_images": "modes",
 }
 
-__all__ = ["Generated", "Pipelines", "StepHook", "generate", "load_t2v", "model_dir"]
+__all__ = [
+    "Generated",
+    "Pipelines",
+    "StepHook",
+    "generate",
+    "generate_images",
+    "load_t2v",
+    "model_dir",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ import torch
 
 from worker.errors import OutOfGpuMemory
 from worker.generation import gpu_memory
-from worker.jobs import Job, PresetName, presets_from
+from worker.jobs.model import Job, PresetName, presets_from
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Running one job: text to video, reference frames (VACE) or image to image (video to video).
 
-Which one runs follows the job (`worker.jobs._references` decides the mode) and whether
+Which one runs follows the job (`worker.jobs.model._references` decides the mode) and whether
 its references could be used: a job whose references failed runs text-only and says so.
 - text only: `WanPipeline`.
 - single: VACE with `reference_images=[image]`.
@@ -14,7 +14,7 @@ its references could be used: a job whose references failed runs text-only and s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +23,9 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from worker.generation import speed
+from worker.generation import previews, speed
 from worker.generation.load import Pipelines
-from worker.jobs import Job
+from worker.jobs.model import Job
 
 #: Called after each denoising step with (steps done, steps in all).
 StepHook = Callable[[int, int], None]
@@ -165,27 +165,69 @@ def denoise_steps(job: Job) -> int:
     return max(min(int(job.steps * strength), job.steps), 1)
 
 
+def generate_images(
+    pipelines: Pipelines,
+    jobs: Sequence[Job],
+    seeds: Sequence[int],
+    *,
+    on_step: StepHook | None = None,
+) -> list[Generated]:
+    """Text-only one-frame jobs in one pipeline call, each with its prompt, negative prompt
+    and its seed's noise: a GPU step over several images costs little more than over one.
+    The jobs share what the call takes once (size, steps, guidance, shift, turbo): the
+    first job's are used."""
+    first = jobs[0]
+    frames = _run_batch(
+        pipelines.for_job("t2v", first),
+        first.shift,
+        seeds,
+        on_step,
+        prompt=[job.prompt for job in jobs],
+        negative_prompt=[job.negative_prompt or "" for job in jobs],
+        height=first.height,
+        width=first.width,
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance,
+        num_frames=1,
+    )
+    metadata = {"wan_task": WAN_TASKS["t2v"], "reference_mode": "none", "batch_size": len(jobs)}
+    return [Generated(each, dict(metadata)) for each in frames]
+
+
 def call_pipeline(
     pipe: DiffusionPipeline, job: Job, seed: int, on_step: StepHook | None, **call: Any
 ) -> np.ndarray:
-    """One pipeline call with the job's shift, the seed's noise and the step hook."""
-    _set_shift(pipe, job.shift)
+    """One pipeline call for one job: its shift, its seed's noise, the step hook."""
+    return _run_batch(pipe, job.shift, [seed], on_step, **call)[0]
+
+
+def _run_batch(
+    pipe: DiffusionPipeline,
+    shift: float,
+    seeds: Sequence[int],
+    on_step: StepHook | None,
+    **call: Any,
+) -> list[np.ndarray]:
+    """One pipeline call with the shift, one noise generator per seed and the step hook."""
+    _set_shift(pipe, shift)
 
     def step_end(pipeline: DiffusionPipeline, step: int, timestep: int, kwargs: dict) -> dict:
+        previews.hand(pipeline, kwargs["latents"])  # for the step hook's live preview
         if on_step is not None:
             on_step(step + 1, pipeline.num_timesteps)
         return kwargs
 
+    # A CPU generator gives the same noise for a seed on every device. One alone is passed
+    # bare: VACE takes no list, and diffusers draws a list of one as that one.
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     with speed.named_passes(pipe):
         output = pipe(
-            # A CPU generator gives the same noise for a seed on every device.
-            generator=torch.Generator(device="cpu").manual_seed(seed),
+            generator=generators[0] if len(generators) == 1 else generators,
             output_type="np",
             callback_on_step_end=step_end,
             **call,
         )
-    frames = output.frames[0]
-    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return [(np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8) for frames in output.frames]
 
 
 def _set_shift(pipe: DiffusionPipeline, shift: float) -> None:

@@ -14,7 +14,7 @@ import worker
 from worker.generation import speed
 from worker.generation.load import Pipelines
 from worker.generation.modes import denoise_steps
-from worker.jobs import Job
+from worker.jobs.model import Job
 from worker.model_files import model_revision
 from worker.settings import Settings
 

@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers import (
@@ -47,11 +47,8 @@ from diffusers.models.attention_dispatch import (
 )
 from diffusers.utils import is_flash_attn_3_available, is_flash_attn_available, is_torchao_available
 
-from worker.jobs import Job, parse_job
+from worker.jobs.model import Job
 from worker.settings import Settings
-
-if TYPE_CHECKING:
-    from worker.generation.load import Pipelines
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +79,6 @@ TAYLORSEER_MODULES = [r"blocks\.\d+\.(attn1|attn2|ffn)"]
 #: Pipelines whose denoising loop calls the transformer outside a `cache_context` (diffusers
 #: 0.42): `named_passes` names their calls.
 UNNAMED_PASSES = (WanVideoToVideoPipeline,)
-#: The warm-up generation: an image at the platform's default size, in two steps (turbo: its
-#: own steps), so compiled blocks meet the most common shape before the first job.
-WARMUP_RESOLUTION, WARMUP_STEPS = "480x832", 2
 
 
 class SpeedOptionRefused(ValueError):
@@ -432,31 +426,3 @@ def _calibrate_mag(pipe: DiffusionPipeline) -> list[float]:
     log.info("MagCache ratios measured on %s: %s", type(pipe.transformer).__name__,
              [round(r, 4) for r in ratios])  # fmt: skip
     return ratios
-
-
-def warm_up(pipelines: Pipelines) -> list[str]:
-    """Load every configured pipeline and run one small generation on text to video (and one
-    turbo one when a turbo checkpoint is set): kernels load, compiled blocks compile. The
-    names of the generations run, for the log."""
-    pipelines.t2v, pipelines.v2v  # noqa: B018 (the properties load)
-    if pipelines.settings.wan_vace_model_path is not None:
-        pipelines.vace  # noqa: B018
-    runs: list[tuple[str, int | None]] = [("image_high", WARMUP_STEPS)]
-    if turbo_checkpoint(pipelines.settings) is not None:
-        runs.append(("image_fast", None))
-    from worker.generation.modes import generate  # modes imports load, which imports this
-
-    done = []
-    for job_type, steps in runs:
-        job = as_run(_warmup_job(job_type, steps), pipelines.settings)
-        generate(pipelines, job, seed=0, references={})
-        done.append(f"{job_type}{' (turbo)' if job.turbo else ''}")
-    return done
-
-
-def _warmup_job(job_type: str, steps: int | None) -> Job:
-    config: dict[str, Any] = {"resolution": WARMUP_RESOLUTION, "seed": 0}
-    if steps is not None:
-        config["num_inference_steps"] = steps
-    return parse_job({"id": "warm-up", "user_id": "worker", "type": job_type,
-                      "prompt": "warm-up", "config": config})  # fmt: skip

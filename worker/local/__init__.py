@@ -1,4 +1,4 @@
-"""Local-run tooling: the demo, the platform stand-in, the local stack and the tiny models.
+"""Local runs: the demo, the platform stand-in, the local stack and the tiny models.
 
-Used by `make demo`, the tests and the benchmarks; never imported by production processes.
+Beside the entry points, may import any room; used by `make demo`, tests and benchmarks only.
 """

@@ -1,6 +1,7 @@
 """`make demo`: text-to-video, an enhanced text-to-image, a start-frame video, an
 image-to-image job and a 10-second video (made window by window) end to end on this
-machine, then a table and the API's /health.
+machine, then a table and the API's /health. While the jobs run it prints each one's page
+(`/ui/jobs/{id}?token=...`) and the fleet page.
 
 Everything runs as in production (the same worker commands, the bridge, RPUSH onto the
 platform list in both body shapes, signed callbacks, reference download through the SSRF
@@ -247,7 +248,11 @@ def run_demo(*, full: bool = False) -> int:
             "SPOOL_DIR": str(settings.spool_dir.resolve()),
             **platform.worker_env(),
             "REFERENCE_ALLOWED_HOSTS": "127.0.0.1",
-            "WAN_WORKER_API_KEY": secrets.token_hex(16),
+            "WAN_WORKER_API_KEY": (
+                settings.wan_worker_api_key.get_secret_value()
+                if settings.wan_worker_api_key
+                else secrets.token_hex(16)
+            ),
             "API_HOST": "127.0.0.1",
             "API_PORT": str(free_port()),
         }
@@ -273,10 +278,16 @@ def run_demo(*, full: bool = False) -> int:
         watcher = client.pubsub(ignore_subscribe_messages=True)
         watcher.subscribe(*(channel(job["id"]) for job, _ in jobs))  # before the first push
         pushed_at = {}
+        api = f"http://127.0.0.1:{env['API_PORT']}"
+        bearer = {"Authorization": f"Bearer {env['WAN_WORKER_API_KEY']}"}
         for job, shape in jobs:
             client.rpush(queue, queue_body(job, shape=shape))
             pushed_at[job["id"]] = time.monotonic()
             console.print(f"RPUSH {queue}: {job['type']} job {job['id']} ({shape} shape)")
+            page = httpx.post(f"{api}/jobs/{job['id']}/watch-token", headers=bearer, timeout=10)
+            console.print(f"  watch it live (while the demo runs): {api}{page.json()['page_url']}",
+                          soft_wrap=True)  # fmt: skip
+        console.print(f"the fleet: {api}/ui/ (any user name, WAN_WORKER_API_KEY as the password)")
 
         finished_at = show_progress(watcher, [job for job, _ in jobs])
         table = Table(title="demo jobs")

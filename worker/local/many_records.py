@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import uuid
 
-from worker.jobs import parse_job
-from worker.lanes import promote_overdue
-from worker.leftovers import drop_leftovers
-from worker.lost_jobs import LostJobSweep
-from worker.reconcile import QueuedJobReconciler
-from worker.records import INDEX_KEY, KEY_PREFIX, STAGES, JobRecords
+from worker.flow.lanes import promote_overdue
+from worker.flow.leftovers import drop_leftovers
+from worker.flow.lost_jobs import LostJobSweep
+from worker.flow.reconcile import QueuedJobReconciler
+from worker.jobs.model import parse_job
+from worker.jobs.records import INDEX_KEY, KEY_PREFIX, STAGES, JobRecords
 from worker.settings import Settings
 
 #: Copies of one record, made inside Redis (packing 100,000 hashes in Python takes a minute
@@ -74,7 +74,8 @@ def sweep_pass(records: JobRecords, reconciler: QueuedJobReconciler, settings: S
     sweep (lost jobs, swallowed messages, leftovers) and its generation worker's promotion
     sweep (the lanes' prune)."""
     records.media_heartbeat(settings.worker_host)
-    LostJobSweep(records, timeout_s=reconciler.timeout_s, lease_s=settings.stage_lease_s,
+    LostJobSweep(records, sender=reconciler.lost_jobs.sender, timeout_s=reconciler.timeout_s,
+                 lease_s=settings.stage_lease_s,
                  max_deliveries=settings.max_deliveries).sweep()  # fmt: skip
     reconciler.sweep()
     drop_leftovers(records)

@@ -1,5 +1,9 @@
 """A real HTTP stand-in for the Supabase platform (CONTRACT.md sections 3 and 4).
 
+Signed URLs (what the job page links a result by) work as Supabase Storage's: `POST
+/storage/v1/object/sign/{bucket}/{path}` with the service key answers a `signedURL` path
+that a browser GETs without any key until it expires.
+
 The demo and the tests point SUPABASE_URL at `LocalPlatform.url`, so the worker's real HTTP
 code (supabase-py, httpx) is exercised end to end: auth headers, multipart uploads,
 callback signatures and retries on platform errors.
@@ -23,11 +27,11 @@ from typing import Any, Self
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from worker.records import FINAL_STATUSES
+from worker.jobs.records import FINAL_STATUSES
 
 
 def queue_body(job: dict[str, Any], *, shape: str = "object") -> str:
@@ -105,6 +109,8 @@ class LocalPlatform:
         self.callback_bearer = callback_bearer
         self._cond = threading.Condition()
         self._uploads: dict[tuple[str, str], Upload] = {}
+        #: Signed URL token -> (bucket, path, expiry on this process's clock).
+        self._signed: dict[str, tuple[str, str, float]] = {}
         self._callbacks: list[Callback] = []
         self._refused_callbacks: list[dict[str, Any]] = []
         self._worker_url_updates: list[dict[str, Any]] = []
@@ -299,6 +305,32 @@ class LocalPlatform:
 
     def _build_app(self) -> FastAPI:
         app = FastAPI()
+
+        # Before the upload route, which would take `sign` for a bucket.
+        @app.post("/storage/v1/object/sign/{bucket}/{path:path}")
+        async def sign(bucket: str, path: str, request: Request) -> JSONResponse:
+            if not self._authorized(request):
+                return _storage_error(401, "Unauthorized", "invalid service key")
+            body = await self._json_object(request)
+            if body is None or not str(body.get("expiresIn", "")).isdigit():
+                return _storage_error(400, "InvalidRequest", "expiresIn is required")
+            with self._cond:
+                if (bucket, path) not in self._uploads:
+                    return _storage_error(404, "not_found", "Object not found")
+                token = secrets.token_urlsafe(16)
+                self._signed[token] = (bucket, path, time.time() + int(body["expiresIn"]))
+            return JSONResponse({"signedURL": f"/object/sign/{bucket}/{path}?token={token}"})
+
+        @app.get("/storage/v1/object/sign/{bucket}/{path:path}")
+        async def signed(bucket: str, path: str, token: str = "") -> Response:
+            with self._cond:
+                granted = self._signed.get(token)
+                upload = self._uploads.get((bucket, path))
+            if granted is None or granted[:2] != (bucket, path) or granted[2] < time.time():
+                return _storage_error(400, "InvalidJWT", "invalid or expired signature")
+            if upload is None:
+                return _storage_error(404, "not_found", "Object not found")
+            return Response(upload.data, media_type=upload.content_type)
 
         @app.post("/storage/v1/object/{bucket}/{path:path}")
         async def upload(bucket: str, path: str, request: Request) -> JSONResponse:

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import redis
 
+from worker import connections as redis_connections
+from worker.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: The process table of DESIGN.md (workers log at INFO so readiness can be seen).
@@ -82,6 +85,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redis_server_binary() -> str:
+    """Where `redis-server` is (it runs the sentinels too); a clear error if nowhere."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+    return binary
+
+
 def redis_answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
@@ -105,38 +116,52 @@ class RedisServer:
 
     By default it keeps nothing on disk. With `aof=True` it keeps an append-only file in
     `workdir` (`appendfsync everysec`, as docker-compose.yml runs it), so a restart after
-    `kill()` finds the data of all but the last second again.
+    `kill()` finds the data of all but the last second again. `password`: its `requirepass`
+    (and `masterauth`, for a replica); `args`: more of redis-server's options, e.g.
+    `("--replicaof", "127.0.0.1", "6380")`.
     """
 
-    def __init__(self, workdir: Path, *, aof: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        aof: bool = False,
+        password: str | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
         self.aof = aof
+        self.password = password
+        self.args = args
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
         #: Once it has run, a restart must come back on the same port (clients know it).
         self._port_fixed = False
 
+    @property
+    def url(self) -> str:
+        """The URL of database 0, with the password if there is one."""
+        return self.db_url(0)
+
     def db_url(self, db: int) -> str:
         """The URL of database `db` of this server (`url` is database 0's)."""
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError(
-                "redis-server is not installed (Debian: apt-get install redis-server)"
-            )
+        binary = redis_server_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         persistence = (
             ["--appendonly", "yes", "--appendfsync", "everysec"]
             if self.aof
             else ["--appendonly", "no"]
         )
+        if self.password:
+            persistence += ["--requirepass", self.password, "--masterauth", self.password]
         for _ in range(3):
             self.process = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 *persistence, "--dir", str(self.workdir)],
+                 *persistence, "--dir", str(self.workdir), *self.args],
                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
             )  # fmt: skip
             wait_until(self._serving_or_exited, timeout_s=10, what="redis-server start")
@@ -147,7 +172,6 @@ class RedisServer:
                 break
             # Another process took the port after free_port() saw it free: draw again.
             self.port = free_port()
-            self.url = f"redis://127.0.0.1:{self.port}/0"
         raise RuntimeError(f"redis-server could not listen on 127.0.0.1:{self.port}")
 
     def _serving_or_exited(self) -> bool:
@@ -302,13 +326,20 @@ class LocalStack:
             connections = _connections(self.pids(name))
         except OSError:  # it has exited already
             return []
-        servers: dict[tuple[str, int], redis.Redis] = {}
-        for url in filter(None, (self.env.get("REDIS_URL"), self.env.get("PLATFORM_REDIS_URL"))):
-            client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=10)
-            where = client.get_connection_kwargs()
-            servers.setdefault((where["host"], where["port"]), client)
+        settings = self.settings()
+        servers: dict[int, redis.Redis] = {}
+        for target in (
+            redis_connections.records_target(settings),
+            redis_connections.platform_target(settings),
+        ):
+            client = redis_connections.client(target, timeout_s=10)
+            where = redis_connections.master_address(client)
+            if where is None and target.is_sentinel:
+                continue  # no master known: none of its connections outlives the kill
+            port = _port(where) if where else client.get_connection_kwargs()["port"]
+            servers.setdefault(port, client)
         held = []
-        for (_, server_port), client in servers.items():
+        for server_port, client in servers.items():
             ports = {local for local, remote in connections if remote == server_port}
             try:
                 listed = client.client_list()
@@ -316,6 +347,12 @@ class LocalStack:
                 continue
             held.append((client, {int(c["id"]) for c in listed if _port(c["addr"]) in ports}))
         return held
+
+    def settings(self) -> Settings:
+        """The settings the stack's processes read from their environment."""
+        fields = Settings.model_fields
+        return Settings(_env_file=None, **{k.lower(): v for k, v in self.env.items()
+                                           if k.lower() in fields})  # fmt: skip
 
     def restart(
         self, name: str, *, env: dict[str, str] | None = None, timeout_s: float = 120

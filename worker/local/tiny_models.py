@@ -30,7 +30,7 @@ NOISE_WARNING = (
 TEXT_DIM = 32
 
 
-def _tokenizer() -> T5Tokenizer:
+def tiny_tokenizer() -> T5Tokenizer:
     """A small SentencePiece-style vocabulary: words, then single characters as fallback."""
     words = "a the of and in on cat dog fox red blue green sky sea city night run walk".split()
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
@@ -62,7 +62,7 @@ def _shared_parts() -> dict:
     built from the same seed, the tiny ones are identical too, so the worker may share them.
     """
     torch.manual_seed(0)
-    tokenizer = _tokenizer()
+    tokenizer = tiny_tokenizer()
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=len(tokenizer),
@@ -127,14 +127,27 @@ def make_tiny_vace(target: Path, *, seed: int = 0) -> Path:
 def make_tiny_wan_lora(target: Path, *, rank: int = 4, seed: int = 1) -> Path:
     """A random LoRA for the tiny WAN transformer in diffusers' Wan LoRA format: the file
     WAN_DISTILL_LORA names (its output is noise too, but different noise)."""
-    torch.manual_seed(seed)
     inner = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
+    shapes = {f"blocks.{block}.{attention}.{projection}": (inner, inner)
+              for block in range(2) for attention in ("attn1", "attn2")
+              for projection in ("to_q", "to_k", "to_v", "to_out.0")}  # fmt: skip
+    return save_random_lora(target, shapes, rank=rank, seed=seed)
+
+
+def save_random_lora(
+    target: Path,
+    shapes: dict[str, tuple[int, int]],
+    *,
+    rank: int,
+    seed: int = 1,
+    scale: float = 1.0,
+) -> Path:
+    """A random LoRA over the linear layers `shapes` names ((out, in) features), saved in
+    diffusers' Wan LoRA format; `scale` multiplies its values."""
+    torch.manual_seed(seed)
     layers = {}
-    for block in range(2):
-        for attention in ("attn1", "attn2"):
-            for projection in ("to_q", "to_k", "to_v", "to_out.0"):
-                name = f"blocks.{block}.{attention}.{projection}"
-                layers[f"{name}.lora_A.weight"] = torch.randn(rank, inner)
-                layers[f"{name}.lora_B.weight"] = torch.randn(inner, rank)
+    for name, (out_features, in_features) in shapes.items():
+        layers[f"{name}.lora_A.weight"] = torch.randn(rank, in_features) * scale
+        layers[f"{name}.lora_B.weight"] = torch.randn(out_features, rank) * scale
     WanPipeline.save_lora_weights(target, transformer_lora_layers=layers)
     return target / "pytorch_lora_weights.safetensors"

@@ -18,8 +18,8 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-from worker.jobs import SAFE_ID
-from worker.records import JobRecord
+from worker.jobs.model import SAFE_ID
+from worker.jobs.records import JobRecord
 from worker.settings import Settings
 
 #: The job a task of this process is working on, for every log line it writes.

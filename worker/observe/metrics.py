@@ -25,9 +25,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from enhancement.enhancer import FallbackReason
-from worker.jobs import JobType, PresetName
-from worker.records import FINAL_STATUSES, STAGES
+from enhancement.result import FallbackReason
+from worker.jobs.model import JobType, PresetName
+from worker.jobs.records import FINAL_STATUSES, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,40 @@ GPU_MEMORY = Metric(
     gauge=True,
     known={"kind": frozenset({"in_use", "peak"})},  # `worker`: a node name of this deployment
 )
+REDIS_FAILOVERS = Metric(
+    "wan_redis_failovers_total",
+    "Redis Sentinel failovers seen: the master the sentinels name changed.",
+    (),
+)
+#: Images per pipeline call of the image batches (tasks/image_batch.py).
+BATCH_SIZE = Metric(
+    "wan_batch_size", "Images generated in one pipeline call, per batch.", (),
+    (1, 2, 3, 4, 6, 8, 12, 16),
+)  # fmt: skip
+IMAGES_PER_SECOND = Metric(
+    "wan_images_per_second",
+    "Images per second of each generation worker's last image batch.",
+    ("worker",),  # a node name of this deployment
+    gauge=True,
+)
+#: Gauges with one series per generation worker (`<name>@<host>`): dropped with their host
+#: (worker/leftovers.py).
+PER_WORKER_GAUGES = (GPU_MEMORY, IMAGES_PER_SECOND)
 ALL = (JOBS, STAGE_SECONDS, RETRIES, MODEL_LOADS, ENHANCEMENT_FALLBACKS, DEAD_LETTERS,
-       CANCELLATIONS, QUALITY_DEGRADATIONS, GPU_MEMORY)  # fmt: skip
+       CANCELLATIONS, QUALITY_DEGRADATIONS, GPU_MEMORY, BATCH_SIZE, IMAGES_PER_SECOND,
+       REDIS_FAILOVERS)  # fmt: skip
+
+#: The Redis master (`host:port`) the sentinels named when last looked at (`note_master`).
+MASTER_KEY = "wan:redis:master"
+#: Atomically: note the master's address; 1 if another was noted before (a failover).
+#: KEYS: MASTER_KEY; ARGV: the address.
+_NOTE_MASTER_SCRIPT = """
+local old = redis.call('GET', KEYS[1])
+if old == ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+if old then return 1 end
+return 0
+"""
 
 
 class Metrics:
@@ -134,6 +166,21 @@ class Metrics:
                 pipe.execute()
         except redis.RedisError as e:
             log.warning("metric %s not recorded: %s", metric.name, e)
+
+    def note_master(self, address: str) -> bool:
+        """Note the master the sentinels name now; a change from the one noted before is a
+        failover, counted once however many processes see it. True if it was one."""
+        try:
+            changed = self.redis.register_script(_NOTE_MASTER_SCRIPT)(
+                keys=[MASTER_KEY], args=[address]
+            )
+        except redis.RedisError as e:
+            log.warning("Redis master %s not noted: %s", address, e)
+            return False
+        if changed:
+            log.warning("Redis failover: the master is now %s", address)
+            self.count(REDIS_FAILOVERS)
+        return bool(changed)
 
     def collector(self) -> Collector:
         return _RedisCollector(self.redis)

@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import Task
 
-from worker.records import JobRecords
+from worker.jobs.records import JobRecords
 
 CHANNEL_PREFIX = "wan:progress:"
 #: Share of the whole job per stage, in chain order; generation is nearly all of it.
