@@ -71,7 +71,7 @@ def generate_child(args: argparse.Namespace) -> dict[str, Any]:
     from worker.generation import Pipelines
     from worker.generation.continuation import generate_long
     from worker.generation.windows import Continuation, plan
-    from worker.jobs import parse_job
+    from worker.jobs.model import parse_job
     from worker.settings import Settings
 
     settings = Settings(

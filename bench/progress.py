@@ -24,6 +24,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -81,13 +83,17 @@ def with_subscribers(records: JobRecords, job_id: str) -> list[float]:
             pubsub.close()
 
 
-def sse_latency_s(redis_url: str, records: JobRecords, workdir: Path) -> list[float]:
-    """Seconds from a step's report to its arrival at an SSE client of the real API."""
-    key, port, job_id = uuid.uuid4().hex, free_port(), f"bench-{uuid.uuid4().hex[:8]}"
+@contextmanager
+def api_events(
+    redis_url: str, workdir: Path, job_id: str, on_event: Callable[[dict], bool]
+) -> Iterator[None]:
+    """The real API, and a client of `GET /jobs/{job_id}/events` in a thread of its own,
+    connected (its snapshot in) when the block starts. `on_event` is handed every later
+    event; True ends the stream. The job must be in Redis already (else 404)."""
+    key, port = uuid.uuid4().hex, free_port()
     env = {"REDIS_URL": redis_url, "WAN_WORKER_API_KEY": key, "API_HOST": "127.0.0.1",
            "API_PORT": str(port), "LOG_FORMAT": "text"}  # fmt: skip
-    api = LocalStack(env, log_dir=workdir / "logs", names=("api",)).start()
-    latencies: list[float] = []
+    api = LocalStack(env, log_dir=workdir / f"logs-{job_id}", names=("api",)).start()
     ready = threading.Event()
 
     def listen() -> None:
@@ -100,24 +106,36 @@ def sse_latency_s(redis_url: str, records: JobRecords, workdir: Path) -> list[fl
                 event = json.loads(line.removeprefix("data:"))
                 if event["event"] == "snapshot":
                     ready.set()
-                elif event["event"] == "step":
-                    latencies.append(time.time() - event["at"])
-                elif event["event"] == "final":
+                elif on_event(event):
                     return
 
-    records.write(job_id, status="queued")  # a job nowhere answers 404
     try:
         client = threading.Thread(target=listen, daemon=True)
         client.start()
         ready.wait(timeout=30)
+        yield
+        client.join(timeout=30)
+    finally:
+        api.stop()
+
+
+def sse_latency_s(redis_url: str, records: JobRecords, workdir: Path) -> list[float]:
+    """Seconds from a step's report to its arrival at an SSE client of the real API."""
+    job_id = f"bench-{uuid.uuid4().hex[:8]}"
+    latencies: list[float] = []
+
+    def on_event(event: dict) -> bool:
+        if event["event"] == "step":
+            latencies.append(time.time() - event["at"])
+        return event["event"] == "final"
+
+    records.write(job_id, status="queued")  # a job nowhere answers 404
+    with api_events(redis_url, workdir, job_id, on_event):
         progress = Progress(records, job_id)
         for step in range(1, STEPS + 1):
             progress.step("generate", step, STEPS)
             time.sleep(0.005)
         progress.final("completed")
-        client.join(timeout=30)
-    finally:
-        api.stop()
     return latencies
 
 
@@ -172,44 +190,25 @@ def preview_latency_s(redis_url: str, records: JobRecords, workdir: Path) -> lis
 
     from worker.generation import previews
 
-    key, port, job_id = uuid.uuid4().hex, free_port(), f"bench-{uuid.uuid4().hex[:8]}"
-    env = {"REDIS_URL": redis_url, "WAN_WORKER_API_KEY": key, "API_HOST": "127.0.0.1",
-           "API_PORT": str(port), "LOG_FORMAT": "text"}  # fmt: skip
-    api = LocalStack(env, log_dir=workdir / "preview-logs", names=("api",)).start()
+    job_id = f"bench-{uuid.uuid4().hex[:8]}"
     ended_at: dict[int, float] = {}
     latencies: list[float] = []
-    ready = threading.Event()
 
-    def listen() -> None:
-        url = f"http://127.0.0.1:{port}/jobs/{job_id}/events"
-        headers = {"Authorization": f"Bearer {key}"}
-        with httpx.stream("GET", url, headers=headers, timeout=60) as response:
-            for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                event = json.loads(line.removeprefix("data:"))
-                if event["event"] == "snapshot":
-                    ready.set()
-                elif event["event"] == "preview":
-                    latencies.append(time.time() - ended_at[event["step"]])
-                    if event["step"] == PREVIEW_STEPS:
-                        return
+    def on_event(event: dict) -> bool:
+        if event["event"] != "preview":
+            return False
+        latencies.append(time.time() - ended_at[event["step"]])
+        return event["step"] == PREVIEW_STEPS
 
     records.write(job_id, status="processing")  # a job nowhere answers 404
     pipeline = SimpleNamespace(scheduler=None)  # no scheduler: the latents are the picture
     previewer = previews.Previewer(records.redis, job_id, every_s=1e-9, max_px=256)
-    try:
-        client = threading.Thread(target=listen, daemon=True)
-        client.start()
-        ready.wait(timeout=30)
+    with api_events(redis_url, workdir, job_id, on_event):
         for step in range(1, PREVIEW_STEPS + 1):
             previews.hand(pipeline, torch.randn(REAL_LATENTS))
             ended_at[step] = time.time()
             previewer.step(step, PREVIEW_STEPS)
             time.sleep(PREVIEW_STEP_S)
-        client.join(timeout=30)
-    finally:
-        api.stop()
     return latencies
 
 

@@ -19,7 +19,7 @@ from media import spool
 from tests.test_media import moving_gradients
 from worker.generation.continuation import generate_long, overlap_noised
 from worker.generation.windows import Continuation
-from worker.jobs import Job, parse_job
+from worker.jobs.model import Job, parse_job
 from worker.settings import Settings
 
 #: About a minute of CPU: a 3-window storyboard and five single windows, at 256x256.

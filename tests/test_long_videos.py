@@ -20,14 +20,15 @@ from typing import Any
 import pytest
 import redis
 
+from tasks.chain import SENDER
 from tests.conftest import JOB_TIMEOUT_S, module_env, new_job
 from tests.test_end_to_end import decode_video
-from worker.job_control import cancel
-from worker.jobs import parse_job
-from worker.lanes import priority_lists
+from worker.flow.job_control import cancel
+from worker.flow.lanes import priority_lists
+from worker.jobs.model import parse_job
+from worker.jobs.records import JobRecord, JobRecords, get_records
 from worker.local.platform import LocalPlatform, queue_body
 from worker.local.stack import LocalStack, RedisServer, wait_until
-from worker.records import JobRecord, JobRecords, get_records
 from worker.settings import get_settings
 
 pytestmark = pytest.mark.runs_long
@@ -221,7 +222,7 @@ def test_a_job_cancelled_in_window_2_stops_there_uploads_nothing_and_empties_its
     assert (spooled / "windows" / "0001.npy").is_file()
 
     # When it is cancelled
-    cancel(JobRecords(client, ttl_s=600), job["id"])
+    cancel(JobRecords(client, ttl_s=600), job["id"], sender=SENDER)
 
     # Then the platform hears `cancelled` once, nothing was uploaded, the spool is empty
     body = platform.wait_for_final(job["id"], timeout_s=JOB_TIMEOUT_S).body

@@ -16,7 +16,7 @@ from worker.generation.windows import (
     window_seed,
     windowed,
 )
-from worker.jobs import Job, parse_job
+from worker.jobs.model import Job, parse_job
 from worker.settings import Settings
 
 VACE = Path("/models/vace")

@@ -40,7 +40,7 @@ from media.colour import match_colours
 from worker.generation.load import Pipelines
 from worker.generation.modes import VACE_GRAY, WAN_TASKS, call_pipeline, vace_conditions
 from worker.generation.windows import Continuation, Window, plan, window_seed
-from worker.jobs import Job
+from worker.jobs.model import Job
 from worker.settings import Settings
 
 #: Called after each denoising step with (window number, steps done, steps in all).

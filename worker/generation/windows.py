@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from worker.errors import UnsupportedMode
-from worker.jobs import FRAMES_MAX, SEED_MAX, Job, Segment, normalise_frames
+from worker.jobs.model import FRAMES_MAX, SEED_MAX, Job, Segment, normalise_frames
 from worker.settings import Settings
 
 
