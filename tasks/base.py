@@ -152,9 +152,9 @@ class StageTask(Task):
         job_id = args[0]
         leave_waiting(get_records(), get_settings(), job_id)  # failed before generating
         if isinstance(exc, SoftTimeLimitExceeded):
-            exc = self.timed_out()
+            exc = self.timed_out(job_id)
         elif isinstance(exc, TimeLimitExceeded):
-            exc = self.killed_at_hard_limit()
+            exc = self.killed_at_hard_limit(job_id)
         spool.remove_job(get_settings().spool_dir, job_id)  # no later stage will read it
         if isinstance(exc, JobCancelled):
             log.info("job=%s cancelled at stage %s", job_id, self.stage)
@@ -170,18 +170,19 @@ class StageTask(Task):
             give_up(get_records(), job_id)
         send_final_callback(job_id, "failed", sender=SENDER)
 
-    def timed_out(self) -> StageTimedOut:
-        """What the user reads when this stage ran past its soft time limit."""
+    def timed_out(self, job_id: str) -> StageTimedOut:
+        """What the user reads when job `job_id`'s stage ran past its soft time limit."""
         soft_s, _ = get_settings().stage_time_limits()[self.stage]
         return StageTimedOut(
             f"{self.stage} ran past its soft time limit of {soft_s:g} s "
             f"({soft_limit_setting(self.stage)})"
         )
 
-    def killed_at_hard_limit(self) -> StageTimedOut:
+    def killed_at_hard_limit(self, job_id: str) -> StageTimedOut:
         """What the user reads when the pool child was killed at this stage's hard time
         limit (it did not stop at the soft one). Celery's `Request.on_timeout` calls
-        `on_failure` with TimeLimitExceeded in the worker's main process, the child gone."""
+        `on_failure` with TimeLimitExceeded in the worker's main process, the child gone:
+        the task's request is empty there, so the job comes as an argument."""
         _, hard_s = get_settings().stage_time_limits()[self.stage]
         return StageTimedOut(
             f"{self.stage} was killed at its hard time limit of {hard_s:g} s "

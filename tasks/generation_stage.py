@@ -118,20 +118,20 @@ class GenerateTask(StageTask):
             options |= {"soft_time_limit": soft_s, "time_limit": hard_s}
         return super().apply_async(args, kwargs, **options)
 
-    def timed_out(self) -> StageTimedOut:
-        limits = window_limits(self.request.args[0])
+    def timed_out(self, job_id: str) -> StageTimedOut:
+        limits = window_limits(job_id)
         if limits is None:
-            return super().timed_out()
+            return super().timed_out(job_id)
         count, soft_s, _ = limits
         return StageTimedOut(
             f"generate ran past its soft time limit of {soft_s:g} s "
             f"({soft_limit_setting('generate')}={soft_s / count:g} per window x {count} windows)"
         )
 
-    def killed_at_hard_limit(self) -> StageTimedOut:
-        limits = window_limits(self.request.args[0])
+    def killed_at_hard_limit(self, job_id: str) -> StageTimedOut:
+        limits = window_limits(job_id)
         if limits is None:
-            return super().killed_at_hard_limit()
+            return super().killed_at_hard_limit(job_id)
         count, soft_s, hard_s = limits
         return StageTimedOut(
             f"generate was killed at its hard time limit of {hard_s:g} s "

@@ -44,8 +44,8 @@ def test_the_demo_completes_text_reference_image_to_image_and_long_jobs(tmp_path
     assert "161 in 3 windows" in done.stdout  # the 10 s video
     assert "enhanced: A slow cinematic dolly shot" in done.stdout  # the tiny Qwen's sentence
     assert "GET /health: ok" in done.stdout
-    assert done.stdout.count("watch it live (while the demo runs): http://") == 4
-    assert done.stdout.count("/ui/jobs/") == done.stdout.count("?token=") == 4
+    assert done.stdout.count("watch it live (while the demo runs): http://") == 5
+    assert done.stdout.count("/ui/jobs/") == done.stdout.count("?token=") == 5
     videos = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.mp4"))
     images = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.png"))
     thumbnails = list((tmp_path / "outputs" / "workspace-temp").glob("demo-user/*/0.thumb.webp"))

@@ -323,3 +323,24 @@ def test_a_long_jobs_generation_is_sent_with_the_time_limits_of_its_windows(
               for m in raws}  # fmt: skip
     own = [generate.time_limit, generate.soft_time_limit]
     assert limits == {jobs["long"]["id"]: [330, 300], jobs["short"]["id"]: own}
+
+
+def test_a_long_jobs_time_out_messages_count_its_windows(sender: JobRecords) -> None:
+    from tasks.generate import generate
+
+    # Given a recorded 3-window job
+    job = long_job(13)
+    sender.create(parse_job(job), payload=json.dumps(job))
+
+    # When its generation times out, the failure names the limit per window and the windows
+    # (the hard limit's message comes from the worker's main process, with no task request)
+    soft, hard = generate.timed_out(job["id"]), generate.killed_at_hard_limit(job["id"])
+
+    assert str(soft) == (
+        "generate ran past its soft time limit of 300 s "
+        "(GENERATE_SOFT_LIMIT_S=100 per window x 3 windows)"
+    )
+    assert str(hard).startswith(
+        "generate was killed at its hard time limit of 330 s "
+        "(GENERATE_SOFT_LIMIT_S=100 per window x 3 windows + HARD_LIMIT_GRACE_S)"
+    )

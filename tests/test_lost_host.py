@@ -350,7 +350,7 @@ def test_a_final_callback_whose_media_worker_died_whole_goes_out_within_the_time
 ) -> None:
     # Given a job the bridge refuses, whose failed callback a media worker holds, not yet
     # posted
-    job = new_job("video_fast", id=f"{FINAL_HELD}{uuid.uuid4()}") | {"config": {"frame_num": 500}}
+    job = new_job("video_fast", id=f"{FINAL_HELD}{uuid.uuid4()}") | {"config": {"frame_num": 5000}}
     client.rpush(QUEUE, queue_body(job))
     wait_until(
         lambda: records.get(job["id"]).host("callback") is not None,
