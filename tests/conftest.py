@@ -91,9 +91,9 @@ def pytest_sessionfinish() -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules marked `runs_long` first, the rest in their order. `make test` hands modules
-    to its two workers in this order (`--dist loadfile --no-loadscope-reorder`): the long
+    to its workers in this order (`--dist loadfile --no-loadscope-reorder`): the long
     ones start at once and the short ones fill in behind, instead of a long module starting
-    last and running alone while the other worker idles."""
+    last and running alone while the other workers idle."""
     items.sort(key=lambda item: item.get_closest_marker("runs_long") is None)
 
 
