@@ -43,8 +43,12 @@ BATCH_MAX = 4
 HOLD_S = 20
 #: How long a `slow-` job's batch pauses at its first step: time to act on it.
 SLOW_S = 6
-#: The most a batched image's pixel may differ from the same job made alone (uint8).
-MAX_PIXEL_DIFFERENCE = 2
+#: The most a batched image's pixels may differ from the same job made alone, on average
+#: (uint8): a batched matmul sums in another order, and the random-weight model amplifies
+#: that at a few pixels (one differed by 64 in a CI run); another job's image differs by tens.
+MAX_MEAN_DIFFERENCE = 1.0
+#: The least an image differs from another job's, on average (another seed and prompt).
+MIN_MEAN_DIFFERENCE_FROM_OTHERS = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +159,7 @@ def test_eight_waiting_images_run_in_two_batches_each_its_own_job(
     from worker.generation import Pipelines, generate
 
     alone = Pipelines(Settings(_env_file=None, wan_model_path=tiny_wan, device="cpu"))
+    previous: np.ndarray | None = None  # the image made alone of the job before
     for job in images:
         [done] = [c for c in platform.callbacks_for(job["id"]) if c.body["status"] == "completed"]
         metadata = done.body["metadata"]
@@ -163,10 +168,13 @@ def test_eight_waiting_images_run_in_two_batches_each_its_own_job(
         assert metadata["batch_size"] == 4 == metadata["provenance"]["batch_size"]
         upload = platform.upload_at(BUCKET, done.body["assets"][0]["url"])
         assert upload is not None
-        made = np.asarray(Image.open(io.BytesIO(upload.data)).convert("RGB"))
+        made = np.asarray(Image.open(io.BytesIO(upload.data)).convert("RGB")).astype(int)
         reference = generate(alone, parse_job(job), seed=job["config"]["seed"],
-                             references={}).frames[0]  # fmt: skip
-        assert np.abs(made.astype(int) - reference.astype(int)).max() <= MAX_PIXEL_DIFFERENCE
+                             references={}).frames[0].astype(int)  # fmt: skip
+        assert np.abs(made - reference).mean() <= MAX_MEAN_DIFFERENCE
+        if previous is not None:
+            assert np.abs(made - previous).mean() >= MIN_MEAN_DIFFERENCE_FROM_OTHERS
+        previous = reference
 
 
 def test_images_of_another_size_or_steps_are_not_batched_together(
